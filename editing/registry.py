@@ -1,0 +1,114 @@
+"""The method registry: method name -> (pydantic config, run function).
+
+A surgery method never imports the server. It is a config class plus one function
+``run(model, tokenizer, config, context) -> SurgeryResult``; the server looks both up here,
+validates the config before queueing a job, and stores what the result says changed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+BUILTIN_METHOD_MODULES = ("modelsurgery.editing.mask_heads",)
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+
+    def check_against(self, model_config: Any) -> None:
+        """Validate indices and sizes against the base model's HF config (raise ValueError
+        naming the field). Called before a job is queued, without loading weights."""
+
+
+class JobCancelled(Exception):
+    """Raised inside a method when the job was cancelled; nothing is published."""
+
+
+@dataclass
+class MethodContext:
+    """What a running method may use besides the model: progress, cancellation, data, caches."""
+
+    model_digest: str
+    cache_dir: Path
+    data_roots: tuple[Path, ...] = ()
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict[str, Any]], None] = lambda event: None
+    is_cancelled: Callable[[], bool] = lambda: False
+
+    def progress(self, message: str, **fields: Any) -> None:
+        """Emit a progress event (step, loss, metric ...) to the job's watchers."""
+        self.report({"message": message, **fields})
+
+    def check_cancelled(self) -> None:
+        """Call between steps: raises JobCancelled once the job was cancelled."""
+        if self.is_cancelled():
+            raise JobCancelled()
+
+
+@dataclass
+class SurgeryResult:
+    """What one operation did.
+
+    changed: full state-dict names of tensors whose values (or shapes) changed; the method has
+        already applied them to the model it was given.
+    config_overrides: HF config keys to change on export (pruning changes widths).
+    metrics: flat name -> number, checked by gates and recorded in the manifest.
+    artifacts: extra files stored with the version (ReFT intervention safetensors + JSON,
+        a head score table ...), name -> bytes.
+    """
+
+    changed: dict[str, torch.Tensor] = field(default_factory=dict)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+
+
+class RunFunction(Protocol):
+    def __call__(
+        self, model: torch.nn.Module, tokenizer: Any, config: Any, context: MethodContext
+    ) -> SurgeryResult: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_class: type[MethodConfig]
+    run: RunFunction
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, config_class: type[MethodConfig], run: RunFunction) -> None:
+    """Register a surgery method; called at import time by the method's module."""
+    _METHODS[name] = Method(name, config_class, run)
+
+
+def load_builtin_methods() -> None:
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)
+
+
+def get_method(name: str) -> Method:
+    load_builtin_methods()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(_METHODS))
+        raise KeyError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def method_names() -> list[str]:
+    load_builtin_methods()
+    return sorted(_METHODS)
