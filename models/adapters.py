@@ -173,9 +173,7 @@ class ArchitectureAdapter:
         return self.module_path(index, self.layout.mlp_out)
 
     def attn_out(self, index: int) -> Projection:
-        return Projection(
-            self.layer(index).get_submodule(self.layout.attn_out), self.layout.conv1d
-        )
+        return Projection(self.layer(index).get_submodule(self.layout.attn_out), self.layout.conv1d)
 
     def attn_out_path(self, index: int) -> str:
         return self.module_path(index, self.layout.attn_out)
