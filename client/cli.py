@@ -1,0 +1,288 @@
+"""The ``modelsurgery`` command line: serve, apply, jobs, versions, alias, import, generate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from modelsurgery.client.cli_common import (
+    CaOption,
+    JsonOption,
+    ServerOption,
+    StoreOption,
+    TokenOption,
+    connect,
+    console,
+    emit_json,
+    out,
+    reported_errors,
+    to_data,
+)
+from modelsurgery.client.cli_versions import register_version_commands
+from modelsurgery.client.connection import STATE_NAMES
+from modelsurgery.client.sdk import Client
+from modelsurgery.v1 import jobs_pb2
+
+EXIT_FAILED = 1
+EXIT_CANCELLED = 3
+
+app = typer.Typer(
+    name="modelsurgery",
+    help="Surgery on Hugging Face causal LMs: knowledge edits, ReFT, head masking, pruning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+jobs_app = typer.Typer(help="Jobs on a server.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+register_version_commands(app)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 50051,
+    store: StoreOption = None,
+    tokens_file: Annotated[
+        Path | None, typer.Option(help="Bearer tokens, one per line (name:token).")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="CA that client certificates must chain to (mTLS).")
+    ] = None,
+    model_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="Folders model paths must lie under (repeatable); default: any."),
+    ] = None,
+    data_root: Annotated[
+        list[Path] | None, typer.Option(help="Folders user data files may be read from.")
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster instead of embedding one."),
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker actors (jobs run in parallel).")] = 1,
+    max_attempts: Annotated[int, typer.Option(help="Attempts per job if a worker dies.")] = 2,
+    max_queued: Annotated[int, typer.Option(help="Queued+running jobs per caller.")] = 100,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port.")
+    ] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write the bound port here once serving.")
+    ] = None,
+    text_logs: Annotated[bool, typer.Option(help="Plain text logs instead of JSON.")] = False,
+) -> None:
+    """Run the gRPC server (embedded Ray unless --ray-address / RAY_ADDRESS)."""
+    from modelsurgery.checkpoints import default_root
+    from modelsurgery.server.app import ServerSettings, run
+
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        store_root=store or default_root(),
+        tokens_file=tokens_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        model_roots=tuple(model_root) if model_root else None,
+        data_roots=tuple(data_root or ()),
+        ray_address=ray_address,
+        num_cpus=num_cpus,
+        workers=workers,
+        max_attempts=max_attempts,
+        max_queued_per_caller=max_queued,
+        metrics_port=metrics_port,
+    )
+    run(settings, ready_file=ready_file, json_logs=not text_logs)
+
+
+def _print_event(event: jobs_pb2.JobEvent) -> None:
+    fields = to_data(event.fields) if event.fields.fields else {}
+    extra = " ".join(
+        f"{k}={int(v) if isinstance(v, float) and v.is_integer() else v}" for k, v in fields.items()
+    )
+    console.print(f"[dim]{event.seq:>4}[/dim] {event.message} [dim]{extra}[/dim]")
+
+
+def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
+    return {
+        "job_id": job.id,
+        "state": STATE_NAMES[job.state],
+        "version_id": job.version_id or None,
+        "metrics": dict(job.metrics),
+        "gates": [to_data(g) for g in job.gates],
+        "error": job.error or None,
+    }
+
+
+def _print_job(job: jobs_pb2.Job) -> None:
+    color = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(
+        STATE_NAMES[job.state], "cyan"
+    )
+    out.print(f"job {job.id}: [{color}]{STATE_NAMES[job.state]}[/{color}]")
+    if job.version_id:
+        out.print(f"version {job.version_id}")
+    if job.error:
+        out.print(f"[red]{job.error}[/red]")
+    if job.metrics:
+        table = Table("metric", "value")
+        for name, value in sorted(job.metrics.items()):
+            table.add_row(name, f"{value:.6g}")
+        out.print(table)
+    if job.gates:
+        table = Table("gate", "condition", "value", "result")
+        for gate in job.gates:
+            table.add_row(
+                gate.metric,
+                gate.condition,
+                f"{gate.value:.6g}" if gate.has_value else "not measured",
+                "[green]pass[/green]" if gate.passed else "[red]FAIL[/red]",
+            )
+        out.print(table)
+
+
+def _exit_code(job: jobs_pb2.Job) -> int:
+    return {
+        jobs_pb2.JOB_STATE_SUCCEEDED: 0,
+        jobs_pb2.JOB_STATE_CANCELLED: EXIT_CANCELLED,
+    }.get(job.state, EXIT_FAILED)
+
+
+def _apply(client: Client, spec: Path, wait: bool, as_json: bool, request_id: str | None) -> int:
+    job = client.submit(spec, request_id=request_id)
+    if not as_json:
+        out.print(f"job {job.id} submitted")
+    if not wait:
+        if as_json:
+            emit_json(_job_summary(job))
+        return 0
+    job = client.wait(job.id, progress=None if as_json else _print_event)
+    if as_json:
+        emit_json(_job_summary(job))
+    else:
+        _print_job(job)
+    return _exit_code(job)
+
+
+@app.command()
+def apply(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).", exists=True, dir_okay=False)],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end.")] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run without a server (embedded, in-process).")
+    ] = False,
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key: resubmitting returns the same job.")
+    ] = None,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Submit a job spec. With --wait, exit 0 only if it succeeded with every gate holding
+    (1: failed or a gate failed, 2: invalid input, 3: cancelled)."""
+    with reported_errors(as_json):
+        if local:
+            from modelsurgery.checkpoints import default_root
+            from modelsurgery.server.app import ServerSettings
+            from modelsurgery.server.embedded import EmbeddedServer
+
+            root = store or (
+                Path(os.environ["MODELSURGERY_HOME"]) / "store"
+                if os.environ.get("MODELSURGERY_HOME")
+                else default_root()
+            )
+            with (
+                EmbeddedServer(ServerSettings(store_root=root)) as embedded,
+                Client(embedded.address, timeout=600) as client,
+            ):
+                code = _apply(client, spec, True, as_json, request_id)
+        else:
+            with connect(server, token, tls_ca) as client:
+                code = _apply(client, spec, wait, as_json, request_id)
+    raise typer.Exit(code)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[
+        list[str] | None, typer.Option(help="Only jobs in this state (repeatable).")
+    ] = None,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+) -> None:
+    """List jobs."""
+    with reported_errors(as_json), connect(server, token, tls_ca) as client:
+        jobs = list(client.list_jobs(state or ()))
+        if as_json:
+            emit_json([_job_summary(j) for j in jobs])
+            return
+        table = Table("job", "state", "methods", "version", "error")
+        for job in jobs:
+            methods = ",".join(op.method for op in job.spec.operations)
+            table.add_row(job.id, STATE_NAMES[job.state], methods, job.version_id, job.error[:60])
+        out.print(table)
+
+
+@jobs_app.command("get")
+def jobs_get(
+    job_id: str,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+) -> None:
+    """Show one job: state, version, metrics, gates."""
+    with reported_errors(as_json), connect(server, token, tls_ca) as client:
+        job = client.get_job(job_id)
+        if as_json:
+            emit_json(_job_summary(job))
+        else:
+            _print_job(job)
+
+
+@jobs_app.command("watch")
+def jobs_watch(
+    job_id: str,
+    after: Annotated[int, typer.Option(help="Only events after this sequence number.")] = 0,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+) -> None:
+    """Stream a job's events until it ends."""
+    with reported_errors(as_json), connect(server, token, tls_ca) as client:
+        for event in client.watch(job_id, after_seq=after):
+            if as_json:
+                emit_json(event)
+            else:
+                _print_event(event)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: str,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+) -> None:
+    """Cancel a queued or running job (a running one stops between steps)."""
+    with reported_errors(as_json), connect(server, token, tls_ca) as client:
+        job = client.cancel(job_id)
+        if as_json:
+            emit_json(_job_summary(job))
+        else:
+            out.print(f"job {job.id}: {STATE_NAMES[job.state]} (cancel requested)")
+
+
+def main() -> None:
+    app()

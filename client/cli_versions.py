@@ -1,0 +1,283 @@
+"""Version, alias, import and generate commands: on the local store, or a server (--server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from modelsurgery.client.backends import LocalBackend, RemoteBackend, VersionBackend
+from modelsurgery.client.cli_common import (
+    CaOption,
+    JsonOption,
+    ServerOption,
+    StoreOption,
+    TokenOption,
+    connect,
+    count_progress,
+    emit_json,
+    fail,
+    local_store,
+    out,
+    reported_errors,
+)
+from modelsurgery.client.connection import UNSET
+
+versions_app = typer.Typer(help="Immutable checkpoint versions.", no_args_is_help=True)
+alias_app = typer.Typer(help="Mutable names for versions (compare-and-swap).", no_args_is_help=True)
+
+
+@contextmanager
+def backend(
+    server: str | None, token: str | None, tls_ca: Path | None, store: Path | None, as_json: bool
+) -> Iterator[VersionBackend]:
+    with reported_errors(as_json):
+        if server:
+            with connect(server, token, tls_ca) as client:
+                yield RemoteBackend(client)
+        else:
+            yield LocalBackend(local_store(store))
+
+
+def _version_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("version", "parent", "base", "methods", "created")
+    for row in rows:
+        table.add_row(
+            row["id"],
+            row["parent"] or "-",
+            row["root_reference"],
+            ",".join(row["methods"]) or "(import)",
+            row.get("created", ""),
+        )
+    return table
+
+
+@versions_app.command("list")
+def versions_list(
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """List versions, newest first."""
+    with backend(server, token, tls_ca, store, as_json) as b:
+        rows = b.list_versions()
+        if as_json:
+            emit_json(rows)
+        else:
+            out.print(_version_table(rows))
+
+
+@versions_app.command("show")
+def versions_show(
+    ref: Annotated[str, typer.Argument(help="Version id, unique prefix or alias.")],
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """A version's lineage, operations, metrics and aliases."""
+    with backend(server, token, tls_ca, store, as_json) as b:
+        info = b.show(ref)
+        if as_json:
+            emit_json(info)
+            return
+        out.print(f"version {info['id']}  (base {info['root_reference']})")
+        out.print("lineage: " + " <- ".join(info["lineage"]))
+        if info["aliases"]:
+            out.print("aliases: " + ", ".join(info["aliases"]))
+        for op in info["manifest"].get("operations", []):
+            out.print(f"operation: {op}")
+        for name, value in sorted(info["metrics"].items()):
+            out.print(f"  {name} = {value:.6g}")
+        out.print(f"tensors stored in this version: {len(info['manifest'].get('tensors', {}))}")
+
+
+@versions_app.command("diff")
+def versions_diff(
+    a: str,
+    b: str,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Tensors that differ between two versions, with the relative norm of the change."""
+    with backend(server, token, tls_ca, store, as_json) as be:
+        changes = be.diff(a, b)
+        if as_json:
+            emit_json(changes)
+            return
+        table = Table("tensor", "status", "relative change")
+        for c in changes:
+            norm = c["relative_norm"]
+            table.add_row(c["name"], c["status"], "-" if norm is None else f"{norm:.4g}")
+        out.print(table)
+
+
+@versions_app.command("export")
+def versions_export(
+    ref: str,
+    folder: Annotated[Path, typer.Argument(help="Folder to write (from_pretrained loads it).")],
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Export a version to a folder plain transformers loads (downloads it from a server)."""
+    with (
+        backend(server, token, tls_ca, store, as_json) as b,
+        count_progress("export", not as_json) as progress,
+    ):
+        path = b.export(ref, folder, progress)
+        if as_json:
+            emit_json({"ref": ref, "folder": str(path)})
+        else:
+            out.print(f"exported {ref} to {path}")
+
+
+@versions_app.command("revert")
+def versions_revert(
+    ref: str,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Make a new version whose tensors are REF's parent's."""
+    with backend(server, token, tls_ca, store, as_json) as b:
+        row = b.revert(ref)
+        if as_json:
+            emit_json(row)
+        else:
+            out.print(f"version {row['id']} reverts {ref}")
+
+
+@versions_app.command("verify")
+def versions_verify(as_json: JsonOption = False, store: StoreOption = None) -> None:
+    """Re-hash every blob of the local store and check every manifest and alias."""
+    with reported_errors(as_json):
+        report = local_store(store).verify()
+    if as_json:
+        emit_json({"ok": report.ok, "problems": report.problems})
+    elif report.ok:
+        out.print("[green]store verified: no problems[/green]")
+    else:
+        for problem in report.problems:
+            out.print(f"[red]{problem}[/red]")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@alias_app.command("set")
+def alias_set(
+    name: str,
+    version: str,
+    expected: Annotated[
+        str | None,
+        typer.Option(help="Only move it if it points here now ('none': must not exist)."),
+    ] = None,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Point an alias at a version (compare-and-swap with --expected)."""
+    expect: Any = UNSET if expected is None else (None if expected == "none" else expected)
+    with backend(server, token, tls_ca, store, as_json) as b:
+        target = b.set_alias(name, version, expect)
+        if as_json:
+            emit_json({"name": name, "version_id": target})
+        else:
+            out.print(f"{name} -> {target}")
+
+
+@alias_app.command("get")
+def alias_get(
+    name: str,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """The version an alias points at."""
+    with backend(server, token, tls_ca, store, as_json) as b:
+        target = b.get_alias(name)
+        if target is None:
+            fail(f"no alias {name!r}", 1, as_json=as_json)
+        if as_json:
+            emit_json({"name": name, "version_id": target})
+        else:
+            out.print(target)
+
+
+def import_model(
+    model: Annotated[str, typer.Argument(help="HF folder, GGUF file or alias (smollm2-135m).")],
+    alias: Annotated[str | None, typer.Option(help="Point this alias at it.")] = None,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Import a base model into the store and print its version."""
+    with (
+        backend(server, token, tls_ca, store, as_json) as b,
+        count_progress("import", not as_json) as progress,
+    ):
+        row = b.import_model(model, alias, progress)
+        if as_json:
+            emit_json(row)
+        else:
+            out.print(f"imported {model} as version {row['id']}")
+
+
+def generate(
+    version: Annotated[str, typer.Argument(help="Version id, prefix or alias.")],
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template.")] = False,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Generate text from a version (ReFT interventions applied when it has them)."""
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sample,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "chat": chat,
+    }
+    with backend(server, token, tls_ca, store, as_json) as b:
+        completions = b.generate(version, list(prompt), options)
+        if as_json:
+            emit_json({"version": version, "prompts": prompt, "completions": completions})
+            return
+        for p, completion in zip(prompt, completions, strict=True):
+            out.print(f"[bold]{p}[/bold]{completion}")
+
+
+def register_version_commands(app: typer.Typer) -> None:
+    app.add_typer(versions_app, name="versions")
+    app.add_typer(alias_app, name="alias")
+    app.command("import")(import_model)
+    app.command("generate")(generate)

@@ -1,0 +1,82 @@
+"""Typed SDK errors carrying the gRPC status and the request field at fault."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class ModelSurgeryError(Exception):
+    """A failed call: ``code`` is the gRPC status, ``field`` the offending field (or None)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class InvalidArgument(ModelSurgeryError):
+    pass
+
+
+class NotFound(ModelSurgeryError):
+    pass
+
+
+class FailedPrecondition(ModelSurgeryError):
+    pass
+
+
+class Unauthenticated(ModelSurgeryError):
+    pass
+
+
+class ResourceExhausted(ModelSurgeryError):
+    pass
+
+
+class DeadlineExceeded(ModelSurgeryError):
+    pass
+
+
+class Unavailable(ModelSurgeryError):
+    pass
+
+
+class JobFailed(Exception):
+    """``wait(..., raise_on_failure=True)`` on a job that ended FAILED or CANCELLED."""
+
+    def __init__(self, job: object, state: str, error: str) -> None:
+        super().__init__(f"job ended {state}: {error}")
+        self.job = job
+        self.state = state
+        self.error = error
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ModelSurgeryError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> ModelSurgeryError:
+    """Translate a grpc error (sync or aio) into the typed exception, with its field."""
+    code = error.code()
+    message = error.details() or code.name
+    field = None
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                if bad_request.field_violations:
+                    field = bad_request.field_violations[0].field
+    return _BY_CODE.get(code, ModelSurgeryError)(code, message, field)

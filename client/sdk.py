@@ -1,0 +1,223 @@
+"""The synchronous Python SDK.
+
+from modelsurgery.client import Client
+with Client("127.0.0.1:50051") as client:
+    job = client.submit("patch.yaml")
+    job = client.wait(job.id, progress=print)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from modelsurgery.client.connection import (
+    TERMINAL_STATES,
+    UNSET,
+    ConnectionSettings,
+    DownloadWriter,
+    generate_request,
+    list_jobs_request,
+    set_alias_request,
+    submit_request,
+)
+from modelsurgery.client.errors import JobFailed, from_rpc_error
+from modelsurgery.proto.spec import JobSpec
+from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class Client:
+    """Blocking client; every call has a deadline (``timeout`` seconds unless given)."""
+
+    def __init__(self, address: str | None = None, **settings: Any) -> None:
+        self.settings = ConnectionSettings.build(address, **settings)
+        credentials = self.settings.credentials()
+        options = self.settings.options
+        self._channel = (
+            grpc.secure_channel(self.settings.address, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(self.settings.address, options=options)
+        )
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._checkpoints = checkpoints_pb2_grpc.CheckpointServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(
+                request,
+                timeout=timeout or self.settings.timeout,
+                metadata=self.settings.metadata(),
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    # --- jobs ----------------------------------------------------------------------------
+    def submit(
+        self, spec: JobSpec | dict[str, Any] | str | Path, *, request_id: str | None = None
+    ) -> jobs_pb2.Job:
+        """Queue a job; resubmitting with the same request_id returns the same job."""
+        return self._call(self._jobs.SubmitJob, submit_request(spec, request_id)).job
+
+    def get_job(self, job_id: str) -> jobs_pb2.Job:
+        return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)).job
+
+    def list_jobs(self, states: Iterable[str] = (), page_size: int = 100) -> Iterator[jobs_pb2.Job]:
+        """All jobs (optionally in the given states, e.g. ``["queued"]``), page by page."""
+        token = ""
+        while True:
+            page = self._call(self._jobs.ListJobs, list_jobs_request(states, page_size, token))
+            yield from page.jobs
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def cancel(self, job_id: str) -> jobs_pb2.Job:
+        return self._call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)).job
+
+    def watch(self, job_id: str, after_seq: int = 0) -> Iterator[jobs_pb2.JobEvent]:
+        """Events until the job ends; reconnects from the last seen event after a disconnect."""
+        cursor = after_seq
+        while True:
+            stream = self._jobs.WatchJob(
+                jobs_pb2.WatchJobRequest(job_id=job_id, after_seq=cursor),
+                metadata=self.settings.metadata(),
+            )
+            try:
+                for response in stream:
+                    cursor = response.event.seq
+                    yield response.event
+                return
+            except grpc.RpcError as error:
+                if error.code() not in RECONNECT_CODES:
+                    raise from_rpc_error(error) from None
+                time.sleep(0.5)
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        progress: Callable[[jobs_pb2.JobEvent], None] | None = None,
+        timeout: float | None = None,
+        raise_on_failure: bool = False,
+    ) -> jobs_pb2.Job:
+        """Block until the job ends (watching its events) and return it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event in self.watch(job_id):
+            if progress is not None:
+                progress(event)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still running after {timeout} s")
+        job = self.get_job(job_id)
+        while job.state not in TERMINAL_STATES:
+            time.sleep(0.2)
+            job = self.get_job(job_id)
+        if raise_on_failure and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+            raise JobFailed(job, jobs_pb2.JobState.Name(job.state), job.error)
+        return job
+
+    # --- versions ------------------------------------------------------------------------
+    def list_versions(self, page_size: int = 100) -> Iterator[checkpoints_pb2.Version]:
+        token = ""
+        while True:
+            page = self._call(
+                self._checkpoints.ListVersions,
+                checkpoints_pb2.ListVersionsRequest(page_size=page_size, page_token=token),
+            )
+            yield from page.versions
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def get_version(self, ref: str) -> checkpoints_pb2.GetVersionResponse:
+        return self._call(self._checkpoints.GetVersion, checkpoints_pb2.GetVersionRequest(ref=ref))
+
+    def diff(self, a: str, b: str) -> list[checkpoints_pb2.TensorChange]:
+        response = self._call(self._checkpoints.Diff, checkpoints_pb2.DiffRequest(a=a, b=b))
+        return list(response.changes)
+
+    def set_alias(self, name: str, version_id: str, *, expected: str | None = UNSET) -> str:
+        """Move an alias; with ``expected`` (None: must not exist yet) a compare-and-swap."""
+        request = set_alias_request(name, version_id, expected)
+        return self._call(self._checkpoints.SetAlias, request).version_id
+
+    def get_alias(self, name: str) -> str:
+        request = checkpoints_pb2.GetAliasRequest(name=name)
+        return self._call(self._checkpoints.GetAlias, request).version_id
+
+    def revert(self, ref: str) -> checkpoints_pb2.Version:
+        request = checkpoints_pb2.RevertRequest(ref=ref)
+        return self._call(self._checkpoints.Revert, request).version
+
+    def import_model(self, reference: str, *, alias: str | None = None) -> checkpoints_pb2.Version:
+        request = checkpoints_pb2.ImportModelRequest(reference=reference, alias=alias or "")
+        return self._call(self._checkpoints.ImportModel, request, timeout=600).version
+
+    def generate(
+        self,
+        ref: str,
+        prompts: str | list[str],
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        chat: bool = False,
+        timeout: float = 300,
+    ) -> list[str]:
+        request = generate_request(
+            ref,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            chat=chat,
+        )
+        return list(self._call(self._checkpoints.Generate, request, timeout=timeout).completions)
+
+    def download(
+        self,
+        ref: str,
+        folder: str | Path,
+        *,
+        chunk_size: int = 1 << 20,
+        max_retries: int = 5,
+        progress: Callable[[int], None] | None = None,
+    ) -> Path:
+        """Download an exported version into ``folder`` (resuming after disconnects) and check
+        every file's sha256. The folder loads with ``AutoModelForCausalLM.from_pretrained``."""
+        writer = DownloadWriter(Path(folder))
+        writer.folder.mkdir(parents=True, exist_ok=True)
+        retries = 0
+        while True:
+            stream = self._checkpoints.DownloadVersion(
+                writer.request(ref, chunk_size), metadata=self.settings.metadata()
+            )
+            try:
+                for message in stream:
+                    writer.write(message)
+                    if progress is not None and message.data:
+                        progress(len(message.data))
+                return writer.verify()
+            except grpc.RpcError as error:
+                if error.code() not in RECONNECT_CODES or retries >= max_retries:
+                    raise from_rpc_error(error) from None
+                retries += 1
+                time.sleep(0.5 * retries)

@@ -1,0 +1,206 @@
+"""The job spec: one pydantic schema for the SDK, the CLI's YAML files and the gRPC API.
+
+Versioned with the API (``api_version: v1``). Operations are validated against the method
+registry, so an unknown method or an unknown key is an error naming the field, before any job
+is queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from google.protobuf import json_format, struct_pb2
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from modelsurgery.editing.registry import MethodConfig, get_method
+from modelsurgery.v1 import jobs_pb2
+
+API_VERSION = "v1"
+ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_GATE = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
+_COMPARATORS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+
+class SpecError(ValueError):
+    """An invalid spec; ``field`` is the offending field's path, e.g. ``operations[0].layer``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Gate(BaseModel):
+    """A metric condition such as ``<= 1.05``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    comparator: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> Gate:
+        match = _GATE.match(text)
+        if match is None:
+            raise ValueError(
+                f"condition {text!r} is not '<op> <number>' with op in <=, >=, <, >, ==, !="
+            )
+        return cls(comparator=match.group(1), threshold=float(match.group(2)))
+
+    def holds(self, value: float) -> bool:
+        return _COMPARATORS[self.comparator](value, self.threshold)
+
+    def __str__(self) -> str:
+        return f"{self.comparator} {self.threshold:g}"
+
+
+class JobSpec(BaseModel):
+    """What a job does: a base, ordered operations, gates, and an alias to move on success."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_version: Literal["v1"] = API_VERSION
+    base: str
+    operations: list[MethodConfig]
+    gates: dict[str, str] = {}
+    alias: str | None = None
+
+    @field_validator("base")
+    @classmethod
+    def _base_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a model reference, version id or alias")
+        return value.strip()
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_name(cls, value: str | None) -> str | None:
+        if value is not None and not ALIAS_PATTERN.match(value):
+            raise ValueError(f"alias {value!r} must match {ALIAS_PATTERN.pattern}")
+        return value
+
+    def parsed_gates(self) -> dict[str, Gate]:
+        return {name: Gate.parse(text) for name, text in self.gates.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "api_version": self.api_version,
+            "base": self.base,
+            "operations": [op.model_dump(mode="json") for op in self.operations],
+            "gates": dict(self.gates),
+        }
+        if self.alias:
+            data["alias"] = self.alias
+        return data
+
+    def fingerprint(self) -> str:
+        """Hash of the canonical spec: what idempotency compares."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_proto(self) -> jobs_pb2.JobSpec:
+        operations = []
+        for op in self.operations:
+            params = struct_pb2.Struct()
+            fields = op.model_dump(mode="json", exclude={"method"})
+            params.update(fields)
+            operations.append(jobs_pb2.Operation(method=op.method, params=params))
+        return jobs_pb2.JobSpec(
+            api_version=self.api_version,
+            base=self.base,
+            operations=operations,
+            gates=dict(self.gates),
+            alias=self.alias or "",
+        )
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "spec"
+
+
+def _parse_operation(index: int, raw: Any) -> MethodConfig:
+    where = f"operations[{index}]"
+    if not isinstance(raw, dict):
+        raise SpecError(where, "must be a mapping with a 'method' key")
+    name = raw.get("method")
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"{where}.method", "missing method name")
+    try:
+        method = get_method(name)
+    except KeyError as exc:
+        raise SpecError(f"{where}.method", str(exc.args[0])) from None
+    try:
+        return method.config_class.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise SpecError(f"{where}.{_field_path(tuple(first['loc']))}", first["msg"]) from None
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a spec given as plain data (from YAML, JSON or the SDK); raises SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError("spec", "must be a mapping")
+    unknown = set(data) - set(JobSpec.model_fields)
+    if unknown:
+        raise SpecError(sorted(unknown)[0], "unknown field")
+    raw_ops = data.get("operations")
+    if not isinstance(raw_ops, list) or not raw_ops:
+        raise SpecError("operations", "must be a non-empty list")
+    operations = [_parse_operation(i, raw) for i, raw in enumerate(raw_ops)]
+    gates = data.get("gates") or {}
+    if not isinstance(gates, dict):
+        raise SpecError("gates", "must map metric names to conditions such as '<= 1.05'")
+    for name, condition in gates.items():
+        try:
+            Gate.parse(str(condition))
+        except ValueError as exc:
+            raise SpecError(f"gates.{name}", str(exc)) from None
+    try:
+        return JobSpec.model_validate(
+            {**data, "operations": operations, "gates": {k: str(v) for k, v in gates.items()}}
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise SpecError(_field_path(tuple(first["loc"])), first["msg"]) from None
+
+
+def spec_from_proto(message: jobs_pb2.JobSpec) -> JobSpec:
+    data: dict[str, Any] = {
+        "api_version": message.api_version or API_VERSION,
+        "base": message.base,
+        "operations": [
+            {"method": op.method, **json_format.MessageToDict(op.params)}
+            for op in message.operations
+        ],
+        "gates": dict(message.gates),
+    }
+    if message.alias:
+        data["alias"] = message.alias
+    return parse_spec(data)
+
+
+def load_spec_file(path: str | Path) -> JobSpec:
+    """Read a YAML (or JSON) spec file."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError("spec", f"{path} is not valid YAML: {exc}") from None
+    return parse_spec(data)

@@ -1,0 +1,198 @@
+"""Builds and runs the gRPC server: services, auth, TLS, health, reflection, metrics, Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modelsurgery.checkpoints import CheckpointStore, default_root
+from modelsurgery.server.auth import BearerTokenInterceptor, load_tokens
+from modelsurgery.server.checkpoint_service import CheckpointService, ExportCache
+from modelsurgery.server.engine import EngineSettings, JobEngine
+from modelsurgery.server.executor import WorkerSettings
+from modelsurgery.server.job_service import JobService
+from modelsurgery.server.job_table import JobTable
+from modelsurgery.server.logs import configure_logging
+from modelsurgery.server.metrics import ServerMetrics
+from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+log = logging.getLogger("modelsurgery.server")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    store_root: Path = field(default_factory=default_root)
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    model_roots: tuple[Path, ...] | None = None
+    data_roots: tuple[Path, ...] = ()
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    workers: int = 1
+    max_attempts: int = 2
+    max_queued_per_caller: int = 100
+    max_request_bytes: int = MAX_MESSAGE_BYTES
+    max_cache_bytes: int = 8 << 30
+    metrics_port: int | None = None
+
+    @property
+    def home(self) -> Path:
+        """Server state beside the store: job database, exports, statistics caches."""
+        return self.store_root.parent
+
+
+class ModelSurgeryServer:
+    """One running server; ``start`` returns once it accepts calls on ``self.port``."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self.table: JobTable | None = None
+        self.engine: JobEngine | None = None
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if s.tls_cert is None and s.tls_key is None:
+            return None
+        if s.tls_cert is None or s.tls_key is None:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+    async def start(self) -> int:
+        s = self.settings
+        tokens = load_tokens(s.tokens_file)
+        if not tokens and s.host not in LOOPBACK:
+            log.warning(
+                "no bearer tokens configured: binding to loopback only instead of %s", s.host
+            )
+            s.host = "127.0.0.1"
+        elif not tokens:
+            log.warning("no bearer tokens configured: serving loopback only, unauthenticated")
+        store = CheckpointStore(s.store_root)
+        self.table = JobTable(s.home / "jobs.sqlite3")
+        metrics = ServerMetrics()
+        worker = WorkerSettings(
+            store_root=s.store_root,
+            cache_dir=s.home / "cache",
+            data_roots=s.data_roots,
+            model_roots=s.model_roots,
+            max_cache_bytes=s.max_cache_bytes,
+        )
+        self.engine = JobEngine(
+            self.table,
+            EngineSettings(
+                worker=worker,
+                ray_address=s.ray_address,
+                num_cpus=s.num_cpus,
+                workers=s.workers,
+                max_attempts=s.max_attempts,
+            ),
+            metrics,
+        )
+        interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+        options = [
+            ("grpc.max_receive_message_length", s.max_request_bytes),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(
+                self.table,
+                self.engine,
+                store,
+                model_roots=s.model_roots,
+                max_queued_per_caller=s.max_queued_per_caller,
+            ),
+            server,
+        )
+        exports = ExportCache(s.home / "exports", store)
+        checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
+            CheckpointService(store, self.engine, exports, model_roots=s.model_roots), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        services = (
+            jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+            checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
+        address = f"{s.host}:{s.port}"
+        credentials = self._credentials()
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
+        await self.engine.start()
+        await server.start()
+        self._server = server
+        for name in ("", *services[:2]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.metrics_port is not None:
+            self.metrics_port = metrics.serve(s.metrics_port, s.host)
+        log.info(
+            "serving",
+            extra={
+                "address": f"{s.host}:{self.port}",
+                "tls": credentials is not None,
+                "auth": bool(tokens),
+                "store": str(s.store_root),
+                "metrics_port": self.metrics_port,
+            },
+        )
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.table is not None:
+            self.table.close()
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def serve_forever(settings: ServerSettings, ready_file: Path | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then stop cleanly (running jobs are re-queued next start)."""
+    server = ModelSurgeryServer(settings)
+    port = await server.start()
+    if ready_file is not None:
+        ready_file.write_text(str(port), encoding="utf-8")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+
+
+def run(settings: ServerSettings, ready_file: Path | None = None, json_logs: bool = True) -> None:
+    configure_logging(json_logs)
+    asyncio.run(serve_forever(settings, ready_file))

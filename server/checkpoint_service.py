@@ -1,0 +1,290 @@
+"""CheckpointService: versions, lineage, diff, aliases, revert, download, import, generate."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import shutil
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from modelsurgery.checkpoints import (
+    AliasConflictError,
+    CheckpointStore,
+    InvalidAliasError,
+    Manifest,
+    VersionNotFoundError,
+)
+from modelsurgery.models import ModelReferenceError, resolve_reference
+from modelsurgery.server.convert import version_to_proto
+from modelsurgery.server.engine import JobEngine
+from modelsurgery.server.errors import abort
+from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
+
+DEFAULT_CHUNK = 1 << 20
+MAX_CHUNK = 3 << 20
+MAX_PROMPTS = 16
+MAX_NEW_TOKENS = 512
+
+
+class ExportCache:
+    """Exported folders of immutable versions, built once (temp folder + rename) and reused."""
+
+    def __init__(self, root: Path, store: CheckpointStore) -> None:
+        self.root = root
+        self.store = store
+        self._lock = threading.Lock()
+
+    def folder(self, version_id: str) -> Path:
+        target = self.root / version_id
+        with self._lock:
+            if not target.exists():
+                partial = self.root / f".partial-{version_id}-{uuid.uuid4().hex[:8]}"
+                try:
+                    self.store.export(version_id, partial)
+                    partial.rename(target)
+                finally:
+                    shutil.rmtree(partial, ignore_errors=True)
+        return target
+
+    @staticmethod
+    def listing(folder: Path) -> list[checkpoints_pb2.ExportedFile]:
+        files = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda h=handle: h.read(1 << 22), b""):
+                    digest.update(block)
+            files.append(
+                checkpoints_pb2.ExportedFile(
+                    path=path.relative_to(folder).as_posix(),
+                    size=path.stat().st_size,
+                    sha256=digest.hexdigest(),
+                )
+            )
+        return files
+
+
+class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        engine: JobEngine,
+        exports: ExportCache,
+        *,
+        model_roots: tuple[Path, ...] | None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.exports = exports
+        self.model_roots = model_roots
+        self._listings: dict[str, list[checkpoints_pb2.ExportedFile]] = {}
+
+    async def _manifest(
+        self, ref: str, context: grpc.aio.ServicerContext, field: str = "ref"
+    ) -> Manifest:
+        if not ref:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "must not be empty", field)
+        try:
+            return await asyncio.to_thread(self.store.get, ref)
+        except VersionNotFoundError:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no version or alias {ref!r}", field)
+
+    async def ListVersions(
+        self, request: checkpoints_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.ListVersionsResponse:
+        if not 0 <= request.page_size <= 500:
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "must be between 0 and 500", "page_size"
+            )
+        if request.page_token and not request.page_token.isdigit():
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "page_token")
+        size = request.page_size or 50
+        offset = int(request.page_token or 0)
+        versions = await asyncio.to_thread(self.store.list_versions)
+        page = versions[offset : offset + size]
+        return checkpoints_pb2.ListVersionsResponse(
+            versions=[version_to_proto(m) for m in page],
+            next_page_token=str(offset + size) if offset + size < len(versions) else "",
+        )
+
+    async def GetVersion(
+        self, request: checkpoints_pb2.GetVersionRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.GetVersionResponse:
+        manifest = await self._manifest(request.ref, context)
+        lineage = await asyncio.to_thread(self.store.lineage, manifest.id)
+        aliases = [n for n, v in self.store.list_aliases().items() if v == manifest.id]
+        return checkpoints_pb2.GetVersionResponse(
+            version=version_to_proto(manifest),
+            lineage=[m.id for m in lineage],
+            aliases=sorted(aliases),
+        )
+
+    async def Diff(
+        self, request: checkpoints_pb2.DiffRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.DiffResponse:
+        a = await self._manifest(request.a, context, "a")
+        b = await self._manifest(request.b, context, "b")
+        changes = await asyncio.to_thread(self.store.diff, a.id, b.id)
+        return checkpoints_pb2.DiffResponse(
+            changes=[
+                checkpoints_pb2.TensorChange(
+                    name=c.name,
+                    status=c.status,
+                    relative_norm=c.relative_norm
+                    if c.relative_norm is not None and math.isfinite(c.relative_norm)
+                    else 0.0,
+                    has_relative_norm=c.relative_norm is not None,
+                )
+                for c in changes
+            ]
+        )
+
+    async def SetAlias(
+        self, request: checkpoints_pb2.SetAliasRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.SetAliasResponse:
+        target = await self._manifest(request.version_id, context, "version_id")
+        expected: Any = ...
+        if request.check_expected:
+            expected = request.expected_version_id or None
+        try:
+            await asyncio.to_thread(
+                self.store.set_alias, request.name, target.id, expected=expected
+            )
+        except InvalidAliasError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "name")
+        except AliasConflictError as exc:
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "expected_version_id"
+            )
+        return checkpoints_pb2.SetAliasResponse(name=request.name, version_id=target.id)
+
+    async def GetAlias(
+        self, request: checkpoints_pb2.GetAliasRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.GetAliasResponse:
+        try:
+            version_id = self.store.get_alias(request.name)
+        except InvalidAliasError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "name")
+        if version_id is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no alias {request.name!r}", "name")
+        return checkpoints_pb2.GetAliasResponse(name=request.name, version_id=version_id)
+
+    async def Revert(
+        self, request: checkpoints_pb2.RevertRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.RevertResponse:
+        manifest = await self._manifest(request.ref, context)
+        if manifest.parent is None:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{manifest.id} is a base version; it has no parent to revert to",
+                "ref",
+            )
+        reverted = await asyncio.to_thread(self.store.revert, manifest.id)
+        return checkpoints_pb2.RevertResponse(version=version_to_proto(reverted))
+
+    async def DownloadVersion(
+        self, request: checkpoints_pb2.DownloadVersionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[checkpoints_pb2.DownloadVersionResponse]:
+        manifest = await self._manifest(request.ref, context)
+        chunk = request.chunk_size or DEFAULT_CHUNK
+        if not 0 < chunk <= MAX_CHUNK:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"must be between 1 and {MAX_CHUNK} bytes",
+                "chunk_size",
+            )
+        if request.offset < 0:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "must be >= 0", "offset")
+        folder = await asyncio.to_thread(self.exports.folder, manifest.id)
+        if manifest.id not in self._listings:
+            self._listings[manifest.id] = await asyncio.to_thread(self.exports.listing, folder)
+        files = self._listings[manifest.id]
+        paths = [f.path for f in files]
+        start = 0
+        if request.start_path:
+            if request.start_path not in paths:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{request.start_path!r} is not a file of this version",
+                    "start_path",
+                )
+            start = paths.index(request.start_path)
+            if request.offset > files[start].size:
+                await abort(context, grpc.StatusCode.OUT_OF_RANGE, "past end of file", "offset")
+        elif request.offset:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "needs start_path", "offset")
+        yield checkpoints_pb2.DownloadVersionResponse(files=files)
+        for index in range(start, len(files)):
+            offset = request.offset if index == start else 0
+            with (folder / files[index].path).open("rb") as handle:
+                handle.seek(offset)
+                while data := await asyncio.to_thread(handle.read, chunk):
+                    yield checkpoints_pb2.DownloadVersionResponse(
+                        path=files[index].path, offset=offset, data=data
+                    )
+                    offset += len(data)
+
+    async def ImportModel(
+        self, request: checkpoints_pb2.ImportModelRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.ImportModelResponse:
+        try:
+            await asyncio.to_thread(resolve_reference, request.reference, self.model_roots)
+        except (ModelReferenceError, FileNotFoundError, PermissionError) as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "reference")
+        version_id = await self.engine.call("import_model", request.reference)
+        if request.alias:
+            try:
+                await asyncio.to_thread(self.store.set_alias, request.alias, version_id)
+            except InvalidAliasError as exc:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "alias")
+        manifest = await asyncio.to_thread(self.store.get, version_id)
+        return checkpoints_pb2.ImportModelResponse(version=version_to_proto(manifest))
+
+    async def Generate(
+        self, request: checkpoints_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.GenerateResponse:
+        manifest = await self._manifest(request.ref, context)
+        if not request.prompts or len(request.prompts) > MAX_PROMPTS:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"give 1 to {MAX_PROMPTS} prompts",
+                "prompts",
+            )
+        max_new = request.max_new_tokens or 32
+        if not 0 < max_new <= MAX_NEW_TOKENS:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"must be between 1 and {MAX_NEW_TOKENS}",
+                "max_new_tokens",
+            )
+        if request.do_sample and not (request.temperature > 0 and 0 < (request.top_p or 1) <= 1):
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "sampling needs temperature > 0 and 0 < top_p <= 1",
+                "temperature",
+            )
+        options = {
+            "max_new_tokens": max_new,
+            "do_sample": request.do_sample,
+            "temperature": request.temperature or 1.0,
+            "top_p": request.top_p or 1.0,
+            "seed": request.seed,
+            "chat": request.chat,
+        }
+        completions = await self.engine.call(
+            "generate", manifest.id, list(request.prompts), options
+        )
+        return checkpoints_pb2.GenerateResponse(completions=completions, version_id=manifest.id)

@@ -1,0 +1,164 @@
+"""Runs one job's operations on a private copy of a warm base model and publishes the result.
+
+Independent of Ray and gRPC: the Ray worker calls it, tests can too. Order of effects: run the
+operations, evaluate the gates, and only when every gate holds commit the version (blobs first,
+manifest last) and move the alias. A failed gate or a cancellation publishes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
+from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
+from modelsurgery.models import load
+from modelsurgery.models.digest import model_digest
+from modelsurgery.proto.spec import JobSpec, parse_spec
+from modelsurgery.server.model_cache import CachedModel, ModelCache, parameter_bytes
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class JobOutcome:
+    state: str
+    version_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class WorkerSettings:
+    store_root: Path
+    cache_dir: Path
+    data_roots: tuple[Path, ...] = ()
+    model_roots: tuple[Path, ...] | None = None
+    max_cache_bytes: int = 8 << 30
+    device: str = "cpu"
+
+
+def load_base(
+    reference: str, store: CheckpointStore, cache: ModelCache, settings: WorkerSettings
+) -> CachedModel:
+    """The warm model for a spec's base: a stored version or alias, else a model reference
+    (imported into the store first, so every version has a root in the store)."""
+
+    def from_store(version_id: str) -> CachedModel:
+        loaded = load(version_id, store=store, device=settings.device)
+        return CachedModel(
+            loaded.model, loaded.tokenizer, loaded.digest, version_id, parameter_bytes(loaded.model)
+        )
+
+    def from_reference() -> CachedModel:
+        loaded = load(reference, device=settings.device, allowed_roots=settings.model_roots)
+        manifest = store.import_model(loaded.model, loaded.tokenizer, reference=reference)
+        return CachedModel(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.digest,
+            manifest.id,
+            parameter_bytes(loaded.model),
+        )
+
+    try:
+        version_id = store.resolve(reference)
+    except VersionNotFoundError:
+        return cache.get_or_load(f"ref:{reference}", from_reference)
+    return cache.get_or_load(f"version:{version_id}", lambda: from_store(version_id))
+
+
+def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    results = []
+    for name, gate in spec.parsed_gates().items():
+        value = metrics.get(name)
+        results.append(
+            {
+                "metric": name,
+                "condition": str(gate),
+                "value": value,
+                "passed": value is not None and gate.holds(value),
+            }
+        )
+    return results
+
+
+def execute_job(
+    spec_data: dict[str, Any],
+    *,
+    store: CheckpointStore,
+    cache: ModelCache,
+    settings: WorkerSettings,
+    emit: Emit,
+    is_cancelled: Callable[[], bool],
+) -> JobOutcome:
+    spec = parse_spec(spec_data)
+    started = time.perf_counter()
+    emit({"kind": "progress", "message": "loading base model", "base": spec.base})
+    base = load_base(spec.base, store, cache, settings)
+    emit({"kind": "progress", "message": "base model ready", "version_id": base.version_id})
+    model = copy.deepcopy(base.model)
+    digest = base.digest
+    changed: dict[str, torch.Tensor] = {}
+    overrides: dict[str, Any] = {}
+    artifacts: dict[str, bytes] = {}
+    metrics: dict[str, float] = {}
+    operations = []
+    try:
+        for index, operation in enumerate(spec.operations):
+            if is_cancelled():
+                raise JobCancelled()
+            method = get_method(operation.method)
+            context = MethodContext(
+                model_digest=digest,
+                cache_dir=settings.cache_dir,
+                data_roots=settings.data_roots,
+                device=torch.device(settings.device),
+                report=lambda event, i=index: emit({"kind": "progress", "operation": i, **event}),
+                is_cancelled=is_cancelled,
+            )
+            emit({"kind": "progress", "message": f"running {operation.method}", "operation": index})
+            result = method.run(model, base.tokenizer, operation, context)
+            changed.update({name: t.detach().cpu().clone() for name, t in result.changed.items()})
+            overrides.update(result.config_overrides)
+            artifacts.update(result.artifacts)
+            metrics.update(result.metrics)
+            operations.append(operation.model_dump(mode="json"))
+            if index + 1 < len(spec.operations) and result.changed:
+                digest = model_digest(model)
+    except JobCancelled:
+        return JobOutcome("CANCELLED", metrics=metrics, error="cancelled by request")
+    finally:
+        del model
+    metrics["job_seconds"] = time.perf_counter() - started
+    gates = evaluate_gates(spec, metrics)
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        reasons = ", ".join(
+            f"{g['metric']}={g['value']} (needs {g['condition']})"
+            if g["value"] is not None
+            else f"{g['metric']} not measured"
+            for g in failed
+        )
+        return JobOutcome("FAILED", metrics=metrics, gates=gates, error=f"gates failed: {reasons}")
+    if is_cancelled():
+        return JobOutcome("CANCELLED", metrics=metrics, gates=gates, error="cancelled by request")
+    emit({"kind": "progress", "message": "writing version", "tensors": len(changed)})
+    manifest = store.commit(
+        base.version_id,
+        changed,
+        operations=operations,
+        metrics=metrics,
+        config_overrides=overrides or None,
+        artifacts=artifacts or None,
+    )
+    if spec.alias:
+        store.set_alias(spec.alias, manifest.id)
+    return JobOutcome("SUCCEEDED", version_id=manifest.id, metrics=metrics, gates=gates)

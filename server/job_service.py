@@ -1,0 +1,177 @@
+"""JobService: submit (validated, idempotent, quota-checked), get, list, watch, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
+from modelsurgery.models import ModelReferenceError, load_config
+from modelsurgery.proto.spec import JobSpec, SpecError, spec_from_proto
+from modelsurgery.server import job_table as jt
+from modelsurgery.server.auth import current_caller
+from modelsurgery.server.convert import PROTO_TO_STATE, event_to_proto, job_to_proto
+from modelsurgery.server.engine import JobEngine
+from modelsurgery.server.errors import abort
+from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
+
+MAX_PAGE_SIZE = 500
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*):\s")
+
+
+class JobService(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(
+        self,
+        table: jt.JobTable,
+        engine: JobEngine,
+        store: CheckpointStore,
+        *,
+        model_roots: tuple[Any, ...] | None,
+        max_queued_per_caller: int,
+    ) -> None:
+        self.table = table
+        self.engine = engine
+        self.store = store
+        self.model_roots = model_roots
+        self.max_queued_per_caller = max_queued_per_caller
+        self._configs: OrderedDict[str, Any] = OrderedDict()
+
+    async def _model_config(self, base: str, context: grpc.aio.ServicerContext) -> Any:
+        """The base's HF config (no weights), cached per reference, to check indices early."""
+        try:
+            key = self.store.resolve(base)
+        except VersionNotFoundError:
+            key = base
+        if key not in self._configs:
+            try:
+                config = await asyncio.to_thread(
+                    load_config, base, store=self.store, allowed_roots=self.model_roots
+                )
+            except (ModelReferenceError, FileNotFoundError, PermissionError) as exc:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "spec.base")
+            self._configs[key] = config
+            while len(self._configs) > 32:
+                self._configs.popitem(last=False)
+        return self._configs[key]
+
+    async def _validate(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> JobSpec:
+        try:
+            spec = spec_from_proto(request.spec)
+        except SpecError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
+        config = await self._model_config(spec.base, context)
+        for index, operation in enumerate(spec.operations):
+            try:
+                operation.check_against(config)
+            except ValueError as exc:
+                match = _FIELD_PREFIX.match(str(exc))
+                field = f"spec.operations[{index}]" + (f".{match.group(1)}" if match else "")
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"operations[{index}] ({operation.method}): {exc}",
+                    field,
+                )
+        return spec
+
+    async def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        if len(request.request_id) > 128:
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "at most 128 characters", "request_id"
+            )
+        spec = await self._validate(request, context)
+        caller = current_caller()
+        if self.table.queued_count(caller) >= self.max_queued_per_caller:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"caller {caller!r} already has {self.max_queued_per_caller} queued or running "
+                "jobs; wait for some to finish",
+            )
+        try:
+            job, created = self.table.submit(
+                request_id=request.request_id,
+                caller=caller,
+                spec=spec.to_dict(),
+                fingerprint=spec.fingerprint(),
+            )
+        except jt.IdempotencyConflict as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "request_id")
+        if created:
+            self.engine.wake()
+            await self.engine.notify()
+        return jobs_pb2.SubmitJobResponse(job=job_to_proto(job), created=created)
+
+    async def _job(self, job_id: str, context: grpc.aio.ServicerContext) -> jt.JobRecord:
+        try:
+            return self.table.get(job_id)
+        except KeyError:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}", "job_id")
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        return jobs_pb2.GetJobResponse(job=job_to_proto(await self._job(request.job_id, context)))
+
+    async def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"must be between 0 and {MAX_PAGE_SIZE}",
+                "page_size",
+            )
+        if request.page_token and not request.page_token.isdigit():
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "page_token")
+        states = []
+        for value in request.states:
+            if value not in PROTO_TO_STATE:
+                await abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown state {value}", "states"
+                )
+            states.append(PROTO_TO_STATE[value])
+        size = request.page_size or 50
+        offset = int(request.page_token or 0)
+        jobs = self.table.list(states=tuple(states), limit=size + 1, offset=offset)
+        next_token = str(offset + size) if len(jobs) > size else ""
+        return jobs_pb2.ListJobsResponse(
+            jobs=[job_to_proto(j) for j in jobs[:size]], next_page_token=next_token
+        )
+
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        await self._job(request.job_id, context)
+        if request.after_seq < 0:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "must be >= 0", "after_seq")
+        cursor = request.after_seq
+        while True:
+            events = self.table.events_after(request.job_id, cursor)
+            for event in events:
+                cursor = event.seq
+                yield jobs_pb2.WatchJobResponse(event=event_to_proto(event))
+            if not events:
+                if self.table.get(request.job_id).state in jt.TERMINAL_STATES:
+                    return
+                await self.engine.wait_for_change(1.0)
+
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.CancelJobResponse:
+        await self._job(request.job_id, context)
+        try:
+            job = await self.engine.cancel(request.job_id)
+        except jt.StateConflict as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "job_id")
+        return jobs_pb2.CancelJobResponse(job=job_to_proto(job))

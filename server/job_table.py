@@ -1,0 +1,368 @@
+"""The durable job table: jobs and their append-only events in SQLite (WAL, synchronous=FULL).
+
+A job and its first event are inserted in one transaction, so a job is never visible without
+its history, and a crash leaves either both or neither.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+)
+TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    spec_fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    version_id TEXT,
+    metrics_json TEXT NOT NULL DEFAULT '{}',
+    gates_json TEXT NOT NULL DEFAULT '[]',
+    error TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (caller, request_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL,
+    fields_json TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+class IdempotencyConflict(ValueError):
+    """A request_id was reused with a different spec."""
+
+
+class StateConflict(RuntimeError):
+    """The job's state forbids the transition (e.g. cancelling a finished job)."""
+
+
+@dataclass
+class JobRecord:
+    id: str
+    request_id: str
+    caller: str
+    spec: dict[str, Any]
+    spec_fingerprint: str
+    state: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    version_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+    attempts: int = 0
+    cancel_requested: bool = False
+
+
+@dataclass
+class EventRecord:
+    job_id: str
+    seq: int
+    time: float
+    kind: str
+    state: str
+    message: str
+    fields: dict[str, Any]
+
+
+def _job_from_row(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        caller=row["caller"],
+        spec=json.loads(row["spec_json"]),
+        spec_fingerprint=row["spec_fingerprint"],
+        state=row["state"],
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        version_id=row["version_id"],
+        metrics=json.loads(row["metrics_json"]),
+        gates=json.loads(row["gates_json"]),
+        error=row["error"],
+        attempts=row["attempts"],
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+class JobTable:
+    """Thread-safe access to the job database; every write is one durable transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+    def _append_event(
+        self, job_id: str, kind: str, state: str, message: str, fields: dict[str, Any]
+    ) -> EventRecord:
+        row = self._db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        event = EventRecord(job_id, row[0] + 1, time.time(), kind, state, message, fields)
+        self._db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.job_id,
+                event.seq,
+                event.time,
+                kind,
+                state,
+                message,
+                json.dumps(fields, default=str),
+            ),
+        )
+        return event
+
+    # --- jobs ----------------------------------------------------------------------------
+    def submit(
+        self, *, request_id: str, caller: str, spec: dict[str, Any], fingerprint: str
+    ) -> tuple[JobRecord, bool]:
+        """Insert a QUEUED job with its first event, or return the job this request made."""
+        with self._transaction():
+            if request_id:
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE caller = ? AND request_id = ?",
+                    (caller, request_id),
+                ).fetchone()
+                if row is not None:
+                    existing = _job_from_row(row)
+                    if existing.spec_fingerprint != fingerprint:
+                        raise IdempotencyConflict(
+                            f"request_id {request_id!r} was already used with another spec "
+                            f"(job {existing.id})"
+                        )
+                    return existing, False
+            job_id = "job-" + uuid.uuid4().hex[:16]
+            request_id = request_id or job_id
+            now = time.time()
+            self._db.execute(
+                "INSERT INTO jobs (id, request_id, caller, spec_json, spec_fingerprint, state,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, request_id, caller, json.dumps(spec), fingerprint, QUEUED, now),
+            )
+            self._append_event(job_id, "state", QUEUED, "job queued", {})
+        return self.get(job_id), True
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return _job_from_row(row)
+
+    def list(
+        self, *, states: tuple[str, ...] = (), limit: int = 100, offset: int = 0
+    ) -> list[JobRecord]:
+        query = "SELECT * FROM jobs"
+        params: list[Any] = []
+        if states:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            params.extend(states)
+        query += " ORDER BY created, id LIMIT ? OFFSET ?"
+        params.extend([limit, offset])
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        return [_job_from_row(r) for r in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        counts = dict.fromkeys(ALL_STATES, 0)
+        counts.update({state: n for state, n in rows})
+        return counts
+
+    def queued_count(self, caller: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE caller = ? AND state IN (?, ?)",
+                (caller, QUEUED, RUNNING),
+            ).fetchone()
+        return int(row[0])
+
+    def next_queued(self) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE state = ? AND cancel_requested = 0 "
+                "ORDER BY created, id LIMIT 1",
+                (QUEUED,),
+            ).fetchone()
+        return None if row is None else _job_from_row(row)
+
+    def mark_running(self, job_id: str) -> JobRecord:
+        with self._transaction():
+            job = self.get(job_id)
+            if job.state != QUEUED:
+                raise StateConflict(f"job {job_id} is {job.state}, not QUEUED")
+            self._db.execute(
+                "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1 WHERE id = ?",
+                (RUNNING, time.time(), job_id),
+            )
+            self._append_event(job_id, "state", RUNNING, f"attempt {job.attempts + 1}", {})
+        return self.get(job_id)
+
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        message: str,
+        version_id: str | None = None,
+        metrics: dict[str, float] | None = None,
+        gates: list[dict[str, Any]] | None = None,
+        error: str = "",
+    ) -> JobRecord:
+        """Move a job to a terminal state with its results; a no-op if it already ended."""
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"{state} is not a terminal state")
+        with self._transaction():
+            job = self.get(job_id)
+            if job.state in TERMINAL_STATES:
+                return job
+            self._db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, version_id = ?, metrics_json = ?,"
+                " gates_json = ?, error = ? WHERE id = ?",
+                (
+                    state,
+                    time.time(),
+                    version_id,
+                    json.dumps(metrics or {}),
+                    json.dumps(gates or []),
+                    error,
+                    job_id,
+                ),
+            )
+            self._append_event(job_id, "state", state, message, {"error": error} if error else {})
+        return self.get(job_id)
+
+    def requeue(self, job_id: str, reason: str) -> JobRecord:
+        with self._transaction():
+            self._db.execute(
+                "UPDATE jobs SET state = ?, started = NULL WHERE id = ?", (QUEUED, job_id)
+            )
+            self._append_event(job_id, "state", QUEUED, reason, {})
+        return self.get(job_id)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued job at once; flag a running one (the worker stops between steps)."""
+        with self._transaction():
+            job = self.get(job_id)
+            if job.state in TERMINAL_STATES:
+                raise StateConflict(f"job {job_id} already ended as {job.state}")
+            if job.state == QUEUED:
+                self._db.execute(
+                    "UPDATE jobs SET state = ?, finished = ?, cancel_requested = 1 WHERE id = ?",
+                    (CANCELLED, time.time(), job_id),
+                )
+                self._append_event(job_id, "state", CANCELLED, "cancelled before it started", {})
+            else:
+                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                self._append_event(job_id, "log", job.state, "cancellation requested", {})
+        return self.get(job_id)
+
+    # --- events --------------------------------------------------------------------------
+    def add_event(
+        self, job_id: str, kind: str, message: str, fields: dict[str, Any] | None = None
+    ) -> EventRecord:
+        with self._transaction():
+            state = self.get(job_id).state
+            return self._append_event(job_id, kind, state, message, fields or {})
+
+    def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[EventRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, after_seq, limit),
+            ).fetchall()
+        return [
+            EventRecord(
+                r["job_id"],
+                r["seq"],
+                r["time"],
+                r["kind"],
+                r["state"],
+                r["message"],
+                json.loads(r["fields_json"]),
+            )
+            for r in rows
+        ]
+
+    def recover_after_restart(self, max_attempts: int) -> list[JobRecord]:
+        """Jobs left RUNNING by a dead server: re-queue them, or fail them once out of attempts."""
+        recovered = []
+        for job in self.list(states=(RUNNING,), limit=1_000_000):
+            if job.cancel_requested:
+                recovered.append(
+                    self.finish(job.id, CANCELLED, message="cancelled; server restarted")
+                )
+            elif job.attempts < max_attempts:
+                recovered.append(self.requeue(job.id, "server restarted; job re-queued"))
+            else:
+                recovered.append(
+                    self.finish(
+                        job.id,
+                        FAILED,
+                        message="server restarted",
+                        error=f"server restarted while the job ran ({job.attempts} attempts)",
+                    )
+                )
+        return recovered
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
+        self._db = db
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()

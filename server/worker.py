@@ -1,0 +1,98 @@
+"""The Ray actor that keeps base models warm and runs jobs, generation and imports.
+
+``run_job`` is a streaming generator: the server iterates its progress events as they happen and
+reads the outcome from the last one. The actor is threaded (``max_concurrency``) so ``cancel``
+and ``generate`` are served while a job runs.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import torch
+
+from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
+from modelsurgery.server.model_cache import ModelCache
+
+_DONE = object()
+
+
+class SurgeryWorker:
+    def __init__(self, settings: WorkerSettings, num_threads: int) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        if gpu_ids and torch.cuda.is_available():
+            settings.device = "cuda"
+        self.settings = settings
+        self.store = CheckpointStore(settings.store_root)
+        self.cache = ModelCache(settings.max_cache_bytes)
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "device": self.settings.device,
+            "cached_models": self.cache.digests(),
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+        }
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def run_job(self, job_id: str, spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Yields progress events, then ``{"kind": "outcome", ...}``."""
+        events: queue.Queue[Any] = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result = execute_job(
+                    spec,
+                    store=self.store,
+                    cache=self.cache,
+                    settings=self.settings,
+                    emit=events.put,
+                    is_cancelled=lambda: self._is_cancelled(job_id),
+                )
+                outcome.update(asdict(result))
+            except Exception as exc:
+                outcome.update(
+                    state="FAILED",
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(limit=8),
+                )
+            finally:
+                events.put(_DONE)
+
+        thread = threading.Thread(target=work, name=f"job-{job_id}", daemon=True)
+        thread.start()
+        while (event := events.get()) is not _DONE:
+            yield event
+        thread.join()
+        with self._lock:
+            self._cancelled.discard(job_id)
+        yield {"kind": "outcome", **outcome}
+
+    def import_model(self, reference: str) -> str:
+        return load_base(reference, self.store, self.cache, self.settings).version_id
+
+    def generate(self, ref: str, prompts: list[str], options: dict[str, Any]) -> list[str]:
+        from modelsurgery.server.generation import generate_text
+
+        base = load_base(ref, self.store, self.cache, self.settings)
+        return generate_text(base.model, base.tokenizer, prompts, **options)
