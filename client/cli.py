@@ -286,3 +286,7 @@ def jobs_cancel(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
