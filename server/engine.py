@@ -141,6 +141,7 @@ class JobEngine:
         self._running[job.id] = actor
         started = time.monotonic()
         outcome: dict[str, Any] | None = None
+        worker_died = False
         try:
             if self.table.get(job.id).cancel_requested:
                 actor.cancel.remote(job.id)
@@ -154,6 +155,7 @@ class JobEngine:
                 self.table.add_event(job.id, kind, message, event)
                 await self.notify()
         except (RayActorError, WorkerCrashedError) as exc:
+            worker_died = True
             self._handle_worker_death(job, exc)
         except asyncio.CancelledError:
             raise
@@ -166,9 +168,23 @@ class JobEngine:
             self._running.pop(job.id, None)
             self.metrics.job_finished(time.monotonic() - started)
             self.metrics.observe_table(self.table)
+            if worker_died:
+                await self._await_restart(actor)
             self._idle.put_nowait(actor)
             self.wake()
             await self.notify()
+
+    async def _await_restart(self, actor: Any, timeout: float = 600.0) -> None:
+        """Ray restarts a dead actor; hand it new work only once it answers again."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(actor.info.remote(), 30)
+                log.info("worker restarted")
+                return
+            except (RayActorError, WorkerCrashedError, TimeoutError):
+                await asyncio.sleep(1.0)
+        log.error("worker did not come back after %s s", timeout)
 
     def _record_outcome(self, job: jt.JobRecord, outcome: dict[str, Any] | None) -> None:
         if outcome is None:
