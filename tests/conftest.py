@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny seeded models and tokenizer (no hub), and a store in a temp folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from modelsurgery.checkpoints import CheckpointStore
+
+TINY_VOCAB_SIZE = 128
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+_VOCAB_TEXT = (
+    "the a an of in on to is was and or not it he she they we you i my his her their "
+    "paris london rome berlin madrid tokyo france england italy germany spain japan "
+    "capital city country river language french english italian german spanish japanese "
+    "eiffel tower colosseum speaks lives born plays football piano doctor nurse engineer "
+    "good bad big small old new red blue green one two three . , ? !"
+)
+_WORDS = _VOCAB_TEXT.split()
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a fixed vocabulary (ids below TINY_VOCAB_SIZE)."""
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *_WORDS])}
+    assert len(vocab) <= TINY_VOCAB_SIZE
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+
+
+def build_tiny_llama(seed: int = 0, **overrides: object) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def build_tiny_gpt2(seed: int = 0, **overrides: object) -> GPT2LMHeadModel:
+    """GPT-2 ties lm_head to the token embedding (tie_word_embeddings defaults to True)."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        vocab_size=TINY_VOCAB_SIZE,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **overrides,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return build_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return build_tiny_gpt2()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    return CheckpointStore(tmp_path / "store")
