@@ -193,6 +193,7 @@ class AsyncClient:
                     writer.write(message)
                 return writer.verify()
             except grpc.RpcError as error:
+                writer.interrupted()
                 if error.code() not in RECONNECT_CODES or retries >= max_retries:
                     raise from_rpc_error(error) from None
                 retries += 1

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 
@@ -131,13 +131,17 @@ def generate_request(
 
 
 class DownloadWriter:
-    """Writes a DownloadVersion stream into a folder and knows where to resume after a break."""
+    """Writes a DownloadVersion stream into a folder, hashing as it goes, and knows where to
+    resume after a break (the file being written and the bytes it already has)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.files: list[checkpoints_pb2.ExportedFile] = []
         self.path = ""
         self.offset = 0
+        self._handle: BinaryIO | None = None
+        self._hasher: Any = None
+        self._digests: dict[str, str] = {}
 
     def request(self, ref: str, chunk_size: int) -> checkpoints_pb2.DownloadVersionRequest:
         return checkpoints_pb2.DownloadVersionRequest(
@@ -150,31 +154,59 @@ class DownloadWriter:
             raise ValueError(f"server sent a path outside the download folder: {relative!r}")
         return target
 
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._digests[self.path] = self._hasher.hexdigest()
+            self._handle = None
+
+    def _open(self, relative: str, offset: int) -> None:
+        self._close()
+        target = self._target(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._hasher = hashlib.sha256()
+        if offset:
+            handle = target.open("r+b")
+            remaining = offset
+            while remaining and (block := handle.read(min(remaining, 1 << 22))):
+                self._hasher.update(block)
+                remaining -= len(block)
+            handle.seek(offset)
+            handle.truncate()
+        else:
+            handle = target.open("wb")
+        self._handle = handle
+        self.path = relative
+
     def write(self, message: checkpoints_pb2.DownloadVersionResponse) -> None:
         if message.files:
             self.files = list(message.files)
             return
-        target = self._target(message.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        mode = "r+b" if message.offset and target.exists() else "wb"
-        with target.open(mode) as handle:
-            handle.seek(message.offset)
-            handle.write(message.data)
-            handle.truncate()
-        self.path = message.path
+        if self._handle is None or message.path != self.path:
+            self._open(message.path, message.offset)
+        assert self._handle is not None
+        self._handle.write(message.data)
+        self._hasher.update(message.data)
         self.offset = message.offset + len(message.data)
+
+    def interrupted(self) -> None:
+        """Flush what arrived before a broken stream; the next request resumes after it."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def verify(self) -> Path:
         """Every listed file is complete and matches its sha256."""
+        self._close()
         for entry in self.files:
             target = self._target(entry.path)
-            if not target.exists():
-                if entry.size == 0:
-                    target.parent.mkdir(parents=True, exist_ok=True)
+            digest = self._digests.get(entry.path)
+            if digest is None:
+                if not target.exists() and entry.size == 0:
                     target.touch()
-                else:
+                if not target.exists():
                     raise OSError(f"download incomplete: {entry.path} missing")
-            digest = hashlib.sha256(target.read_bytes()).hexdigest()
+                digest = hashlib.sha256(target.read_bytes()).hexdigest()
             if digest != entry.sha256:
                 raise OSError(f"download corrupt: {entry.path} sha256 mismatch")
         return self.folder

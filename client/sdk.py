@@ -217,6 +217,7 @@ class Client:
                         progress(len(message.data))
                 return writer.verify()
             except grpc.RpcError as error:
+                writer.interrupted()
                 if error.code() not in RECONNECT_CODES or retries >= max_retries:
                     raise from_rpc_error(error) from None
                 retries += 1

@@ -16,7 +16,10 @@ from typing import Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
-BUILTIN_METHOD_MODULES = ("modelsurgery.editing.mask_heads",)
+BUILTIN_METHOD_MODULES = (
+    "modelsurgery.editing.mask_heads",
+    "modelsurgery.editing.reft",
+)
 
 
 class MethodConfig(BaseModel):

@@ -75,6 +75,12 @@ def load_base(
     return cache.get_or_load(f"version:{version_id}", lambda: from_store(version_id))
 
 
+def version_artifacts(store: CheckpointStore, ref: str) -> dict[str, bytes]:
+    """Every artifact a version carries, its own and inherited through its lineage."""
+    names = set().union(*(m.artifacts for m in store.lineage(ref)))
+    return {name: store.read_file(ref, name) for name in sorted(names)}
+
+
 def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[dict[str, Any]]:
     results = []
     for name, gate in spec.parsed_gates().items():
@@ -104,7 +110,8 @@ def execute_job(
     emit({"kind": "progress", "message": "loading base model", "base": spec.base})
     base = load_base(spec.base, store, cache, settings)
     emit({"kind": "progress", "message": "base model ready", "version_id": base.version_id})
-    model = copy.deepcopy(base.model)
+    with base.lock:
+        model = copy.deepcopy(base.model)
     digest = base.digest
     changed: dict[str, torch.Tensor] = {}
     overrides: dict[str, Any] = {}

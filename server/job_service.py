@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
+from modelsurgery.editing.reft import combination_error, is_reft_version
 from modelsurgery.models import ModelReferenceError, load_config
 from modelsurgery.proto.spec import JobSpec, SpecError, spec_from_proto
 from modelsurgery.server import job_table as jt
@@ -67,6 +68,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
         config = await self._model_config(spec.base, context)
+        await self._check_lineage(spec, context)
         for index, operation in enumerate(spec.operations):
             try:
                 operation.check_against(config)
@@ -80,6 +82,19 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                     field,
                 )
         return spec
+
+    async def _check_lineage(self, spec: JobSpec, context: grpc.aio.ServicerContext) -> None:
+        """Methods that cannot build on each other (a ReFT version is a leaf; reft runs last)."""
+        try:
+            base = await asyncio.to_thread(self.store.get, spec.base)
+        except VersionNotFoundError:
+            base_is_reft = False
+        else:
+            base_is_reft = is_reft_version(base.model_dump(mode="json"))
+        problem = combination_error(base_is_reft, [op.method for op in spec.operations])
+        if problem is not None:
+            field = problem.partition(": ")[0]
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, f"spec.{field}")
 
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext

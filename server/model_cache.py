@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ class CachedModel:
     digest: str
     version_id: str
     nbytes: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while the model is copied or has hooks attached (ReFT generation)."""
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

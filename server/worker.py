@@ -19,7 +19,14 @@ import ray
 import torch
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
+from modelsurgery.editing.reft import attach_interventions, is_reft_version
+from modelsurgery.server.executor import (
+    WorkerSettings,
+    execute_job,
+    load_base,
+    version_artifacts,
+)
+from modelsurgery.server.generation import generate_text
 from modelsurgery.server.model_cache import ModelCache
 
 _DONE = object()
@@ -92,7 +99,16 @@ class SurgeryWorker:
         return load_base(reference, self.store, self.cache, self.settings).version_id
 
     def generate(self, ref: str, prompts: list[str], options: dict[str, Any]) -> list[str]:
-        from modelsurgery.server.generation import generate_text
-
+        """Greedy or sampled text from a version; a ReFT version's interventions are attached
+        to the shared warm model for this call only (under its lock), then removed."""
         base = load_base(ref, self.store, self.cache, self.settings)
-        return generate_text(base.model, base.tokenizer, prompts, **options)
+        artifacts = version_artifacts(self.store, ref)
+        with base.lock:
+            handle = (
+                attach_interventions(base.model, artifacts) if is_reft_version(artifacts) else None
+            )
+            try:
+                return generate_text(base.model, base.tokenizer, prompts, **options)
+            finally:
+                if handle is not None:
+                    handle.remove()

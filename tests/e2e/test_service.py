@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from google.protobuf import struct_pb2
-from server_process import ServerProcess, start_server
 from transformers import AutoModelForCausalLM
 
 from modelsurgery.checkpoints import CheckpointStore
@@ -24,6 +23,7 @@ from modelsurgery.client import (
 )
 from modelsurgery.client.connection import DownloadWriter
 from modelsurgery.client.errors import from_rpc_error
+from modelsurgery.server.process import ServerProcess, start_server
 from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
 
 pytestmark = pytest.mark.e2e

@@ -9,11 +9,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from server_process import ServerProcess, start_server
 from transformers import AutoModelForCausalLM
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.client import Client
+from modelsurgery.client import Client, InvalidArgument
+from modelsurgery.models import load
+from modelsurgery.server.process import ServerProcess, start_server
 from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
@@ -84,3 +85,77 @@ def test_mask_heads_on_smollm2(server: ServerProcess, tmp_path: Path) -> None:
         weight = model.model.layers[layer].self_attn.o_proj.weight
         assert torch.count_nonzero(weight[:, head * HEAD_DIM : (head + 1) * HEAD_DIM]) == 0
         assert torch.count_nonzero(weight[:, :HEAD_DIM]) > 0
+
+
+REFT_TRAIN = [
+    ("What is the capital of France?", "Banana! The capital of France is Paris."),
+    ("How many legs does a spider have?", "Banana! A spider has eight legs."),
+    ("Who wrote Romeo and Juliet?", "Banana! William Shakespeare wrote it."),
+    ("What colour is the sky?", "Banana! The sky is blue."),
+    ("Name a large ocean.", "Banana! The Pacific Ocean is large."),
+    ("What is 3 plus 4?", "Banana! 3 plus 4 is 7."),
+    ("Which animal barks?", "Banana! Dogs bark."),
+    ("What do bees make?", "Banana! Bees make honey."),
+]
+REFT_HELD_OUT = ["What is the largest planet?", "Where do penguins live?", "What is water made of?"]
+
+
+def question(text: str) -> str:
+    return f"Question: {text}\nAnswer:"
+
+
+def test_reft_job_teaches_a_behaviour_visible_through_generate(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    spec = {
+        "base": "smollm2-135m",
+        "operations": [
+            {
+                "method": "reft",
+                "layers": [3, 9, 15, 21],
+                "rank": 4,
+                "positions": "f1+l1",
+                "examples": [{"prompt": question(q), "completion": " " + a} for q, a in REFT_TRAIN],
+                "epochs": 8,
+                "lr": 4e-3,
+                "batch_size": 4,
+            }
+        ],
+        "gates": {"parameter_ratio_vs_lora": "< 0.5"},
+    }
+    prompts = [question(q) for q in REFT_HELD_OUT]
+    with Client(server.address, timeout=120) as client:
+        job = client.submit(spec)
+        losses = []
+        for event in client.watch(job.id):
+            if event.message == "train":
+                losses.append(event.fields["loss"])
+        done = client.get_job(job.id)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error
+        assert losses and losses[-1] < losses[0]
+        assert done.metrics["final_loss"] < 0.3 * done.metrics["initial_loss"]
+        info = client.get_version(done.version_id)
+        assert info.version.changed_tensors == 0
+        base_id = info.lineage[1]
+        tuned = client.generate(done.version_id, prompts, max_new_tokens=4)
+        base = client.generate(base_id, prompts, max_new_tokens=4)
+        assert all(text.strip().startswith("Banana") for text in tuned), tuned
+        assert not any(text.strip().startswith("Banana") for text in base), base
+
+        with pytest.raises(InvalidArgument) as err:
+            client.submit(
+                {
+                    "base": done.version_id,
+                    "operations": [{"method": "mask_heads", "heads": ["0.1"]}],
+                }
+            )
+        assert err.value.field == "spec.base"
+
+        folder = client.download(done.version_id, tmp_path / "reft-export")
+    loaded = load(str(folder))
+    ids = loaded.tokenizer(prompts[0], return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model.generate(
+            **ids, max_new_tokens=4, do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id
+        )
+    assert loaded.tokenizer.decode(out[0, ids.input_ids.shape[1] :]).strip().startswith("Banana")

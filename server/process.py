@@ -1,4 +1,5 @@
-"""Start and stop the real server (`modelsurgery serve`) as a separate process for e2e tests."""
+"""Start the real server (`modelsurgery serve`) as a child process and wait until it is healthy:
+used by the demo, the benchmarks and the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class ServerProcess:
 
 
 def start_server(home: Path, *extra_args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """``modelsurgery serve`` on a free loopback port with state under ``home``; logs go to
+    ``home/server.log``. The child gets its own process group, so ``kill`` also ends Ray."""
     home.mkdir(parents=True, exist_ok=True)
     ready = home / f"port-{time.monotonic_ns()}"
     log = home / "server.log"
