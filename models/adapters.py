@@ -34,6 +34,8 @@ class FamilyLayout:
     conv1d: bool = False
     gated_mlp: bool = False
     intermediate_key: str = "intermediate_size"
+    project_in: str | None = None
+    project_out: str | None = None
 
 
 _LLAMA = FamilyLayout(
@@ -78,7 +80,7 @@ FAMILIES: dict[str, FamilyLayout] = {
         attn_out="attention.dense",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",
     ),
     "gptj": FamilyLayout(
         layers="transformer.h",
@@ -105,6 +107,8 @@ FAMILIES: dict[str, FamilyLayout] = {
         final_norm="model.decoder.final_layer_norm",
         lm_head="lm_head",
         intermediate_key="ffn_dim",
+        project_in="model.decoder.project_in",
+        project_out="model.decoder.project_out",
     ),
     "phi": FamilyLayout(
         layers="model.layers",
@@ -194,10 +198,44 @@ class ArchitectureAdapter:
         return self.model.get_submodule(self.layout.embed)
 
     def final_norm(self) -> nn.Module:
-        return self.model.get_submodule(self.layout.final_norm)
+        """The norm before the LM head; ``nn.Identity`` where the model has none (post-LN OPT
+        such as OPT-350m), so applying it is always right."""
+        return self._optional_module(self.layout.final_norm) or nn.Identity()
 
     def lm_head(self) -> nn.Module:
-        return self.model.get_submodule(self.layout.lm_head)
+        """The output projection to the vocabulary (tied to the embedding in many models)."""
+        getter = getattr(self.model, "get_output_embeddings", None)
+        head = getter() if getter is not None else None
+        return head if head is not None else self.model.get_submodule(self.layout.lm_head)
+
+    def project_in(self) -> nn.Module | None:
+        """OPT's embedding-to-hidden projection when ``word_embed_proj_dim != hidden_size``."""
+        return self._optional_module(self.layout.project_in)
+
+    def project_out(self) -> nn.Module | None:
+        """OPT's hidden-to-embedding projection applied before the LM head, if any."""
+        return self._optional_module(self.layout.project_out)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from last-layer residual states, as the model's own forward computes them
+        (final norm, OPT's project_out, LM head, Gemma's logit soft-capping)."""
+        hidden = self.final_norm()(hidden)
+        project_out = self.project_out()
+        if project_out is not None:
+            hidden = project_out(hidden)
+        logits = self.lm_head()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _optional_module(self, path: str | None) -> nn.Module | None:
+        if path is None:
+            return None
+        parent_path, _, name = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        module = getattr(parent, name, None)
+        return module if isinstance(module, nn.Module) else None
 
     # --- heads -----------------------------------------------------------------------------
     def head_columns(self, head: int) -> slice:
@@ -224,6 +262,11 @@ class Projection:
         w = self.module.weight
         return w.t() if self.conv1d else w
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias, shape [out] (the same for Linear and Conv1D), or None."""
+        return getattr(self.module, "bias", None)
+
     def in_features_of(self) -> int:
         return int(self.weight.shape[1])
 
@@ -233,7 +276,7 @@ class Projection:
 
 def get_adapter(model: nn.Module) -> ArchitectureAdapter:
     """The adapter for a loaded causal LM; a clear error for an unsupported architecture."""
-    model_type = getattr(model.config, "model_type", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     layout = FAMILIES.get(model_type or "")
     if layout is None:
         supported = ", ".join(sorted(FAMILIES))

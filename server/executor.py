@@ -52,7 +52,7 @@ def load_base(
     (imported into the store first, so every version has a root in the store)."""
 
     def from_store(version_id: str) -> CachedModel:
-        loaded = load(version_id, store=store, device=settings.device)
+        loaded = load(version_id, store=store, device=settings.device, with_interventions=False)
         return CachedModel(
             loaded.model, loaded.tokenizer, loaded.digest, version_id, parameter_bytes(loaded.model)
         )
@@ -73,12 +73,6 @@ def load_base(
     except VersionNotFoundError:
         return cache.get_or_load(f"ref:{reference}", from_reference)
     return cache.get_or_load(f"version:{version_id}", lambda: from_store(version_id))
-
-
-def version_artifacts(store: CheckpointStore, ref: str) -> dict[str, bytes]:
-    """Every artifact a version carries, its own and inherited through its lineage."""
-    names = set().union(*(m.artifacts for m in store.lineage(ref)))
-    return {name: store.read_file(ref, name) for name in sorted(names)}
 
 
 def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[dict[str, Any]]:

@@ -1,0 +1,103 @@
+"""Training examples: reading them (inline or JSONL under a data root) and tokenising them
+into prompt + completion sequences whose loss covers the completion only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from modelsurgery.editing.reft.config import Example, ReftConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    prompt_length: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    prompt_lengths: list[int]
+
+
+def resolve_examples_file(value: str, data_roots: Sequence[Path]) -> Path:
+    """The file ``examples_file`` names, which must lie under one of ``data_roots``
+    (a relative path is looked up under each root in turn)."""
+    roots = [Path(root).resolve() for root in data_roots]
+    if not roots:
+        raise ValueError("examples_file: this server allows no data files (no data roots)")
+    given = Path(value)
+    candidates = [given.resolve()] if given.is_absolute() else [r / given for r in roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if any(resolved.is_relative_to(root) for root in roots):
+            if resolved.is_file():
+                return resolved
+            continue
+        raise ValueError(f"examples_file: {value!r} is not under an allowed data root")
+    raise ValueError(f"examples_file: {value!r} not found under the allowed data roots")
+
+
+def load_examples(config: ReftConfig, data_roots: Sequence[Path]) -> list[Example]:
+    if config.examples is not None:
+        return list(config.examples)
+    assert config.examples_file is not None
+    path = resolve_examples_file(config.examples_file, data_roots)
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(Example.model_validate(json.loads(line)))
+        except (json.JSONDecodeError, ValidationError) as error:
+            raise ValueError(f"examples_file: line {number}: {error}") from None
+    if not examples:
+        raise ValueError(f"examples_file: {config.examples_file!r} holds no examples")
+    return examples
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: Sequence[Example], *, max_length: int, append_eos: bool
+) -> list[TokenizedExample]:
+    """Prompt and completion are tokenised apart and joined, so the prompt's tokens (and thus
+    the intervened positions) are exactly those the prompt alone gets at generation time."""
+    out = []
+    for i, example in enumerate(examples):
+        prompt = tokenizer(example.prompt).input_ids
+        completion = tokenizer(example.completion, add_special_tokens=False).input_ids
+        if append_eos and tokenizer.eos_token_id is not None:
+            completion = [*completion, tokenizer.eos_token_id]
+        if len(prompt) >= max_length:
+            raise ValueError(
+                f"examples[{i}]: prompt has {len(prompt)} tokens, max_length is {max_length}"
+            )
+        if not completion:
+            raise ValueError(f"examples[{i}]: completion has no tokens")
+        ids = (prompt + completion)[:max_length]
+        out.append(TokenizedExample(input_ids=ids, prompt_length=len(prompt)))
+    return out
+
+
+def collate(items: Sequence[TokenizedExample], pad_id: int) -> Batch:
+    """Right-padded batch; labels are -100 on prompt and padding."""
+    width = max(len(item.input_ids) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for b, item in enumerate(items):
+        ids = torch.tensor(item.input_ids, dtype=torch.long)
+        input_ids[b, : ids.numel()] = ids
+        mask[b, : ids.numel()] = 1
+        labels[b, item.prompt_length : ids.numel()] = ids[item.prompt_length :]
+    return Batch(input_ids, mask, labels, [item.prompt_length for item in items])

@@ -1,0 +1,161 @@
+"""Classify a model reference without loading weights, so a server can validate a job spec.
+
+Precedence: anything path-shaped (absolute, ``~``, ``.``, a separator, or a ``.gguf`` name) is a
+path and only a path; otherwise a built-in alias, then a stored version id / alias (when a store
+is given), then a bare relative path that exists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from modelsurgery.models.aliases import BUILTIN_ALIASES
+from modelsurgery.models.errors import (
+    ModelPackageMissingError,
+    ModelReferenceError,
+    ReferenceNotAllowedError,
+)
+
+GGUF_MAGIC = b"GGUF"
+
+
+class SourceKind(StrEnum):
+    FOLDER = "folder"
+    GGUF = "gguf"
+    ALIAS = "alias"
+    STORE = "store"
+
+
+@dataclass(frozen=True)
+class ResolvedReference:
+    """What a reference names. ``path`` is the folder or GGUF file (for ``gemma3-270m`` the
+    cache path it is assembled into on first load); ``version_id`` is set for stored versions."""
+
+    reference: str
+    kind: SourceKind
+    path: Path | None = None
+    version_id: str | None = None
+    alias: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind in (SourceKind.GGUF, SourceKind.ALIAS)
+
+
+class VersionResolver(Protocol):
+    def resolve(self, ref: str) -> str: ...
+
+
+def accepted_kinds() -> str:
+    aliases = ", ".join(sorted(BUILTIN_ALIASES))
+    return (
+        "a local Hugging Face model folder (with config.json), a .gguf file, "
+        f"a built-in alias ({aliases}), or a stored version id or alias (with a checkpoint store)"
+    )
+
+
+def unresolvable(reference: str, reason: str) -> ModelReferenceError:
+    return ModelReferenceError(
+        f"cannot resolve model reference {reference!r}: {reason}. Accepted: {accepted_kinds()}"
+    )
+
+
+def resolve_reference(
+    reference: str | os.PathLike[str],
+    allowed_roots: Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    store: VersionResolver | None = None,
+) -> ResolvedReference:
+    """Classify ``reference`` (cheap: no weights, no package imports).
+
+    ``allowed_roots`` restricts path references to those folders, checked after resolving
+    symlinks and ``..``; built-in aliases and stored versions are not paths and always allowed.
+    """
+    if isinstance(reference, os.PathLike):
+        return _resolve_path(os.fspath(reference), allowed_roots)
+    if not isinstance(reference, str) or not reference.strip():
+        raise unresolvable(str(reference), "empty reference")
+    if _looks_like_path(reference):
+        return _resolve_path(reference, allowed_roots)
+    builtin = BUILTIN_ALIASES.get(reference)
+    if builtin is not None:
+        try:
+            builtin.check_installed()
+        except ModelPackageMissingError:
+            stored = _resolve_stored(reference, store)
+            if stored is None:
+                raise
+            return stored
+        return ResolvedReference(reference, SourceKind.ALIAS, builtin.locate(), alias=reference)
+    if store is not None:
+        try:
+            version_id = store.resolve(reference)
+        except (KeyError, ValueError) as exc:
+            if Path(reference).exists():
+                return _resolve_path(reference, allowed_roots)
+            raise unresolvable(
+                reference, f"not a path, built-in alias or stored version ({exc})"
+            ) from exc
+        return ResolvedReference(reference, SourceKind.STORE, version_id=version_id)
+    if Path(reference).exists():
+        return _resolve_path(reference, allowed_roots)
+    raise unresolvable(
+        reference, "not an existing path or built-in alias, and no checkpoint store was given"
+    )
+
+
+def _resolve_stored(reference: str, store: VersionResolver | None) -> ResolvedReference | None:
+    """A store alias that shares a built-in alias's name, used when its package is missing."""
+    if store is None:
+        return None
+    try:
+        version_id = store.resolve(reference)
+    except (KeyError, ValueError):
+        return None
+    return ResolvedReference(reference, SourceKind.STORE, version_id=version_id)
+
+
+def _looks_like_path(reference: str) -> bool:
+    separators = tuple(s for s in (os.sep, os.altsep) if s)
+    return (
+        reference.startswith(("/", "~", "."))
+        or any(s in reference for s in separators)
+        or reference.lower().endswith(".gguf")
+    )
+
+
+def _resolve_path(
+    reference: str, allowed_roots: Sequence[str | os.PathLike[str]] | None
+) -> ResolvedReference:
+    path = Path(reference).expanduser().resolve()
+    if allowed_roots is not None:
+        _check_allowed(reference, path, allowed_roots)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise unresolvable(reference, f"folder {path} has no config.json")
+        if allowed_roots is not None:
+            for child in path.iterdir():
+                _check_allowed(reference, child.resolve(), allowed_roots)
+        return ResolvedReference(reference, SourceKind.FOLDER, path)
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise unresolvable(reference, f"{path} is a file but not a GGUF file")
+        return ResolvedReference(reference, SourceKind.GGUF, path)
+    raise unresolvable(reference, f"no such file or folder: {path}")
+
+
+def _check_allowed(
+    reference: str, path: Path, allowed_roots: Sequence[str | os.PathLike[str]]
+) -> None:
+    roots = [Path(root).expanduser().resolve() for root in allowed_roots]
+    if not any(path.is_relative_to(root) for root in roots):
+        raise ReferenceNotAllowedError(
+            f"model reference {reference!r} resolves to {path}, outside the allowed roots "
+            f"({', '.join(str(r) for r in roots) or 'none'})"
+        )
