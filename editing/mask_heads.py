@@ -1,0 +1,144 @@
+"""Attention-head masking: zero chosen heads' columns of the attention output projection.
+
+A head's contribution to the residual stream is ``W_o[:, cols(h)] @ z_h``; zeroing those columns
+removes it exactly, for every input, and the result is an ordinary checkpoint (plain weights, no
+hooks). With grouped-query attention the o_proj input is still laid out per *query* head, so a
+single query head can be masked while the KV head it shares stays intact.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from modelsurgery.editing.perplexity import wikitext_perplexity
+from modelsurgery.editing.registry import (
+    MethodConfig,
+    MethodContext,
+    SurgeryResult,
+    register_method,
+)
+from modelsurgery.models.adapters import get_adapter
+
+_HEAD_RE = re.compile(r"^\s*(\d+)\s*\.\s*(\d+)\s*$")
+
+
+def parse_head(spec: str) -> tuple[int, int]:
+    """``"3.1"`` -> ``(3, 1)`` (layer, head); ValueError for anything else."""
+    match = _HEAD_RE.match(spec)
+    if match is None:
+        raise ValueError(f"{spec!r} is not of the form 'layer.head' (e.g. '3.1')")
+    return int(match.group(1)), int(match.group(2))
+
+
+def format_head(layer: int, head: int) -> str:
+    return f"{layer}.{head}"
+
+
+def config_sizes(model_config: Any) -> tuple[int, int]:
+    """(number of layers, number of attention heads) from an HF config (text part if nested)."""
+    get_text = getattr(model_config, "get_text_config", None)
+    for cfg in (get_text() if get_text else None, model_config):
+        if cfg is None:
+            continue
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+        if isinstance(layers, int) and isinstance(heads, int):
+            return layers, heads
+    raise ValueError("model config lacks num_hidden_layers / num_attention_heads")
+
+
+def check_heads_in_range(
+    heads: Iterable[tuple[int, int]], model_config: Any, field: str = "heads"
+) -> None:
+    """Raise ValueError naming ``field[i]`` for the first head outside the model."""
+    num_layers, num_heads = config_sizes(model_config)
+    for i, (layer, head) in enumerate(heads):
+        if layer >= num_layers:
+            raise ValueError(
+                f"{field}[{i}]: layer {layer} out of range (model has {num_layers} layers)"
+            )
+        if head >= num_heads:
+            raise ValueError(
+                f"{field}[{i}]: head {head} out of range (model has {num_heads} heads)"
+            )
+
+
+@torch.no_grad()
+def mask_heads_in_place(
+    model: torch.nn.Module, heads: Iterable[tuple[int, int]]
+) -> dict[str, torch.Tensor]:
+    """Zero each (layer, head)'s o_proj input columns; return the changed weights by
+    state-dict name (the stored tensor, so Conv1D weights keep their [in, out] layout)."""
+    adapter = get_adapter(model)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    changed: dict[str, torch.Tensor] = {}
+    for layer, layer_heads in sorted(by_layer.items()):
+        projection = adapter.attn_out(layer)
+        for head in layer_heads:
+            projection.weight[:, adapter.head_columns(head)] = 0
+        name = f"{adapter.attn_out_path(layer)}.weight"
+        changed[name] = projection.module.weight.detach().clone()
+    return changed
+
+
+class MaskHeadsConfig(MethodConfig):
+    """Mask attention heads by zeroing their o_proj input columns.
+
+    Fields: ``heads`` ("layer.head" strings, e.g. ``["3.1", "7.4"]``), ``evaluate_perplexity``
+    (WikiText-2 perplexity before/after; off by default because it costs two evaluations).
+    Metrics: ``heads_masked``; with ``evaluate_perplexity``: ``perplexity_before``,
+    ``perplexity_after``, ``perplexity_ratio``.
+    """
+
+    method: Literal["mask_heads"] = "mask_heads"
+    heads: list[str] = Field(min_length=1)
+    evaluate_perplexity: bool = False
+
+    @field_validator("heads")
+    @classmethod
+    def _valid_heads(cls, heads: list[str]) -> list[str]:
+        seen: dict[tuple[int, int], int] = {}
+        for i, spec in enumerate(heads):
+            try:
+                parsed = parse_head(spec)
+            except ValueError as exc:
+                raise ValueError(f"heads[{i}]: {exc}") from None
+            if parsed in seen:
+                raise ValueError(f"heads[{i}]: duplicate of heads[{seen[parsed]}] ({spec!r})")
+            seen[parsed] = i
+        return heads
+
+    def parsed_heads(self) -> list[tuple[int, int]]:
+        return [parse_head(spec) for spec in self.heads]
+
+    def check_against(self, model_config: Any) -> None:
+        check_heads_in_range(self.parsed_heads(), model_config)
+
+
+def run(
+    model: torch.nn.Module, tokenizer: Any, config: MaskHeadsConfig, context: MethodContext
+) -> SurgeryResult:
+    metrics: dict[str, float] = {}
+    if config.evaluate_perplexity:
+        context.progress("perplexity before masking")
+        metrics["perplexity_before"] = wikitext_perplexity(model, tokenizer)
+    context.check_cancelled()
+    changed = mask_heads_in_place(model, config.parsed_heads())
+    context.progress(f"masked {len(config.heads)} heads", step=1, total=1)
+    metrics["heads_masked"] = float(len(config.heads))
+    if config.evaluate_perplexity:
+        context.check_cancelled()
+        context.progress("perplexity after masking")
+        metrics["perplexity_after"] = wikitext_perplexity(model, tokenizer)
+        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
+    return SurgeryResult(changed=changed, metrics=metrics)
+
+
+register_method("mask_heads", MaskHeadsConfig, run)
