@@ -73,7 +73,7 @@ def serve(
         int | None, typer.Option(help="Serve Prometheus /metrics on this port.")
     ] = None,
     ready_file: Annotated[
-        Path | None, typer.Option(help="Write the bound port here once serving.")
+        Path | None, typer.Option(help='Once serving, write {"port", "metrics_port"} JSON here.')
     ] = None,
     text_logs: Annotated[bool, typer.Option(help="Plain text logs instead of JSON.")] = False,
 ) -> None:
@@ -115,7 +115,15 @@ def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
         "state": STATE_NAMES[job.state],
         "version_id": job.version_id or None,
         "metrics": dict(job.metrics),
-        "gates": [to_data(g) for g in job.gates],
+        "gates": [
+            {
+                "metric": g.metric,
+                "condition": g.condition,
+                "value": g.value if g.has_value else None,
+                "passed": g.passed,
+            }
+            for g in job.gates
+        ],
         "error": job.error or None,
     }
 

@@ -50,7 +50,9 @@ StoreOption = Annotated[
 def to_data(value: Any) -> Any:
     """Protobuf messages, pydantic models and dataclasses as plain JSON data."""
     if isinstance(value, Message):
-        return json_format.MessageToDict(value, preserving_proto_field_name=True)
+        return json_format.MessageToDict(
+            value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
     if isinstance(value, list):
@@ -66,12 +68,12 @@ def emit_json(value: Any) -> None:
     out.print_json(json.dumps(to_data(value), default=str))
 
 
-def fail(message: str, code: int = 1, *, as_json: bool = False, **fields: Any) -> NoReturn:
+def fail(message: str, exit_code: int = 1, *, as_json: bool = False, **fields: Any) -> NoReturn:
     if as_json:
         emit_json({"error": message, **fields})
     else:
         console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
+    raise typer.Exit(exit_code)
 
 
 @contextmanager

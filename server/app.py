@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -182,7 +183,10 @@ async def serve_forever(settings: ServerSettings, ready_file: Path | None = None
     server = ModelSurgeryServer(settings)
     port = await server.start()
     if ready_file is not None:
-        ready_file.write_text(str(port), encoding="utf-8")
+        ready = {"port": port, "metrics_port": server.metrics_port}
+        partial = ready_file.with_name(ready_file.name + ".partial")
+        partial.write_text(json.dumps(ready), encoding="utf-8")
+        partial.replace(ready_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

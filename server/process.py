@@ -3,6 +3,7 @@ used by the demo, the benchmarks and the end-to-end tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ class ServerProcess:
     home: Path
     port: int
     log: Path
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -43,7 +45,12 @@ class ServerProcess:
             self.process.wait(timeout=60)
 
 
-def start_server(home: Path, *extra_args: str, env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(
+    home: Path,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    tls_ca: Path | None = None,
+) -> ServerProcess:
     """``modelsurgery serve`` on a free loopback port with state under ``home``; logs go to
     ``home/server.log``. The child gets its own process group, so ``kill`` also ends Ray."""
     home.mkdir(parents=True, exist_ok=True)
@@ -79,8 +86,14 @@ def start_server(home: Path, *extra_args: str, env: dict[str, str] | None = None
             process.kill()
             raise TimeoutError(f"server did not start:\n{log.read_text()}")
         time.sleep(0.2)
-    server = ServerProcess(process, home, int(ready.read_text()), log)
-    with grpc.insecure_channel(server.address) as channel:
+    info = json.loads(ready.read_text())
+    server = ServerProcess(process, home, info["port"], log, info.get("metrics_port"))
+    channel = (
+        grpc.secure_channel(server.address, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+        if tls_ca is not None
+        else grpc.insecure_channel(server.address)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
         assert status == health_pb2.HealthCheckResponse.SERVING

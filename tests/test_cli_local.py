@@ -1,0 +1,87 @@
+"""The CLI in local mode (no server): import, versions, alias, generate, with --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.client.cli import app
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    model_dir = tmp_path / "tiny"
+    build_tiny_llama(seed=1).save_pretrained(model_dir)
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    monkeypatch.setenv("MODELSURGERY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MODELSURGERY_SERVER", raising=False)
+    return {"model": model_dir, "store": tmp_path / "home" / "store", "tmp": tmp_path}
+
+
+def run(*args: str) -> dict | list:
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_import_list_show_alias(env: dict[str, Path]) -> None:
+    imported = run("import", str(env["model"]), "--alias", "base")
+    assert imported["parent"] is None and imported["methods"] == []
+    assert run("alias", "get", "base")["version_id"] == imported["id"]
+    listed = run("versions", "list")
+    assert [v["id"] for v in listed] == [imported["id"]]
+    shown = run("versions", "show", "base")
+    assert shown["lineage"] == [imported["id"]] and shown["aliases"] == ["base"]
+    assert run("import", str(env["model"]))["id"] == imported["id"]
+
+
+def test_diff_revert_export_verify(env: dict[str, Path]) -> None:
+    base = run("import", str(env["model"]))["id"]
+    store = CheckpointStore(env["store"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    edited = store.tensor(base, name) * 1.5
+    child = store.commit(base, {name: edited}, operations=[{"method": "manual"}]).id
+
+    changes = run("versions", "diff", base, child)
+    assert [(c["name"], c["status"]) for c in changes] == [(name, "changed")]
+    assert changes[0]["relative_norm"] == pytest.approx(0.5, rel=1e-5)
+
+    reverted = run("versions", "revert", child)
+    assert reverted["parent"] == child
+    assert run("versions", "diff", base, reverted["id"]) == []
+
+    folder = env["tmp"] / "export"
+    run("versions", "export", child, str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, edited)
+    assert run("versions", "verify") == {"ok": True, "problems": []}
+
+
+def test_alias_compare_and_swap(env: dict[str, Path]) -> None:
+    base = run("import", str(env["model"]))["id"]
+    run("alias", "set", "prod", base, "--expected", "none")
+    result = CliRunner().invoke(app, ["alias", "set", "prod", base, "--expected", "none", "--json"])
+    assert result.exit_code != 0
+    assert "error" in json.loads(result.stdout)
+
+
+def test_errors_are_clear(env: dict[str, Path]) -> None:
+    result = CliRunner().invoke(app, ["versions", "show", "v-nope", "--json"])
+    assert result.exit_code == 2
+    assert "v-nope" in json.loads(result.stdout)["error"]
+    result = CliRunner().invoke(app, ["import", str(env["tmp"] / "missing"), "--json"])
+    assert result.exit_code == 2
+    assert "missing" in json.loads(result.stdout)["error"]
+
+
+def test_generate_locally(env: dict[str, Path]) -> None:
+    base = run("import", str(env["model"]))["id"]
+    out = run("generate", base, "the capital of", "--max-new-tokens", "3")
+    assert out["prompts"] == ["the capital of"] and len(out["completions"]) == 1
