@@ -27,11 +27,7 @@ from transformers import (
 from modelsurgery.models.aliases import BUILTIN_ALIASES
 from modelsurgery.models.build import build_model, has_layer_widths, read_folder_state_dict
 from modelsurgery.models.digest import model_digest
-from modelsurgery.models.gguf import (
-    load_gguf_config,
-    load_gguf_model,
-    load_gguf_tokenizer,
-)
+from modelsurgery.models.gguf import load_gguf, load_gguf_config
 from modelsurgery.models.references import ResolvedReference, SourceKind, resolve_reference
 from modelsurgery.models.stored import (
     GENERATION_CONFIG_FILE,
@@ -161,8 +157,7 @@ def _load_weights(
         model = load_stored_model(store, resolved.version_id, dtype)
         return model, load_stored_tokenizer(store, resolved.version_id)
     if resolved.is_gguf:
-        path = _gguf_file(resolved)
-        return load_gguf_model(path, dtype), load_gguf_tokenizer(path)
+        return load_gguf(_gguf_file(resolved), dtype)
     assert resolved.path is not None
     model = _load_folder_model(resolved.path, dtype)
     return model, AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)

@@ -20,6 +20,7 @@ from modelsurgery.models import (
     resolve_reference,
 )
 from modelsurgery.models.digest import model_digest
+from modelsurgery.models.gguf import dequantized_folder, load_gguf_model, load_gguf_tokenizer
 
 pytestmark = pytest.mark.e2e
 
@@ -69,6 +70,18 @@ def test_config_without_weights_matches(smollm2: LoadedModel) -> None:
 def test_digest_is_stable_across_loads(smollm2: LoadedModel) -> None:
     again = load(ALIAS)
     assert again.digest == smollm2.digest == model_digest(smollm2.model)
+
+
+def test_dequantized_cache_equals_the_gguf(smollm2: LoadedModel) -> None:
+    """Loads after the first read the cached dequantised folder: same weights, same tokens."""
+    gguf = resolve_reference(ALIAS).path
+    assert dequantized_folder(gguf).is_dir()
+    direct = load_gguf_model(gguf)
+    assert model_digest(direct) == smollm2.digest
+    direct_tokenizer = load_gguf_tokenizer(gguf)
+    text = "Hello world! The Eiffel Tower is in Paris."
+    assert direct_tokenizer(text).input_ids == smollm2.tokenizer(text).input_ids
+    assert direct_tokenizer.chat_template == smollm2.tokenizer.chat_template
 
 
 def test_greedy_generation(smollm2: LoadedModel) -> None:
