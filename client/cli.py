@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from modelsurgery.client.batch import (
+    BatchResult,
+    all_succeeded,
+    over_bases,
+    over_fact_sets,
+    read_facts,
+    run_batch,
+)
 from modelsurgery.client.cli_common import (
     CaOption,
     JsonOption,
@@ -17,14 +26,17 @@ from modelsurgery.client.cli_common import (
     TokenOption,
     connect,
     console,
+    count_progress,
     emit_json,
     out,
     reported_errors,
     to_data,
 )
 from modelsurgery.client.cli_versions import register_version_commands
-from modelsurgery.client.connection import STATE_NAMES
+from modelsurgery.client.connection import STATE_NAMES, as_spec
+from modelsurgery.client.junit import write_job_report
 from modelsurgery.client.sdk import Client
+from modelsurgery.proto.spec import SpecError
 from modelsurgery.v1 import jobs_pb2
 
 EXIT_FAILED = 1
@@ -161,8 +173,15 @@ def _exit_code(job: jobs_pb2.Job) -> int:
     }.get(job.state, EXIT_FAILED)
 
 
-def _apply(client: Client, spec: Path, wait: bool, as_json: bool, request_id: str | None) -> int:
-    job = client.submit(spec, request_id=request_id)
+def _apply(
+    client: Client,
+    spec: Path,
+    wait: bool,
+    as_json: bool,
+    request_id: str | None,
+    junit: Path | None,
+) -> int:
+    job = client.submit(spec, request_id=request_id or client.patch_request_id(spec))
     if not as_json:
         out.print(f"job {job.id} submitted")
     if not wait:
@@ -170,6 +189,8 @@ def _apply(client: Client, spec: Path, wait: bool, as_json: bool, request_id: st
             emit_json(_job_summary(job))
         return 0
     job = client.wait(job.id, progress=None if as_json else _print_event)
+    if junit is not None:
+        write_job_report(job, junit, suite_name=spec.stem)
     if as_json:
         emit_json(_job_summary(job))
     else:
@@ -185,7 +206,17 @@ def apply(
         bool, typer.Option("--local", help="Run without a server (embedded, in-process).")
     ] = False,
     request_id: Annotated[
-        str | None, typer.Option(help="Idempotency key: resubmitting returns the same job.")
+        str | None,
+        typer.Option(
+            help="Idempotency key (default: derived from the spec, so re-running the same "
+            "patch on the same base returns the same job and version)."
+        ),
+    ] = None,
+    new: Annotated[
+        bool, typer.Option("--new", help="Always start a new job (a random request id).")
+    ] = False,
+    junit: Annotated[
+        Path | None, typer.Option(help="Write a JUnit XML report, a case per gate (waits).")
     ] = None,
     as_json: JsonOption = False,
     server: ServerOption = None,
@@ -195,6 +226,8 @@ def apply(
 ) -> None:
     """Submit a job spec. With --wait, exit 0 only if it succeeded with every gate holding
     (1: failed or a gate failed, 2: invalid input, 3: cancelled)."""
+    if new:
+        request_id = f"new-{uuid.uuid4().hex}"
     with reported_errors(as_json):
         if local:
             from modelsurgery.checkpoints import default_root
@@ -210,11 +243,68 @@ def apply(
                 EmbeddedServer(ServerSettings(store_root=root)) as embedded,
                 Client(embedded.address, timeout=600) as client,
             ):
-                code = _apply(client, spec, True, as_json, request_id)
+                code = _apply(client, spec, True, as_json, request_id, junit)
         else:
             with connect(server, token, tls_ca) as client:
-                code = _apply(client, spec, wait, as_json, request_id)
+                code = _apply(client, spec, wait or junit is not None, as_json, request_id, junit)
     raise typer.Exit(code)
+
+
+@app.command()
+def batch(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML) to fan out.", exists=True)],
+    base: Annotated[
+        list[str] | None, typer.Option(help="Run the spec on each of these bases (repeatable).")
+    ] = None,
+    facts: Annotated[
+        Path | None,
+        typer.Option(help="JSONL (or JSON list) of facts, split over jobs (rome/memit specs)."),
+    ] = None,
+    facts_per_job: Annotated[int, typer.Option(min=1, help="Facts per job with --facts.")] = 500,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at once.")] = 4,
+    name: Annotated[
+        str | None, typer.Option(help="Batch name (request ids derive from it; re-runs reuse).")
+    ] = None,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+) -> None:
+    """Fan a spec out over many bases or many fact sets as parallel jobs; exit 0 only if every
+    job succeeded."""
+    with reported_errors(as_json):
+        template = as_spec(spec)
+        if bool(base) == (facts is not None):
+            raise SpecError("batch", "give either --base (repeatable) or --facts")
+        items = (
+            over_bases(template, base)
+            if base
+            else over_fact_sets(template, read_facts(facts), facts_per_job)
+        )
+        with connect(server, token, tls_ca) as client, count_progress("jobs", not as_json) as bar:
+            done = 0
+
+            def update(result: BatchResult) -> None:
+                nonlocal done
+                done += 1
+                bar(done, len(items))
+
+            results = run_batch(
+                client,
+                items,
+                concurrency=concurrency,
+                batch_name=name or spec.stem,
+                on_update=update,
+            )
+    if as_json:
+        emit_json([vars(r) for r in results])
+    else:
+        table = Table("item", "job", "state", "version", "metrics")
+        for r in results:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())[:4])
+            table.add_row(r.label, r.job_id, r.state, r.version_id or "-", shown or r.error[:60])
+        out.print(table)
+    raise typer.Exit(0 if all_succeeded(results) else EXIT_FAILED)
 
 
 @jobs_app.command("list")

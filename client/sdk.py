@@ -8,6 +8,7 @@ with Client("127.0.0.1:50051") as client:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -20,12 +21,13 @@ from modelsurgery.client.connection import (
     UNSET,
     ConnectionSettings,
     DownloadWriter,
+    as_spec,
     generate_request,
     list_jobs_request,
     set_alias_request,
     submit_request,
 )
-from modelsurgery.client.errors import JobFailed, from_rpc_error
+from modelsurgery.client.errors import JobFailed, NotFound, from_rpc_error
 from modelsurgery.proto.spec import JobSpec
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -72,6 +74,18 @@ class Client:
     ) -> jobs_pb2.Job:
         """Queue a job; resubmitting with the same request_id returns the same job."""
         return self._call(self._jobs.SubmitJob, submit_request(spec, request_id)).job
+
+    def patch_request_id(self, spec: JobSpec | dict[str, Any] | str | Path) -> str:
+        """A request id that is the same exactly when the spec and the version its base
+        resolves to are: re-applying the same patch to the same base returns the same job
+        (and version) without new work, while a moved base alias makes a new job."""
+        spec = as_spec(spec)
+        try:
+            base = self.get_version(spec.base).version.id
+        except NotFound:
+            base = spec.base
+        key = f"{spec.fingerprint()}\0{base}".encode()
+        return "patch-" + hashlib.sha256(key).hexdigest()[:32]
 
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)).job

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import grpc
@@ -12,6 +14,7 @@ import torch
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from google.protobuf import struct_pb2
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.client import (
@@ -21,6 +24,7 @@ from modelsurgery.client import (
     NotFound,
     Unauthenticated,
 )
+from modelsurgery.client.cli import app
 from modelsurgery.client.connection import DownloadWriter
 from modelsurgery.client.errors import from_rpc_error
 from modelsurgery.server.process import ServerProcess, start_server
@@ -246,3 +250,52 @@ def test_kill_server_mid_job_and_restart(tiny_model_dir: Path, tmp_path: Path) -
         server.stop()
     report = CheckpointStore(home / "store").verify()
     assert report.ok, report.problems
+
+
+def test_cli_batch_and_idempotent_apply_with_junit(
+    server: ServerProcess, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    options = ["--server", server.address, "--token", TOKEN]
+    other = tmp_path / "other-model"
+    build_tiny_llama(seed=4).save_pretrained(other)
+    build_tiny_tokenizer().save_pretrained(other)
+    spec = tmp_path / "patch.yaml"
+    spec.write_text(
+        f"base: {tiny_model_dir}\noperations:\n  - method: mask_heads\n    heads: ['1.1']\n"
+        "gates:\n  heads_masked: '>= 1'\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "batch",
+            str(spec),
+            "--base",
+            str(tiny_model_dir),
+            "--base",
+            str(other),
+            "--json",
+            "--concurrency",
+            "2",
+            *options,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["label"] for r in rows] == [str(tiny_model_dir), str(other)]
+    assert all(r["state"] == "SUCCEEDED" for r in rows)
+    assert rows[0]["version_id"] != rows[1]["version_id"]
+
+    report = tmp_path / "junit.xml"
+    first = CliRunner().invoke(
+        app, ["apply", str(spec), "--json", "--junit", str(report), *options]
+    )
+    assert first.exit_code == 0, first.output
+    suite = ET.parse(report).getroot()
+    assert suite.get("failures") == "0"
+    assert [c.get("name") for c in suite.iter("testcase")] == ["gate heads_masked", "job"]
+    again = CliRunner().invoke(app, ["apply", str(spec), "--wait", "--json", *options])
+    assert json.loads(again.stdout)["job_id"] == json.loads(first.stdout)["job_id"]
+    fresh = CliRunner().invoke(app, ["apply", str(spec), "--wait", "--json", "--new", *options])
+    fresh_summary = json.loads(fresh.stdout)
+    assert fresh_summary["job_id"] != json.loads(first.stdout)["job_id"]
+    assert fresh_summary["version_id"] == json.loads(first.stdout)["version_id"]
