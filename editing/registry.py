@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 BUILTIN_METHOD_MODULES = (
     "modelsurgery.editing.mask_heads",
     "modelsurgery.editing.reft",
+    "modelsurgery.editing.bias",
 )
 
 

@@ -1,0 +1,173 @@
+"""The ``mask_biased_heads`` method: score heads on one split of contrast pairs, mask the most
+bias-driving heads, and measure bias and fluency before/after on pairs not used for scoring."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from modelsurgery.editing.bias.metrics import bias_metrics, tokenize_pairs
+from modelsurgery.editing.bias.pairs import (
+    ContrastPair,
+    load_crows_pairs,
+    load_pairs_jsonl,
+    resolve_data_file,
+    split_pairs,
+)
+from modelsurgery.editing.bias.scoring import score_heads, select_heads
+from modelsurgery.editing.mask_heads import config_sizes, format_head, mask_heads_in_place
+from modelsurgery.editing.perplexity import wikitext_perplexity
+from modelsurgery.editing.registry import (
+    MethodConfig,
+    MethodContext,
+    SurgeryResult,
+    register_method,
+)
+
+DEFAULT_TOP_K = 3
+
+
+class PairSpec(BaseModel):
+    """A user-supplied contrast pair."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stereo: str = Field(min_length=1)
+    anti: str = Field(min_length=1)
+
+
+class MaskBiasedHeadsConfig(MethodConfig):
+    """Find and mask the attention heads that drive stereotypical preferences.
+
+    Pairs: ``pairs`` (inline) or ``pairs_file`` (JSONL of ``{"stereo", "anti"}`` under the
+    server's data roots), else CrowS-Pairs filtered by ``bias_types`` (e.g. ``["gender"]``);
+    ``max_pairs`` caps them (seeded sample). A seeded ``holdout_fraction`` of the pairs is
+    never used for scoring; bias is measured on it. Heads: the ``top_k`` highest scores
+    (default 3) or those with z-score above ``z_threshold``; ``rank_by`` "gradient" or
+    "ablation" (the latter needs ``ablation_scores``, L*H extra evaluations).
+
+    Metrics: ``stereotype_share_before/after`` (held-out share of pairs where the stereotype is
+    more likely; 0.5 = unbiased), ``bias_gap_before/after`` (mean log-likelihood gap, nats),
+    ``heads_masked``, ``pairs_scored``, ``pairs_heldout``, and with ``evaluate_perplexity``
+    ``perplexity_before/after/ratio`` (WikiText-2). Artifact ``head_scores.json``.
+    """
+
+    method: Literal["mask_biased_heads"] = "mask_biased_heads"
+    bias_types: list[str] | None = None
+    pairs: list[PairSpec] | None = None
+    pairs_file: str | None = None
+    max_pairs: int | None = Field(default=None, ge=2)
+    holdout_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    seed: int = 0
+    top_k: int | None = Field(default=None, ge=1)
+    z_threshold: float | None = None
+    rank_by: Literal["gradient", "ablation"] = "gradient"
+    ablation_scores: bool = False
+    batch_size: int = Field(default=16, ge=1)
+    evaluate_perplexity: bool = True
+    perplexity_max_tokens: int = Field(default=4096, ge=2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MaskBiasedHeadsConfig:
+        if self.top_k is not None and self.z_threshold is not None:
+            raise ValueError("z_threshold: give either top_k or z_threshold, not both")
+        if self.pairs is not None and self.pairs_file is not None:
+            raise ValueError("pairs_file: give either pairs or pairs_file, not both")
+        if self.pairs is not None and len(self.pairs) < 2:
+            raise ValueError("pairs: need at least 2 pairs (one to score, one to hold out)")
+        if self.rank_by == "ablation" and not self.ablation_scores:
+            raise ValueError("rank_by: 'ablation' needs ablation_scores: true")
+        return self
+
+    def selection(self) -> dict[str, Any]:
+        if self.z_threshold is not None:
+            return {"z_threshold": self.z_threshold}
+        return {"top_k": self.top_k or DEFAULT_TOP_K}
+
+    def check_against(self, model_config: Any) -> None:
+        layers, heads = config_sizes(model_config)
+        top_k = self.selection().get("top_k")
+        if top_k is not None and top_k > layers * heads:
+            raise ValueError(f"top_k: {top_k} exceeds the model's {layers * heads} heads")
+
+
+def load_pairs(config: MaskBiasedHeadsConfig, context: MethodContext) -> list[ContrastPair]:
+    if config.pairs is not None:
+        pairs = [ContrastPair(p.stereo, p.anti) for p in config.pairs]
+    elif config.pairs_file is not None:
+        path = resolve_data_file(config.pairs_file, context.data_roots, "pairs_file")
+        pairs = load_pairs_jsonl(path)
+    else:
+        pairs = load_crows_pairs(bias_types=config.bias_types)
+    if config.max_pairs is not None and len(pairs) > config.max_pairs:
+        keep = sorted(random.Random(config.seed).sample(range(len(pairs)), config.max_pairs))
+        pairs = [pairs[i] for i in keep]
+    return pairs
+
+
+def run(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: MaskBiasedHeadsConfig,
+    context: MethodContext,
+) -> SurgeryResult:
+    pairs = load_pairs(config, context)
+    scoring, holdout = split_pairs(pairs, config.holdout_fraction, config.seed)
+    scoring_ids, holdout_ids = (
+        tokenize_pairs(tokenizer, scoring),
+        tokenize_pairs(tokenizer, holdout),
+    )
+    metrics: dict[str, float] = {
+        "pairs_scored": float(len(scoring)),
+        "pairs_heldout": float(len(holdout)),
+    }
+
+    def perplexity() -> float:
+        window = min(512, config.perplexity_max_tokens)
+        return wikitext_perplexity(
+            model, tokenizer, max_tokens=config.perplexity_max_tokens, window=window
+        )
+
+    context.progress("bias before masking")
+    before = bias_metrics(model, holdout_ids, config.batch_size)
+    if config.evaluate_perplexity:
+        metrics["perplexity_before"] = perplexity()
+
+    def on_step(message: str, step: int, total: int) -> None:
+        context.check_cancelled()
+        context.progress(message, step=step, total=total)
+
+    scores = score_heads(
+        model,
+        tokenizer,
+        scoring_ids,
+        batch_size=config.batch_size,
+        ablation=config.ablation_scores,
+        on_step=on_step,
+    )
+    chosen = select_heads(scores.table(config.rank_by), **config.selection())
+    context.progress(f"masking heads {[format_head(*h) for h in chosen]}")
+    changed = mask_heads_in_place(model, chosen)
+
+    after = bias_metrics(model, holdout_ids, config.batch_size)
+    for name in ("stereotype_share", "bias_gap"):
+        metrics[f"{name}_before"] = before[name]
+        metrics[f"{name}_after"] = after[name]
+    metrics["heads_masked"] = float(len(chosen))
+    if config.evaluate_perplexity:
+        context.check_cancelled()
+        metrics["perplexity_after"] = perplexity()
+        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
+    table = scores.to_json_dict(chosen)
+    return SurgeryResult(
+        changed=changed,
+        metrics=metrics,
+        artifacts={"head_scores.json": json.dumps(table, indent=1).encode()},
+    )
+
+
+register_method("mask_biased_heads", MaskBiasedHeadsConfig, run)

@@ -1,0 +1,112 @@
+"""The mask_biased_heads method end to end on a tiny model and tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import modelsurgery.editing.bias  # noqa: F401  (registers the method)
+from modelsurgery.editing.mask_heads import parse_head
+from modelsurgery.editing.registry import MethodContext, get_method
+from modelsurgery.models.adapters import get_adapter
+from modelsurgery.models.digest import persistent_state_dict
+
+SUBJECTS = [("he", "she"), ("his", "her"), ("he", "they")]
+ROLES = ["doctor", "engineer", "nurse", "football player", "piano player"]
+PAIRS = [
+    {"stereo": f"{a} is a good {role} .", "anti": f"{b} is a good {role} ."}
+    for a, b in SUBJECTS
+    for role in ROLES
+]
+
+
+def context(tmp_path: Path, roots: tuple[Path, ...] = ()) -> MethodContext:
+    return MethodContext(model_digest="test", cache_dir=tmp_path / "cache", data_roots=roots)
+
+
+def test_run_masks_top_heads_and_reports(tiny_llama, tiny_tokenizer, tmp_path: Path) -> None:
+    method = get_method("mask_biased_heads")
+    config = method.config_class(
+        pairs=PAIRS, top_k=2, holdout_fraction=0.4, seed=1, perplexity_max_tokens=256
+    )
+    config.check_against(tiny_llama.config)
+    before = {k: v.clone() for k, v in persistent_state_dict(tiny_llama).items()}
+    events: list[dict] = []
+    ctx = context(tmp_path)
+    ctx.report = events.append
+
+    result = method.run(tiny_llama, tiny_tokenizer, config, ctx)
+
+    m = result.metrics
+    assert m["heads_masked"] == 2.0
+    assert m["pairs_heldout"] == 6.0 and m["pairs_scored"] == 9.0
+    for name in ("stereotype_share", "bias_gap", "perplexity"):
+        assert {f"{name}_before", f"{name}_after"} <= set(m)
+    assert 0.0 <= m["stereotype_share_after"] <= 1.0
+    assert m["perplexity_ratio"] == pytest.approx(m["perplexity_after"] / m["perplexity_before"])
+    assert m["perplexity_before"] > 1.0
+
+    table = json.loads(result.artifacts["head_scores.json"])
+    assert (table["num_layers"], table["num_heads"]) == (2, 4)
+    assert len(table["gradient"]) == 2 and len(table["gradient"][0]) == 4
+    assert "ablation" not in table
+    chosen = [parse_head(h) for h in table["chosen"]]
+    flat = sorted(
+        (v, (layer, h)) for layer, row in enumerate(table["gradient"]) for h, v in enumerate(row)
+    )
+    assert set(chosen) == {head for _, head in flat[-2:]}
+
+    adapter = get_adapter(tiny_llama)
+    after = persistent_state_dict(tiny_llama)
+    for layer, head in chosen:
+        name = f"{adapter.attn_out_path(layer)}.weight"
+        assert torch.equal(result.changed[name], after[name])
+        assert torch.count_nonzero(after[name][:, adapter.head_columns(head)]) == 0
+    assert set(result.changed) == {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(e.get("message") == "gradient scores" for e in events)
+
+
+def test_pairs_file_and_ablation_ranking(tiny_llama, tiny_tokenizer, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS[:8]))
+    method = get_method("mask_biased_heads")
+    config = method.config_class(
+        pairs_file="pairs.jsonl",
+        z_threshold=1.0,
+        ablation_scores=True,
+        rank_by="ablation",
+        evaluate_perplexity=False,
+    )
+    result = method.run(tiny_llama, tiny_tokenizer, config, context(tmp_path, (root,)))
+    table = json.loads(result.artifacts["head_scores.json"])
+    ablation = torch.tensor(table["ablation"])
+    z = (ablation - ablation.mean()) / ablation.std()
+    expected = {(int(i) // 4, int(i) % 4) for i in torch.nonzero(z.flatten() > 1.0)}
+    assert expected and {parse_head(h) for h in table["chosen"]} == expected
+    assert result.metrics["heads_masked"] == float(len(expected))
+    assert "perplexity_before" not in result.metrics
+
+    with pytest.raises(ValueError, match=r"^pairs_file:"):
+        method.run(tiny_llama, tiny_tokenizer, config, context(tmp_path, (tmp_path / "x",)))
+
+
+def test_config_validation(tiny_llama) -> None:
+    config_class = get_method("mask_biased_heads").config_class
+    assert config_class().selection() == {"top_k": 3}
+    with pytest.raises(ValidationError, match="z_threshold"):
+        config_class(top_k=2, z_threshold=1.0)
+    with pytest.raises(ValidationError, match="rank_by"):
+        config_class(rank_by="ablation")
+    with pytest.raises(ValidationError, match="holdout_fraction"):
+        config_class(holdout_fraction=1.0)
+    with pytest.raises(ValidationError, match="pairs"):
+        config_class(pairs=[{"stereo": "a", "anti": "b"}])
+    with pytest.raises(ValidationError):
+        config_class(top_k=2, unknown_key=1)
+    with pytest.raises(ValueError, match=r"^top_k: 9 exceeds the model's 8 heads"):
+        config_class(top_k=9).check_against(tiny_llama.config)

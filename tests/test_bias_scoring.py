@@ -1,0 +1,154 @@
+"""Biased-head scoring: the head mask, gradient vs ablation scores, head selection."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from modelsurgery.editing.bias.metrics import TokenizedPair, pair_gaps, summarize_gaps
+from modelsurgery.editing.bias.scoring import HeadMask, score_heads, select_heads
+from modelsurgery.editing.mask_heads import mask_heads_in_place
+from modelsurgery.models.adapters import get_adapter
+
+DRIVER = (1, 2)  # the head the constructed case makes responsible for the gap
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def minimal_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    """Random sentences (start token 1) whose twins differ in one token, like CrowS-Pairs."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        length = int(torch.randint(6, 11, (1,), generator=g))
+        stereo = torch.randint(2, 128, (length,), generator=g).tolist()
+        anti = list(stereo)
+        anti[length // 2] = (anti[length // 2] + 7) % 126 + 2
+        pairs.append(TokenizedPair((1, *stereo), (1, *anti)))
+    return pairs
+
+
+def driven_case() -> tuple[LlamaForCausalLM, list[TokenizedPair]]:
+    """A model whose head DRIVER is amplified, and pairs each oriented so that this head
+    raises the gap: it drives the bias on every pair, while the other heads' effects have
+    mixed signs and partly cancel."""
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        adapter.attn_out(DRIVER[0]).weight[:, adapter.head_columns(DRIVER[1])] *= 3
+    pairs = minimal_pairs(16)
+    with HeadMask(model) as mask:
+        full = pair_gaps(model, pairs)
+        mask.values[DRIVER] = 0.0
+        effect = full - pair_gaps(model, pairs)
+    oriented = [
+        p if e > 0 else TokenizedPair(p.anti, p.stereo)
+        for p, e in zip(pairs, effect.tolist(), strict=True)
+    ]
+    return model, oriented
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama-gqa", "gpt2"])
+def test_head_mask_zero_equals_masked_weights(build) -> None:
+    """Zeroing a head's mask value at run time == zeroing its o_proj columns (so the head
+    that was scored is exactly the head that gets masked), and a masked head contributes
+    nothing: its own value no longer matters."""
+    model = build()
+    masked = copy.deepcopy(model)
+    mask_heads_in_place(masked, [(0, 1), (1, 3)])
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), HeadMask(model) as mask:
+        mask.values[0, 1] = 0.0
+        mask.values[1, 3] = 0.0
+        hooked = model(ids).logits
+    with torch.no_grad(), HeadMask(masked) as mask:
+        plain = masked(ids).logits
+        mask.values[0, 1] = 5.0
+        rescaled = masked(ids).logits
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rescaled, plain, rtol=0, atol=1e-6)
+
+
+def test_gqa_heads_sharing_a_kv_head_are_scored_apart() -> None:
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    assert adapter.num_kv_heads == 2 and adapter.kv_group(0) == adapter.kv_group(1)
+    scores = score_heads(model, None, minimal_pairs(4), ablation=True)
+    assert scores.gradient.shape == (2, 4)
+    assert scores.gradient[0, 0] != scores.gradient[0, 1]
+    assert scores.ablation is not None and scores.ablation[0, 0] != scores.ablation[0, 1]
+
+
+def test_gradient_matches_finite_difference() -> None:
+    model = tiny_llama().double()
+    pairs = minimal_pairs(5)
+    scores = score_heads(model, None, pairs)
+    eps = 1e-4
+    with HeadMask(model) as mask:
+        base = float(pair_gaps(model, pairs).double().mean())
+        assert base == pytest.approx(scores.bias_gap, abs=1e-6)
+        for layer, head in [(0, 0), (0, 3), (1, 1)]:
+            mask.values[layer, head] = 1.0 + eps
+            up = float(pair_gaps(model, pairs).double().mean())
+            mask.values[layer, head] = 1.0
+            assert (up - base) / eps == pytest.approx(
+                float(scores.gradient[layer, head]), rel=1e-2, abs=1e-4
+            )
+
+
+def test_gradient_and_ablation_agree_on_the_driving_head() -> None:
+    model, pairs = driven_case()
+    params_before = [p.detach().clone() for p in model.parameters()]
+    scores = score_heads(model, None, pairs, ablation=True)
+    assert scores.ablation is not None
+    assert scores.gradient[DRIVER] > 0 and scores.ablation[DRIVER] > 0
+    assert select_heads(scores.gradient, top_k=1) == [DRIVER]
+    assert select_heads(scores.ablation, top_k=1) == [DRIVER]
+    # scoring leaves the model as it was: no hooks, no weight change, grads restored
+    for p, before in zip(model.parameters(), params_before, strict=True):
+        assert torch.equal(p, before) and p.requires_grad and p.grad is None
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_masking_the_driving_head_reduces_the_gap() -> None:
+    model, pairs = driven_case()
+    before = summarize_gaps(pair_gaps(model, pairs))
+    mask_heads_in_place(model, select_heads(score_heads(model, None, pairs).gradient, top_k=1))
+    after = summarize_gaps(pair_gaps(model, pairs))
+    assert after["bias_gap"] < before["bias_gap"]
+
+
+def test_select_heads_top_k_and_z_threshold() -> None:
+    scores = torch.tensor([[0.1, 3.0, -0.2], [0.0, 1.0, 0.05]])
+    assert select_heads(scores, top_k=2) == [(0, 1), (1, 1)]
+    assert select_heads(scores, z_threshold=1.5) == [(0, 1)]
+    assert select_heads(scores, z_threshold=10.0) == []
+    with pytest.raises(ValueError, match="exactly one"):
+        select_heads(scores, top_k=1, z_threshold=1.0)
+
+
+def test_summarize_gaps_counts_ties_half() -> None:
+    metrics = summarize_gaps(torch.tensor([1.0, -2.0, 0.0, 3.0]))
+    assert metrics["stereotype_share"] == pytest.approx(0.625)
+    assert metrics["bias_gap"] == pytest.approx(0.5)
