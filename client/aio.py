@@ -157,6 +157,10 @@ class AsyncClient:
         request = checkpoints_pb2.RevertRequest(ref=ref)
         return (await self._call(self._checkpoints.Revert, request)).version
 
+    async def get_artifact(self, ref: str, name: str) -> bytes:
+        request = checkpoints_pb2.GetArtifactRequest(ref=ref, name=name)
+        return (await self._call(self._checkpoints.GetArtifact, request)).data
+
     async def import_model(
         self, reference: str, *, alias: str | None = None
     ) -> checkpoints_pb2.Version:

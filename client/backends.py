@@ -25,6 +25,7 @@ class VersionBackend(Protocol):
         self, reference: str, alias: str | None, progress: Callable[[int, int], None]
     ) -> dict[str, Any]: ...
     def generate(self, ref: str, prompts: list[str], options: dict[str, Any]) -> list[str]: ...
+    def artifact(self, ref: str, name: str) -> bytes: ...
 
 
 def _summary(
@@ -104,6 +105,12 @@ class LocalBackend:
         loaded = load(self.store.resolve(ref), store=self.store)
         return generate_text(loaded.model, loaded.tokenizer, prompts, **options)
 
+    def artifact(self, ref: str, name: str) -> bytes:
+        try:
+            return self.store.read_file(ref, name)
+        except KeyError:
+            raise FileNotFoundError(f"version {ref} has no artifact {name!r}") from None
+
 
 class RemoteBackend:
     def __init__(self, client: Client) -> None:
@@ -170,3 +177,6 @@ class RemoteBackend:
 
     def generate(self, ref: str, prompts: list[str], options: dict[str, Any]) -> list[str]:
         return self.client.generate(ref, prompts, **options)
+
+    def artifact(self, ref: str, name: str) -> bytes:
+        return self.client.get_artifact(ref, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ from modelsurgery.client.cli_common import (
 from modelsurgery.client.connection import UNSET
 
 versions_app = typer.Typer(help="Immutable checkpoint versions.", no_args_is_help=True)
+heads_app = typer.Typer(help="Attention-head bias scores.", no_args_is_help=True)
+HEAD_SCORES = "head_scores.json"
 alias_app = typer.Typer(help="Mutable names for versions (compare-and-swap).", no_args_is_help=True)
 
 
@@ -276,8 +279,51 @@ def generate(
             out.print(f"[bold]{p}[/bold]{completion}")
 
 
+@versions_app.command("artifact")
+def versions_artifact(
+    ref: str,
+    name: Annotated[str, typer.Argument(help="e.g. head_scores.json, reft/config.json")],
+    output: Annotated[Path | None, typer.Option("--out", help="Write here, not stdout.")] = None,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """A small file a version carries (a head score table, a ReFT config)."""
+    with backend(server, token, tls_ca, store, False) as b:
+        data = b.artifact(ref, name)
+    if output is None:
+        sys.stdout.buffer.write(data)
+    else:
+        output.write_bytes(data)
+
+
+@heads_app.command("plot")
+def heads_plot(
+    ref: Annotated[str, typer.Argument(help="A mask_biased_heads version.")],
+    output: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("heads.png"),
+    key: Annotated[str, typer.Option(help="Score table: gradient or ablation.")] = "gradient",
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Plot a version's head bias scores as a layer x head heat map (chosen heads boxed)."""
+    from modelsurgery.editing.bias import plot_head_scores
+
+    with backend(server, token, tls_ca, store, as_json) as b:
+        table = b.artifact(ref, HEAD_SCORES)
+        plot_head_scores(table, output, key=key)
+    if as_json:
+        emit_json({"ref": ref, "png": str(output)})
+    else:
+        out.print(f"wrote {output}")
+
+
 def register_version_commands(app: typer.Typer) -> None:
     app.add_typer(versions_app, name="versions")
+    app.add_typer(heads_app, name="heads")
     app.add_typer(alias_app, name="alias")
     app.command("import")(import_model)
     app.command("generate")(generate)

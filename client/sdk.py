@@ -177,6 +177,11 @@ class Client:
         request = checkpoints_pb2.RevertRequest(ref=ref)
         return self._call(self._checkpoints.Revert, request).version
 
+    def get_artifact(self, ref: str, name: str) -> bytes:
+        """A small file the version carries, e.g. ``head_scores.json``."""
+        request = checkpoints_pb2.GetArtifactRequest(ref=ref, name=name)
+        return self._call(self._checkpoints.GetArtifact, request).data
+
     def import_model(self, reference: str, *, alias: str | None = None) -> checkpoints_pb2.Version:
         request = checkpoints_pb2.ImportModelRequest(reference=reference, alias=alias or "")
         return self._call(self._checkpoints.ImportModel, request, timeout=600).version

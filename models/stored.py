@@ -47,10 +47,16 @@ def config_from_dict(values: dict[str, Any]) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type].from_dict(values)
 
 
+def stored_artifact_names(store: StoreReader, version_id: str) -> list[str]:
+    """Names of every artifact a version carries (ReFT interventions, tables), own and
+    inherited."""
+    return sorted(set().union(*(m.artifacts for m in store.lineage(version_id))))
+
+
 def stored_artifacts(store: StoreReader, version_id: str) -> dict[str, bytes]:
-    """Every artifact a version carries (ReFT interventions, tables), own and inherited."""
-    names = set().union(*(m.artifacts for m in store.lineage(version_id)))
-    return {name: store.read_file(version_id, name) for name in sorted(names)}
+    return {
+        name: store.read_file(version_id, name) for name in stored_artifact_names(store, version_id)
+    }
 
 
 def load_stored_config(store: StoreReader, version_id: str) -> PretrainedConfig:

@@ -181,13 +181,23 @@ def parse_spec(data: Any) -> JobSpec:
         raise SpecError(_field_path(tuple(first["loc"])), first["msg"]) from None
 
 
+def _params_to_dict(index: int, params: struct_pb2.Struct) -> dict[str, Any]:
+    """An operation's params as plain data; a Struct may hold NaN or infinity, JSON cannot."""
+    try:
+        return json_format.MessageToDict(params)
+    except (json_format.Error, ValueError) as exc:
+        raise SpecError(
+            f"operations[{index}]", f"params must be finite JSON values: {exc}"
+        ) from None
+
+
 def spec_from_proto(message: jobs_pb2.JobSpec) -> JobSpec:
     data: dict[str, Any] = {
         "api_version": message.api_version or API_VERSION,
         "base": message.base,
         "operations": [
-            {"method": op.method, **json_format.MessageToDict(op.params)}
-            for op in message.operations
+            {"method": op.method, **_params_to_dict(index, op.params)}
+            for index, op in enumerate(message.operations)
         ],
         "gates": dict(message.gates),
     }

@@ -22,9 +22,11 @@ from modelsurgery.checkpoints import (
     VersionNotFoundError,
 )
 from modelsurgery.models import ModelReferenceError, resolve_reference
-from modelsurgery.server.convert import version_to_proto
+from modelsurgery.models.stored import stored_artifact_names
+from modelsurgery.server.convert import PAGE_TOKEN, version_to_proto
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
+from modelsurgery.server.generation import EmptyPromptError
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 
 DEFAULT_CHUNK = 1 << 20
@@ -103,7 +105,7 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             await abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "must be between 0 and 500", "page_size"
             )
-        if request.page_token and not request.page_token.isdigit():
+        if request.page_token and not PAGE_TOKEN.fullmatch(request.page_token):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "page_token")
         size = request.page_size or 50
         offset = int(request.page_token or 0)
@@ -234,12 +236,38 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
                     )
                     offset += len(data)
 
+    async def GetArtifact(
+        self, request: checkpoints_pb2.GetArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.GetArtifactResponse:
+        manifest = await self._manifest(request.ref, context)
+        artifacts = await asyncio.to_thread(stored_artifact_names, self.store, manifest.id)
+        if request.name not in artifacts:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"version {manifest.id} has no artifact {request.name!r} "
+                f"(it has: {', '.join(artifacts) or 'none'})",
+                "name",
+            )
+        data = await asyncio.to_thread(self.store.read_file, manifest.id, request.name)
+        if len(data) > MAX_CHUNK:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{request.name} is {len(data)} bytes; use DownloadVersion for large files",
+                "name",
+            )
+        return checkpoints_pb2.GetArtifactResponse(
+            name=request.name, data=data, available=artifacts
+        )
+
     async def ImportModel(
         self, request: checkpoints_pb2.ImportModelRequest, context: grpc.aio.ServicerContext
     ) -> checkpoints_pb2.ImportModelResponse:
         try:
             await asyncio.to_thread(resolve_reference, request.reference, self.model_roots)
-        except (ModelReferenceError, FileNotFoundError, PermissionError) as exc:
+        except (ModelReferenceError, OSError, ValueError) as exc:
+            # OSError/ValueError: paths the OS rejects (NUL byte, name too long).
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "reference")
         version_id = await self.engine.call("import_model", request.reference)
         if request.alias:
@@ -284,7 +312,12 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             "seed": request.seed,
             "chat": request.chat,
         }
-        completions = await self.engine.call(
-            "generate", manifest.id, list(request.prompts), options
-        )
+        try:
+            completions = await self.engine.call(
+                "generate", manifest.id, list(request.prompts), options
+            )
+        except EmptyPromptError as exc:
+            # Ray re-raises the worker's error as a subclass of it; ``cause`` is the original.
+            cause = getattr(exc, "cause", exc)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(cause), "prompts")
         return checkpoints_pb2.GenerateResponse(completions=completions, version_id=manifest.id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -20,6 +21,9 @@ STATE_TO_PROTO = {
     jt.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
 }
 PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
+# A page token is an offset: ASCII digits only (str.isdigit also takes '²'), small enough for
+# SQLite's 64-bit OFFSET.
+PAGE_TOKEN = re.compile(r"[0-9]{1,18}")
 
 
 def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:

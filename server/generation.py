@@ -7,6 +7,10 @@ from typing import Any
 import torch
 
 
+class EmptyPromptError(ValueError):
+    """A prompt with no tokens: there is nothing to continue."""
+
+
 @torch.no_grad()
 def generate_text(
     model: torch.nn.Module,
@@ -24,7 +28,7 @@ def generate_text(
     shifts the prompt positions ReFT interventions are attached to."""
     device = next(model.parameters()).device
     completions = []
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         if chat and getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -32,6 +36,8 @@ def generate_text(
         else:
             text = prompt
         inputs = tokenizer(text, return_tensors="pt").to(device)
+        if inputs["input_ids"].shape[1] == 0:
+            raise EmptyPromptError(f"prompts[{index}] has no tokens")
         torch.manual_seed(seed)
         options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
         if do_sample:

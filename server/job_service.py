@@ -16,7 +16,12 @@ from modelsurgery.models import ModelReferenceError, load_config
 from modelsurgery.proto.spec import JobSpec, SpecError, spec_from_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.auth import current_caller
-from modelsurgery.server.convert import PROTO_TO_STATE, event_to_proto, job_to_proto
+from modelsurgery.server.convert import (
+    PAGE_TOKEN,
+    PROTO_TO_STATE,
+    event_to_proto,
+    job_to_proto,
+)
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
 from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
@@ -53,7 +58,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 config = await asyncio.to_thread(
                     load_config, base, store=self.store, allowed_roots=self.model_roots
                 )
-            except (ModelReferenceError, FileNotFoundError, PermissionError) as exc:
+            except (ModelReferenceError, OSError, ValueError) as exc:
+                # OSError/ValueError: paths the OS rejects (NUL byte, name too long).
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "spec.base")
             self._configs[key] = config
             while len(self._configs) > 32:
@@ -147,7 +153,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 f"must be between 0 and {MAX_PAGE_SIZE}",
                 "page_size",
             )
-        if request.page_token and not request.page_token.isdigit():
+        if request.page_token and not PAGE_TOKEN.fullmatch(request.page_token):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "page_token")
         states = []
         for value in request.states:

@@ -85,3 +85,25 @@ def test_generate_locally(env: dict[str, Path]) -> None:
     base = run("import", str(env["model"]))["id"]
     out = run("generate", base, "the capital of", "--max-new-tokens", "3")
     assert out["prompts"] == ["the capital of"] and len(out["completions"]) == 1
+
+
+def test_artifact_and_heads_plot(env: dict[str, Path]) -> None:
+    base = run("import", str(env["model"]))["id"]
+    table = {"gradient": [[0.1, -0.2, 0.3, 0.0], [0.5, 0.0, -0.1, 0.2]], "chosen": ["1.0"]}
+    store = CheckpointStore(env["store"])
+    name = "model.layers.1.self_attn.o_proj.weight"
+    masked = store.tensor(base, name).clone()
+    masked[:, :16] = 0
+    version = store.commit(
+        base,
+        {name: masked},
+        operations=[{"method": "mask_biased_heads"}],
+        artifacts={"head_scores.json": json.dumps(table).encode()},
+    ).id
+    raw = CliRunner().invoke(app, ["versions", "artifact", version, "head_scores.json"])
+    assert raw.exit_code == 0 and json.loads(raw.stdout) == table
+    png = env["tmp"] / "heads.png"
+    assert run("heads", "plot", version, "--out", str(png))["png"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = CliRunner().invoke(app, ["heads", "plot", base, "--json"])
+    assert missing.exit_code == 2 and "head_scores.json" in json.loads(missing.stdout)["error"]

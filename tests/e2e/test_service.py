@@ -94,6 +94,10 @@ def test_mask_heads_job_end_to_end(client: Client, tiny_model_dir: Path, tmp_pat
         reference = original.model.layers[layer].self_attn.o_proj.weight
         assert torch.equal(weight[:, others], reference[:, others])
 
+    with pytest.raises(NotFound) as err:
+        client.get_artifact(job.version_id, "head_scores.json")
+    assert err.value.field == "name"
+
     changes = client.diff(info.lineage[1], job.version_id)
     assert {c.name for c in changes} == {
         "model.layers.0.self_attn.o_proj.weight",
