@@ -20,6 +20,7 @@ BUILTIN_METHOD_MODULES = (
     "modelsurgery.editing.mask_heads",
     "modelsurgery.editing.reft",
     "modelsurgery.editing.bias",
+    "modelsurgery.pruning.prune",
 )
 
 

