@@ -20,6 +20,8 @@ BUILTIN_METHOD_MODULES = (
     "modelsurgery.editing.mask_heads",
     "modelsurgery.editing.reft",
     "modelsurgery.editing.bias",
+    "modelsurgery.editing.rome",
+    "modelsurgery.editing.memit",
     "modelsurgery.pruning.prune",
 )
 

@@ -1,0 +1,136 @@
+"""Config fields shared by ROME and MEMIT, and the per-family hyperparameter defaults.
+
+Every hyperparameter left ``None`` in a job spec takes its family default (``FAMILY_DEFAULTS``
+keyed by HF ``model_type``; layers are fractions of depth so one entry fits every size). The
+Llama entry was chosen by measurement on SmolLM2-135M (30 layers) with CounterFact dev cases,
+see ``benchmarks/counterfact.py`` and the ROME/MEMIT config docstrings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from modelsurgery.editing.registry import MethodConfig
+
+from .facts import Fact
+from .stats import StatsSettings
+from .templates import DEFAULT_CONTEXT_TEMPLATES
+from .vstar import VStarParams
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    rome_layer: float
+    memit_layers: tuple[float, float]
+    v_steps: int = 25
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    rome_clamp: float = 4.0
+    memit_clamp: float = 0.75
+    mom2_weight: float = 15000.0
+
+
+_LLAMA = FamilyDefaults(rome_layer=0.17, memit_layers=(0.1, 0.27), weight_decay=1e-3)
+# GPT-2 XL: ROME layer 17 of 48, MEMIT 13-17 (Meng et al.); GPT-J: ROME 5 of 28, MEMIT 3-8.
+_GPT2 = FamilyDefaults(rome_layer=0.35, memit_layers=(0.27, 0.35), mom2_weight=20000.0)
+_GPTJ = FamilyDefaults(rome_layer=0.18, memit_layers=(0.11, 0.29))
+
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "phi": _LLAMA,
+    "gpt2": _GPT2,
+    "gpt_neox": _GPT2,
+    "opt": _GPT2,
+    "gptj": _GPTJ,
+}
+
+
+def family_defaults(model_type: str | None) -> FamilyDefaults:
+    return FAMILY_DEFAULTS.get(model_type or "", _LLAMA)
+
+
+def layer_count(model_config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("model config has no layer count")
+
+
+def depth_layer(fraction: float, num_layers: int) -> int:
+    return min(num_layers - 1, max(0, round(fraction * num_layers)))
+
+
+def check_layer(field: str, layer: int, num_layers: int) -> None:
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"{field}: layer {layer} out of range (model has {num_layers} layers)")
+
+
+class KnowledgeEditConfig(MethodConfig):
+    """Fields shared by ``rome`` and ``memit`` (hyperparameters: None = family default).
+
+    facts: CounterFact-style records (see ``Fact``).
+    v_steps, v_lr: Adam steps and learning rate of the v* optimisation.
+    kl_factor: weight of KL(edited || original) on "{subject} is a" at the subject.
+    weight_decay: weight of ||delta|| / ||original output||^2.
+    clamp_factor: max ||delta|| as a multiple of the original output's norm.
+    early_stop_loss: a fact stops optimising once its loss is below this.
+    context_templates: prefixes (each with one ``{}`` for the prompt) keys and v* average over;
+        default: a fixed set of generic prefixes (deterministic, see ``templates``).
+    stats_samples, stats_window, stats_seed: WikiText-2 validation windows for C = E[k k^T].
+    evaluate: compute efficacy/paraphrase/locality/probability_gain before and after.
+    evaluate_perplexity, perplexity_tokens: WikiText-2 perplexity before/after on that many
+        test tokens (``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``).
+    """
+
+    facts: list[Fact] = Field(min_length=1)
+    v_steps: int | None = Field(default=None, ge=1, le=1000)
+    v_lr: float | None = Field(default=None, gt=0)
+    kl_factor: float | None = Field(default=None, ge=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+    clamp_factor: float | None = Field(default=None, gt=0)
+    early_stop_loss: float = Field(default=0.05, ge=0)
+    context_templates: list[str] | None = Field(default=None, min_length=1)
+    stats_samples: int = Field(default=256, ge=1)
+    stats_window: int = Field(default=256, ge=8)
+    stats_seed: int = 0
+    evaluate: bool = True
+    evaluate_perplexity: bool = True
+    perplexity_tokens: int = Field(default=4096, ge=16)
+
+    @field_validator("context_templates")
+    @classmethod
+    def _one_slot(cls, value: list[str] | None) -> list[str] | None:
+        for i, template in enumerate(value or []):
+            if template.count("{}") != 1:
+                raise ValueError(f"context_templates[{i}]: needs exactly one '{{}}': {template!r}")
+        return value
+
+    def templates(self) -> tuple[str, ...]:
+        return tuple(self.context_templates or DEFAULT_CONTEXT_TEMPLATES)
+
+    def stats_settings(self) -> StatsSettings:
+        return StatsSettings(self.stats_samples, self.stats_window, self.stats_seed)
+
+    def vstar_params(self, defaults: FamilyDefaults, clamp: float) -> VStarParams:
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return VStarParams(
+            steps=pick(self.v_steps, defaults.v_steps),
+            lr=pick(self.v_lr, defaults.v_lr),
+            kl_factor=pick(self.kl_factor, defaults.kl_factor),
+            weight_decay=pick(self.weight_decay, defaults.weight_decay),
+            clamp_factor=pick(self.clamp_factor, clamp),
+            early_stop_loss=self.early_stop_loss,
+        )

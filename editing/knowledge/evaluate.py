@@ -1,0 +1,197 @@
+"""CounterFact-style edit metrics, computed before and after an edit.
+
+- ``efficacy``: share of facts whose edit prompt gives target_new a higher mean token
+  log-probability than ground_truth (ROME/EasyEdit's comparison, fair to multi-token answers);
+  a fact without ground_truth counts its teacher-forced argmax accuracy on target_new instead.
+- ``paraphrase``: the same on every rephrase prompt (absent when no fact has one).
+- ``locality``: share of locality_ground_truth positions (teacher-forced) whose argmax token is
+  unchanged by the edit (EasyEdit's neighbourhood check; absent when no fact has one).
+- ``probability_gain``: mean over facts of P(target_new) after minus before on the edit prompt,
+  P = exp(mean token log-prob).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelsurgery.models.adapters import ArchitectureAdapter
+
+from . import tokens as tk
+from .facts import Fact
+from .runner import logits_at, run_base
+
+
+@dataclass
+class Answer:
+    mean_logp: float
+    argmax: list[int]
+    tokens: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(a == t for a, t in zip(self.argmax, self.tokens, strict=True)) / len(self.tokens)
+
+
+@dataclass
+class FactScores:
+    new: Answer
+    true: list[Answer]
+    rephrase_new: list[Answer]
+    rephrase_true: list[list[Answer]]
+    locality: list[Answer]
+
+
+@torch.no_grad()
+def answer_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: ArchitectureAdapter,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 32,
+) -> list[Answer]:
+    """Teacher-forced mean log-prob and argmax tokens of each (prompt, answer) pair."""
+    device = next(model.parameters()).device
+    seqs = [tk.prompt_with_answer(tokenizer, prompt, answer) for prompt, answer in pairs]
+    out: list[Answer] = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        ids, mask = tk.pad_batch(chunk, tk.pad_id_of(tokenizer))
+        hidden = run_base(model, ids.to(device), mask.to(device))
+        rows = [r for r, s in enumerate(chunk) for _ in s.answer]
+        cols = [p for s in chunk for p in s.answer_positions]
+        logp = torch.log_softmax(
+            logits_at(model, adapter, hidden, torch.tensor(rows), torch.tensor(cols)), dim=-1
+        )
+        offset = 0
+        for seq in chunk:
+            n = len(seq.answer)
+            part = logp[offset : offset + n]
+            token_lp = part.gather(1, torch.tensor(seq.answer, device=part.device)[:, None])
+            out.append(Answer(float(token_lp.mean()), part.argmax(-1).tolist(), seq.answer))
+            offset += n
+    return out
+
+
+def score_facts(
+    model: nn.Module, tokenizer: Any, adapter: ArchitectureAdapter, facts: Sequence[Fact]
+) -> list[FactScores]:
+    """Every answer the metrics need, in one batched pass."""
+    pairs: list[tuple[str, str]] = []
+    layout: list[dict[str, Any]] = []
+    for fact in facts:
+        entry: dict[str, Any] = {"new": len(pairs)}
+        pairs.append((fact.text, fact.target))
+        entry["true"] = list(range(len(pairs), len(pairs) + len(fact.true_targets)))
+        pairs += [(fact.text, t) for t in fact.true_targets]
+        entry["rephrase"] = []
+        for prompt in fact.rephrase_prompts:
+            new_idx = len(pairs)
+            pairs.append((prompt, fact.target))
+            true_idx = list(range(len(pairs), len(pairs) + len(fact.true_targets)))
+            pairs += [(prompt, t) for t in fact.true_targets]
+            entry["rephrase"].append((new_idx, true_idx))
+        entry["locality"] = list(range(len(pairs), len(pairs) + len(fact.locality_prompts)))
+        pairs += list(zip(fact.locality_prompts, fact.locality_ground_truths, strict=True))
+        layout.append(entry)
+    answers = answer_scores(model, tokenizer, adapter, pairs)
+    return [
+        FactScores(
+            new=answers[e["new"]],
+            true=[answers[i] for i in e["true"]],
+            rephrase_new=[answers[n] for n, _ in e["rephrase"]],
+            rephrase_true=[[answers[i] for i in t] for _, t in e["rephrase"]],
+            locality=[answers[i] for i in e["locality"]],
+        )
+        for e in layout
+    ]
+
+
+def _success(new: Answer, true: list[Answer]) -> float:
+    if not true:
+        return new.accuracy
+    return float(all(new.mean_logp > t.mean_logp for t in true))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def edit_metrics(before: list[FactScores], after: list[FactScores]) -> dict[str, float]:
+    """The metrics named in the module docstring; absent when nothing could be measured."""
+    values: dict[str, float | None] = {
+        "efficacy": _mean([_success(a.new, a.true) for a in after]),
+        "paraphrase": _mean(
+            [
+                _success(new, true)
+                for a in after
+                for new, true in zip(a.rephrase_new, a.rephrase_true, strict=True)
+            ]
+        ),
+        "locality": _mean(
+            [
+                sum(x == y for x, y in zip(lb.argmax, la.argmax, strict=True)) / len(lb.argmax)
+                for b, a in zip(before, after, strict=True)
+                for lb, la in zip(b.locality, a.locality, strict=True)
+            ]
+        ),
+        "probability_gain": _mean(
+            [
+                math.exp(a.new.mean_logp) - math.exp(b.new.mean_logp)
+                for b, a in zip(before, after, strict=True)
+            ]
+        ),
+    }
+    return {name: value for name, value in values.items() if value is not None}
+
+
+class EditEvaluation:
+    """Scores taken before an edit and compared after it, plus WikiText-2 perplexity."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        adapter: ArchitectureAdapter,
+        facts: Sequence[Fact],
+        *,
+        facts_metrics: bool,
+        perplexity_tokens: int | None,
+    ) -> None:
+        self.model, self.tokenizer, self.adapter, self.facts = model, tokenizer, adapter, facts
+        self.facts_metrics = facts_metrics
+        self.perplexity_tokens = perplexity_tokens
+        self.before: list[FactScores] = []
+        self.ppl_before: float | None = None
+
+    def _perplexity(self) -> float:
+        from modelsurgery.editing.perplexity import wikitext_perplexity
+
+        assert self.perplexity_tokens is not None
+        window = min(512, self.perplexity_tokens)
+        return wikitext_perplexity(
+            self.model, self.tokenizer, max_tokens=self.perplexity_tokens, window=window
+        )
+
+    def start(self) -> None:
+        if self.facts_metrics:
+            self.before = score_facts(self.model, self.tokenizer, self.adapter, self.facts)
+        if self.perplexity_tokens:
+            self.ppl_before = self._perplexity()
+
+    def finish(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.facts_metrics:
+            after = score_facts(self.model, self.tokenizer, self.adapter, self.facts)
+            metrics.update(edit_metrics(self.before, after))
+        if self.ppl_before is not None:
+            after_ppl = self._perplexity()
+            metrics["perplexity_before"] = self.ppl_before
+            metrics["perplexity_after"] = after_ppl
+            metrics["perplexity_ratio"] = after_ppl / self.ppl_before
+        return metrics

@@ -1,0 +1,120 @@
+"""Second-moment statistics C = E[k k^T] of an MLP down-projection's inputs (the "keys").
+
+Computed once per (model digest, layer, calibration settings) on WikiText-2 validation windows
+and cached on disk under ``cache_dir/mom2/<digest>/``; every later job on the same weights loads
+the file. Only the layers up to the deepest requested one run (the forward is stopped there).
+A file lock keeps two workers from computing the same statistics at once; files are written to
+a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modelsurgery.editing.data import calibration_windows
+from modelsurgery.editing.registry import MethodContext
+from modelsurgery.models.adapters import ArchitectureAdapter
+
+from .runner import capture_input, run_until_stopped
+
+
+@dataclass(frozen=True)
+class StatsSettings:
+    """Which calibration text the statistics come from (part of the cache key)."""
+
+    samples: int = 256
+    window: int = 256
+    seed: int = 0
+    batch_size: int = 8
+
+    def tag(self) -> str:
+        return f"wikitext2-valid.n{self.samples}.w{self.window}.s{self.seed}"
+
+
+def stats_path(cache_dir: Path, digest: str, module_path: str, settings: StatsSettings) -> Path:
+    return cache_dir / "mom2" / digest / f"{module_path}.{settings.tag()}.safetensors"
+
+
+def second_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: ArchitectureAdapter,
+    layers: list[int],
+    context: MethodContext,
+    settings: StatsSettings,
+) -> dict[int, torch.Tensor]:
+    """C (float64, [in, in]) for each layer's down projection, from cache or computed."""
+    paths = {
+        layer: stats_path(
+            context.cache_dir, context.model_digest, adapter.mlp_out_path(layer), settings
+        )
+        for layer in layers
+    }
+    lock_path = context.cache_dir / "mom2" / context.model_digest / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_path)):
+        missing = [layer for layer in layers if not paths[layer].exists()]
+        if missing:
+            computed = _compute(model, tokenizer, adapter, missing, context, settings)
+            for layer, (moment, count) in computed.items():
+                _save(paths[layer], moment, count)
+        hits = [layer for layer in layers if layer not in missing]
+        if hits:
+            context.progress("second-moment statistics: cache hit", layers=hits)
+        return {layer: load_file(str(paths[layer]))["mom2"] for layer in layers}
+
+
+def _save(path: Path, moment: torch.Tensor, count: int) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({"mom2": moment.contiguous(), "count": torch.tensor([count])}, str(tmp))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def _compute(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: ArchitectureAdapter,
+    layers: list[int],
+    context: MethodContext,
+    settings: StatsSettings,
+) -> dict[int, tuple[torch.Tensor, int]]:
+    windows = calibration_windows(tokenizer, settings.samples, settings.window, seed=settings.seed)
+    device = next(model.parameters()).device
+    width = adapter.intermediate_size
+    sums = {layer: torch.zeros(width, width, dtype=torch.float64) for layer in layers}
+    count = 0
+    deepest = max(layers)
+    total = (len(windows) + settings.batch_size - 1) // settings.batch_size
+    context.progress("second-moment statistics: computing", layers=layers, step=0, total=total)
+    for step, start in enumerate(range(0, len(windows), settings.batch_size), start=1):
+        context.check_cancelled()
+        batch = windows[start : start + settings.batch_size].to(device)
+        keys: dict[int, torch.Tensor] = {}
+        with ExitStack() as stack:
+            for layer in layers:
+                stack.enter_context(
+                    capture_input(
+                        adapter.mlp_out(layer).module,
+                        lambda k, layer=layer, keys=keys: keys.__setitem__(layer, k),
+                        stop=layer == deepest,
+                    )
+                )
+            run_until_stopped(model, batch, torch.ones_like(batch))
+        for layer in layers:
+            flat = keys[layer].reshape(-1, width).double().cpu()
+            sums[layer] += flat.T @ flat
+        count += batch.numel()
+        context.progress("second-moment statistics: computing", step=step, total=total)
+    return {layer: (sums[layer] / count, count) for layer in layers}

@@ -1,0 +1,71 @@
+"""MEMIT job config."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from modelsurgery.editing.knowledge.config import (
+    KnowledgeEditConfig,
+    check_layer,
+    depth_layer,
+    family_defaults,
+    layer_count,
+)
+from modelsurgery.editing.knowledge.facts import Fact
+
+
+class MemitConfig(KnowledgeEditConfig):
+    """Mass-editing memory in a transformer (Meng et al., 2023): a batch of facts written at
+    once, the change spread over a range of MLP layers.
+
+    facts: 1 to 10,000 facts.
+    layers: ascending edited layers (default: family default; SmolLM2-135M: 3-8).
+    mom2_weight: lambda, weight of C = E[k k^T] against the new keys (larger = more
+        conservative edits).
+    fact_batch: facts whose v* are optimised together (memory vs. speed).
+    Shared fields: see ``KnowledgeEditConfig`` (clamp default 0.75: v* lives in the residual
+    stream here, not at an MLP output).
+
+    Metrics: ``efficacy``, ``paraphrase``, ``locality``, ``probability_gain``,
+    ``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``, ``v_loss``,
+    ``v_steps_used``.
+    """
+
+    method: Literal["memit"] = "memit"
+    facts: list[Fact] = Field(min_length=1, max_length=10_000)
+    layers: list[int] | None = Field(default=None, min_length=1)
+    mom2_weight: float | None = Field(default=None, gt=0)
+    fact_batch: int = Field(default=16, ge=1, le=1024)
+
+    @field_validator("layers")
+    @classmethod
+    def _ascending(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            for i, (a, b) in enumerate(pairwise(value)):
+                if b <= a:
+                    raise ValueError(f"layers[{i + 1}]: layers must be strictly ascending")
+        return value
+
+    def edit_layers(self, model_config: Any) -> list[int]:
+        if self.layers is not None:
+            return list(self.layers)
+        defaults = family_defaults(getattr(model_config, "model_type", None))
+        n = layer_count(model_config)
+        first, last = (depth_layer(f, n) for f in defaults.memit_layers)
+        return list(range(first, last + 1))
+
+    def lambda_weight(self, model_config: Any) -> float:
+        if self.mom2_weight is not None:
+            return self.mom2_weight
+        return family_defaults(getattr(model_config, "model_type", None)).mom2_weight
+
+    def check_against(self, model_config: Any) -> None:
+        n = layer_count(model_config)
+        for i, layer in enumerate(self.edit_layers(model_config)):
+            check_layer(f"layers[{i}]", layer, n)
+
+
+__all__ = ["Fact", "MemitConfig"]

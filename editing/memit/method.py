@@ -1,0 +1,101 @@
+"""MEMIT: v* (here z, a residual-stream target at the last edited layer) for every fact, then
+for each edited layer in turn a least-squares update of its down projection that moves the
+facts' keys toward their share of the remaining residual, regularised by lambda * C.
+
+For layer l (i-th of n): K = keys at l with earlier layers already updated [F, in], R = (z -
+current output of the last layer) / (n - i) [F, out], and
+W_l += R^T K (lambda C + K^T K)^-1   (the normal equations of MEMIT's objective).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelsurgery.editing.knowledge.config import family_defaults
+from modelsurgery.editing.knowledge.evaluate import EditEvaluation
+from modelsurgery.editing.knowledge.keys import keys_and_outputs
+from modelsurgery.editing.knowledge.stats import second_moments
+from modelsurgery.editing.knowledge.vstar import optimize_deltas
+from modelsurgery.editing.registry import MethodContext, SurgeryResult
+from modelsurgery.models.adapters import get_adapter
+
+from .config import MemitConfig
+
+
+def memit_update(
+    keys: torch.Tensor, residuals: torch.Tensor, mom2: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """[out, in] update R^T K (weight * C + K^T K)^-1 in float64 (keys [F, in], residuals
+    [F, out])."""
+    k = keys.double().to(mom2.device)
+    system = weight * mom2 + k.T @ k
+    adjusted = torch.linalg.solve(system, k.T)  # [in, F]
+    return (residuals.double().to(mom2.device).T @ adjusted.T).to(keys.device)
+
+
+def run(
+    model: nn.Module, tokenizer: Any, config: MemitConfig, context: MethodContext
+) -> SurgeryResult:
+    adapter = get_adapter(model)
+    config.check_against(model.config)
+    layers = config.edit_layers(model.config)
+    last = layers[-1]
+    defaults = family_defaults(adapter.model_type)
+    params = config.vstar_params(defaults, defaults.memit_clamp)
+    facts = config.facts
+    evaluation = EditEvaluation(
+        model,
+        tokenizer,
+        adapter,
+        facts,
+        facts_metrics=config.evaluate,
+        perplexity_tokens=config.perplexity_tokens if config.evaluate_perplexity else None,
+    )
+    evaluation.start()
+    mom2 = second_moments(model, tokenizer, adapter, layers, context, config.stats_settings())
+    targets, losses, steps = [], [], []
+    for start in range(0, len(facts), config.fact_batch):
+        context.progress("memit: v* targets", step=start, total=len(facts))
+        result = optimize_deltas(
+            model,
+            tokenizer,
+            adapter,
+            facts[start : start + config.fact_batch],
+            layer=last,
+            site="layer",
+            params=params,
+            templates=config.templates(),
+            context=context,
+        )
+        targets.append(result.target_init + result.deltas)
+        losses += result.losses
+        steps += result.steps
+    z = torch.cat(targets)
+    weight = config.lambda_weight(model.config)
+    changed: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        context.check_cancelled()
+        context.progress("memit: updating layer", step=i, total=len(layers), layer=layer)
+        keys, current = keys_and_outputs(
+            model,
+            tokenizer,
+            adapter,
+            facts,
+            key_layer=layer,
+            out_layer=last,
+            templates=config.templates(),
+        )
+        residuals = (z - current) / (len(layers) - i)
+        projection = adapter.mlp_out(layer)
+        update = memit_update(keys, residuals, mom2[layer], weight)
+        with torch.no_grad():
+            projection.weight.add_(update.to(projection.weight))
+        changed[f"{adapter.mlp_out_path(layer)}.weight"] = projection.module.weight.detach().clone()
+    context.progress("memit: edited", step=len(layers), total=len(layers))
+    metrics = evaluation.finish()
+    metrics["v_loss"] = sum(losses) / len(losses)
+    metrics["v_steps_used"] = sum(steps) / len(steps)
+    return SurgeryResult(changed=changed, metrics=metrics)
