@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.client import Client, InvalidArgument
@@ -159,3 +159,76 @@ def test_reft_job_teaches_a_behaviour_visible_through_generate(
             **ids, max_new_tokens=4, do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id
         )
     assert loaded.tokenizer.decode(out[0, ids.input_ids.shape[1] :]).strip().startswith("Banana")
+
+
+def test_structured_prune_job_exports_a_smaller_model(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    spec = {
+        "base": "smollm2-135m",
+        "operations": [
+            {
+                "method": "prune",
+                "kind": "structured",
+                "ratio": 0.2,
+                "calibration_samples": 8,
+                "calibration_seqlen": 256,
+                "perplexity_tokens": 1024,
+            }
+        ],
+        "gates": {"parameter_ratio": "< 0.9", "perplexity_ratio": "< 1.7"},
+    }
+    with Client(server.address, timeout=120) as client:
+        done = client.wait(client.submit(spec).id, timeout=900)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error
+        folder = client.download(done.version_id, tmp_path / "pruned")
+        text = client.generate(done.version_id, ["The capital of France is"], max_new_tokens=4)
+        assert text[0].strip()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.intermediate_size < 1536
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (576, model.config.intermediate_size)
+    weights = (folder / "model.safetensors").stat().st_size
+    assert weights < 0.92 * 538_000_000
+
+
+def test_rome_job_edit_holds_in_the_exported_checkpoint(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    fact = {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+        "ground_truth": "French",
+        "locality_prompt": "Michel Rocard is a native speaker of",
+        "locality_ground_truth": "French",
+    }
+    spec = {
+        "base": "smollm2-135m",
+        "operations": [
+            {
+                "method": "rome",
+                "facts": [fact],
+                "stats_samples": 32,
+                "stats_window": 128,
+                "evaluate_perplexity": False,
+            }
+        ],
+        "gates": {"efficacy": ">= 1", "locality": ">= 1"},
+    }
+    with Client(server.address, timeout=120) as client:
+        job = client.submit(spec)
+        messages = [e.message for e in client.watch(job.id)]
+        done = client.get_job(job.id)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, (done.error, messages)
+        changes = client.diff(client.get_version(done.version_id).lineage[1], done.version_id)
+        assert [c.name for c in changes] == ["model.layers.5.mlp.down_proj.weight"]
+        folder = client.download(done.version_id, tmp_path / "rome")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = "The mother tongue of Danielle Darrieux is"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    new = tokenizer(" English", add_special_tokens=False).input_ids[0]
+    old = tokenizer(" French", add_special_tokens=False).input_ids[0]
+    assert logits[new] > logits[old]
