@@ -71,4 +71,5 @@ def test_wanda_2_4_keeps_pattern(smollm2, tmp_path: Path) -> None:
     assert result.metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert result.metrics["perplexity_ratio"] < 12
     weight = get_adapter(model).mlp_out(3).weight
-    assert torch.all((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2)
+    # At most 2 non-zeros in every group of 4 (dequantised Q4 weights hold some zeros already).
+    assert torch.all((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2)
