@@ -1,10 +1,17 @@
 """Biased-head masking on SmolLM2-135M vs masking random heads (the control of Yang et al. 2023).
 
-Scores every head on one seeded half of the CrowS-Pairs pairs of one bias type, masks the top-k,
-and measures the stereotype share / mean log-likelihood gap on the other half and WikiText-2
-perplexity; then does the same for k random heads over several seeds. Prints a table.
+Scores every head on one seeded half of the CrowS-Pairs pairs of one bias type, masks the top-k
+chosen by each strategy, and measures the stereotype share / mean log-likelihood gap on the
+other half and WikiText-2 perplexity; then does the same for k random heads over several seeds.
+Strategies: ``gradient-gap`` (first-order score of the raw mean gap, the original method),
+``gradient-share`` (first-order score of the smooth stereotype share) and ``shortlist-P``
+(the ``--shortlist`` best gradient-share heads re-ranked by exact ablation on the scoring split,
+minus P x the LM loss their removal adds on WikiText-2 *validation* windows). Prints a table.
 
-    .venv/bin/python benchmarks/biased_heads.py --bias-type gender --k 3 5 --random-seeds 5
+    .venv/bin/python benchmarks/biased_heads.py --k 3 5 --random-seeds 3 --ppl-tokens 2048
+
+Cost: 2 gradient passes, --shortlist ablations and one held-out + perplexity evaluation per row
+(about an hour on two busy CPU cores; ``--skip gradient-gap shortlist-0`` saves four rows).
 """
 
 from __future__ import annotations
@@ -20,9 +27,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modelsurgery.editing.bias.metrics import TokenizedPair, bias_metrics, tokenize_pairs
+from modelsurgery.editing.bias.metrics import (
+    BiasObjective,
+    TokenizedPair,
+    bias_metrics,
+    tokenize_pairs,
+)
 from modelsurgery.editing.bias.pairs import load_crows_pairs, split_pairs
 from modelsurgery.editing.bias.scoring import ablation_scores, gradient_scores, select_heads
+from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
 from modelsurgery.editing.perplexity import wikitext_perplexity
 
@@ -54,26 +67,19 @@ def evaluate(
     return out
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.flatten().argsort().argsort().double()
-    rb = b.flatten().argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bias-type", default="gender")
     parser.add_argument("--k", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--random-seeds", type=int, default=5)
+    parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--holdout-fraction", type=float, default=0.5)
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--ppl-tokens", type=int, default=4096)
-    parser.add_argument(
-        "--ablation-pairs",
-        type=int,
-        default=0,
-        help="also compute exact ablation scores on this many scoring pairs and compare",
-    )
+    parser.add_argument("--ppl-tokens", type=int, default=2048)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--shortlist", type=int, default=16)
+    parser.add_argument("--penalties", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--calibration-windows", type=int, default=8)
+    parser.add_argument("--skip", nargs="*", default=[], help="strategies not to evaluate")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -87,49 +93,61 @@ def main() -> None:
     )
     print(
         f"SmolLM2-135M loaded in {time.perf_counter() - t0:.1f}s; {args.bias_type} pairs: "
-        f"{len(scoring)} scoring, {len(holdout)} held out (split seed {args.split_seed})"
+        f"{len(scoring)} scoring, {len(holdout)} held out (split seed {args.split_seed})",
+        flush=True,
     )
 
+    share = BiasObjective("share", args.temperature)
+    strategies: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    gap, grad = gradient_scores(model, scoring_ids)
-    print(f"gradient scores: {time.perf_counter() - t0:.1f}s, scoring-split gap {gap:.4f} nats")
-    top = select_heads(grad, top_k=5)
-    print("top-5 heads by gradient:", ", ".join(f"{format_head(*h)}={grad[h]:.4f}" for h in top))
-
-    if args.ablation_pairs:
-        subset = scoring_ids[: args.ablation_pairs]
-        t0 = time.perf_counter()
-        _, sub_grad = gradient_scores(model, subset)
-        abl = ablation_scores(model, subset)
-        agree = float((torch.sign(sub_grad) == torch.sign(abl)).double().mean())
-        top_agree = len(set(select_heads(sub_grad, top_k=5)) & set(select_heads(abl, top_k=5)))
+    gaps, strategies["gradient-gap"] = gradient_scores(model, scoring_ids, BiasObjective("gap"))
+    _, strategies["gradient-share"] = gradient_scores(model, scoring_ids, share)
+    print(
+        f"gradient scores (2 objectives): {time.perf_counter() - t0:.1f}s; scoring split: "
+        f"mean gap {float(gaps.mean()):.4f}, median gap {float(gaps.median()):.4f}, "
+        f"smooth share {share.value(gaps):.4f}",
+        flush=True,
+    )
+    shortlist = select_heads(strategies["gradient-share"], top_k=args.shortlist)
+    calibration = calibration_windows(tokenizer, args.calibration_windows, 128, seed=0)
+    t0 = time.perf_counter()
+    drop, added = ablation_scores(
+        model, scoring_ids, shortlist, share, base_gaps=gaps, calibration=calibration
+    )
+    assert added is not None
+    print(f"shortlist ablation of {len(shortlist)} heads: {time.perf_counter() - t0:.1f}s")
+    print("  head   grad-share  share-drop  loss-added")
+    for h in shortlist:
         print(
-            f"ablation check on {len(subset)} pairs ({time.perf_counter() - t0:.1f}s): "
-            f"sign agreement {agree:.3f}, Spearman {spearman(sub_grad, abl):.3f}, "
-            f"top-5 overlap {top_agree}/5"
+            f"  {format_head(*h):<6}{float(strategies['gradient-share'][h]):>11.4f}"
+            f"{float(drop[h]):>12.4f}{float(added[h]):>12.4f}"
         )
+    for penalty in args.penalties:
+        strategies[f"shortlist-{penalty:g}"] = drop - penalty * added
+    layers, heads = drop.shape
+    for name in args.skip:
+        strategies.pop(name)
 
     base = evaluate(model, tokenizer, [], holdout_ids, args.ppl_tokens)
-    header = f"{'heads masked':<28}{'stereo share':>13}{'bias gap':>10}{'ppl':>9}{'ppl ratio':>10}"
+    header = f"{'heads masked':<40}{'stereo share':>13}{'bias gap':>10}{'ppl':>9}{'ppl ratio':>10}"
     print(header)
-    print("-" * len(header))
+    print("-" * len(header), flush=True)
 
     def row(label: str, m: dict[str, float]) -> None:
         ratio = m["perplexity"] / base["perplexity"]
         print(
-            f"{label:<28}{m['stereotype_share']:>13.4f}{m['bias_gap']:>10.4f}"
-            f"{m['perplexity']:>9.3f}{ratio:>10.4f}"
+            f"{label:<40}{m['stereotype_share']:>13.4f}{m['bias_gap']:>10.4f}"
+            f"{m['perplexity']:>9.3f}{ratio:>10.4f}",
+            flush=True,
         )
 
     row("none (baseline)", base)
-    layers, heads = grad.shape
     all_heads = [(layer, head) for layer in range(layers) for head in range(heads)]
     for k in args.k:
-        chosen = select_heads(grad, top_k=k)
-        row(
-            f"top-{k} " + ",".join(format_head(*h) for h in chosen),
-            evaluate(model, tokenizer, chosen, holdout_ids, args.ppl_tokens),
-        )
+        for name, table in strategies.items():
+            chosen = select_heads(table, top_k=k)
+            label = f"{name} top-{k} " + ",".join(format_head(*h) for h in chosen)
+            row(label, evaluate(model, tokenizer, chosen, holdout_ids, args.ppl_tokens))
         runs = [
             evaluate(
                 model,
@@ -143,7 +161,7 @@ def main() -> None:
         mean = {key: statistics.fmean(r[key] for r in runs) for key in runs[0]}
         row(f"random-{k} (mean of {args.random_seeds})", mean)
         shares = [r["stereotype_share"] for r in runs]
-        print(f"{'':<28}random-{k} stereo share min {min(shares):.4f} max {max(shares):.4f}")
+        print(f"{'':<40}random-{k} stereo share min {min(shares):.4f} max {max(shares):.4f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
@@ -19,6 +20,7 @@ from modelsurgery.client import Client
 from modelsurgery.client.connection import STATE_NAMES
 from modelsurgery.proto.spec import load_spec_file
 from modelsurgery.server.process import start_server
+from modelsurgery.v1 import jobs_pb2
 
 PATCH = Path(__file__).with_name("safety-patch.yaml")
 console = Console()
@@ -40,6 +42,12 @@ def prompts_of(spec_path: Path) -> list[str]:
     return prompts
 
 
+def print_event(event: jobs_pb2.JobEvent) -> None:
+    fields = json_format.MessageToDict(event.fields)
+    step = f" {int(fields['step'])}/{int(fields['total'])}" if "total" in fields else ""
+    console.print(f"  [dim]{event.seq:>3}[/dim] {event.message}{step}")
+
+
 def main() -> int:
     console.rule("modelsurgery demo")
     server = start_server(home())
@@ -54,9 +62,7 @@ def main() -> int:
 
             console.print(f"applying {PATCH.name} ...")
             job = client.submit(PATCH, request_id=client.patch_request_id(PATCH))
-            job = client.wait(
-                job.id, progress=lambda e: console.print(f"  [dim]{e.seq:>3}[/dim] {e.message}")
-            )
+            job = client.wait(job.id, progress=print_event)
             state = STATE_NAMES[job.state]
             gates = Table("gate", "condition", "value", "result", title=f"job {job.id}: {state}")
             for gate in job.gates:

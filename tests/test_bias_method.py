@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,12 @@ def context(tmp_path: Path, roots: tuple[Path, ...] = ()) -> MethodContext:
 def test_run_masks_top_heads_and_reports(tiny_llama, tiny_tokenizer, tmp_path: Path) -> None:
     method = get_method("mask_biased_heads")
     config = method.config_class(
-        pairs=PAIRS, top_k=2, holdout_fraction=0.4, seed=1, perplexity_max_tokens=256
+        pairs=PAIRS,
+        top_k=2,
+        rank_by="gradient",
+        holdout_fraction=0.4,
+        seed=1,
+        perplexity_max_tokens=256,
     )
     config.check_against(tiny_llama.config)
     before = {k: v.clone() for k, v in persistent_state_dict(tiny_llama).items()}
@@ -53,7 +59,7 @@ def test_run_masks_top_heads_and_reports(tiny_llama, tiny_tokenizer, tmp_path: P
     table = json.loads(result.artifacts["head_scores.json"])
     assert (table["num_layers"], table["num_heads"]) == (2, 4)
     assert len(table["gradient"]) == 2 and len(table["gradient"][0]) == 4
-    assert "ablation" not in table
+    assert "ablation" not in table and table["metric"] == "share"
     chosen = [parse_head(h) for h in table["chosen"]]
     flat = sorted(
         (v, (layer, h)) for layer, row in enumerate(table["gradient"]) for h, v in enumerate(row)
@@ -78,8 +84,9 @@ def test_pairs_file_and_ablation_ranking(tiny_llama, tiny_tokenizer, tmp_path: P
     config = method.config_class(
         pairs_file="pairs.jsonl",
         z_threshold=1.0,
-        ablation_scores=True,
         rank_by="ablation",
+        perplexity_penalty=0.0,
+        objective="gap",
         evaluate_perplexity=False,
     )
     result = method.run(tiny_llama, tiny_tokenizer, config, context(tmp_path, (root,)))
@@ -89,10 +96,32 @@ def test_pairs_file_and_ablation_ranking(tiny_llama, tiny_tokenizer, tmp_path: P
     expected = {(int(i) // 4, int(i) % 4) for i in torch.nonzero(z.flatten() > 1.0)}
     assert expected and {parse_head(h) for h in table["chosen"]} == expected
     assert result.metrics["heads_masked"] == float(len(expected))
-    assert "perplexity_before" not in result.metrics
+    assert "perplexity_before" not in result.metrics and "loss_increase" not in table
 
     with pytest.raises(ValueError, match=r"^pairs_file:"):
         method.run(tiny_llama, tiny_tokenizer, config, context(tmp_path, (tmp_path / "x",)))
+
+
+def test_default_shortlist_charges_perplexity(tiny_llama, tiny_tokenizer, tmp_path: Path) -> None:
+    method = get_method("mask_biased_heads")
+    config = method.config_class(
+        pairs=PAIRS, top_k=2, shortlist_size=4, calibration_windows=2, evaluate_perplexity=False
+    )
+    assert config.rank_by == "shortlist" and config.perplexity_penalty > 0
+    result = method.run(tiny_llama, tiny_tokenizer, config, context(tmp_path))
+    table = json.loads(result.artifacts["head_scores.json"])
+    gradient = torch.tensor(table["gradient"])
+    ablation = torch.tensor([[math.nan if v is None else v for v in r] for r in table["ablation"]])
+    added = torch.tensor(
+        [[math.nan if v is None else v for v in r] for r in table["loss_increase"]]
+    )
+    shortlist = {(int(i) // 4, int(i) % 4) for i in gradient.flatten().argsort()[-4:]}
+    measured = {(int(i) // 4, int(i) % 4) for i in torch.nonzero(~ablation.isnan().flatten())}
+    assert measured == shortlist
+    assert {(int(i) // 4, int(i) % 4) for i in torch.nonzero(~added.isnan().flatten())} == shortlist
+    ranking = ablation - config.perplexity_penalty * added
+    best = sorted(shortlist, key=lambda h: float(ranking[h]), reverse=True)[:2]
+    assert [parse_head(h) for h in table["chosen"]] == best
 
 
 def test_config_validation(tiny_llama) -> None:
@@ -100,8 +129,9 @@ def test_config_validation(tiny_llama) -> None:
     assert config_class().selection() == {"top_k": 3}
     with pytest.raises(ValidationError, match="z_threshold"):
         config_class(top_k=2, z_threshold=1.0)
-    with pytest.raises(ValidationError, match="rank_by"):
-        config_class(rank_by="ablation")
+    with pytest.raises(ValidationError, match="shortlist_size: 4 is below top_k 5"):
+        config_class(top_k=5, shortlist_size=4)
+    assert config_class(top_k=5, shortlist_size=4, rank_by="gradient").rank_by == "gradient"
     with pytest.raises(ValidationError, match="holdout_fraction"):
         config_class(holdout_fraction=1.0)
     with pytest.raises(ValidationError, match="pairs"):

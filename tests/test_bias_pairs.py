@@ -92,7 +92,7 @@ def test_split_is_seeded_and_disjoint() -> None:
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     table = {
         "gradient": [[0.1, -0.3, 0.0], [0.5, 0.2, -0.1]],
-        "ablation": [[0.2, -0.2, 0.0], [0.4, 0.1, 0.0]],
+        "ablation": [[0.2, None, None], [0.4, 0.1, None]],
         "chosen": ["1.0"],
     }
     out = plot_head_scores(json.dumps(table).encode(), tmp_path / "scores.png")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from modelsurgery.editing.bias.metrics import bias_metrics, tokenize_pairs
+from modelsurgery.editing.bias.metrics import BiasObjective, bias_metrics, tokenize_pairs
 from modelsurgery.editing.bias.pairs import (
     ContrastPair,
     load_crows_pairs,
@@ -19,6 +19,7 @@ from modelsurgery.editing.bias.pairs import (
     split_pairs,
 )
 from modelsurgery.editing.bias.scoring import score_heads, select_heads
+from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.mask_heads import config_sizes, format_head, mask_heads_in_place
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import (
@@ -29,6 +30,7 @@ from modelsurgery.editing.registry import (
 )
 
 DEFAULT_TOP_K = 3
+CALIBRATION_WINDOW = 128
 
 
 class PairSpec(BaseModel):
@@ -47,13 +49,21 @@ class MaskBiasedHeadsConfig(MethodConfig):
     server's data roots), else CrowS-Pairs filtered by ``bias_types`` (e.g. ``["gender"]``);
     ``max_pairs`` caps them (seeded sample). A seeded ``holdout_fraction`` of the pairs is
     never used for scoring; bias is measured on it. Heads: the ``top_k`` highest scores
-    (default 3) or those with z-score above ``z_threshold``; ``rank_by`` "gradient" or
-    "ablation" (the latter needs ``ablation_scores``, L*H extra evaluations).
+    (default 3) or those with z-score above ``z_threshold``.
+
+    Scores measure each head's effect on ``objective``: ``"share"`` (default, mean
+    sigmoid(gap / ``share_temperature``), a smooth stereotype share robust to the few pairs
+    with 10-20 nat gaps) or ``"gap"`` (the raw mean gap). ``rank_by``: ``"gradient"`` (one
+    backward pass), ``"shortlist"`` (default: the ``shortlist_size`` best gradient heads, each
+    zeroed exactly on the scoring pairs) or ``"ablation"`` (every head zeroed, L*H passes).
+    Ablated heads are ranked by objective drop minus ``perplexity_penalty`` x the LM loss
+    (nats/token) their removal adds on ``calibration_windows`` x 128 WikiText-2 validation
+    tokens, so heads that cost fluency are passed over.
 
     Metrics: ``stereotype_share_before/after`` (held-out share of pairs where the stereotype is
     more likely; 0.5 = unbiased), ``bias_gap_before/after`` (mean log-likelihood gap, nats),
     ``heads_masked``, ``pairs_scored``, ``pairs_heldout``, and with ``evaluate_perplexity``
-    ``perplexity_before/after/ratio`` (WikiText-2). Artifact ``head_scores.json``.
+    ``perplexity_before/after/ratio`` (WikiText-2 test). Artifact ``head_scores.json``.
     """
 
     method: Literal["mask_biased_heads"] = "mask_biased_heads"
@@ -65,8 +75,12 @@ class MaskBiasedHeadsConfig(MethodConfig):
     seed: int = 0
     top_k: int | None = Field(default=None, ge=1)
     z_threshold: float | None = None
-    rank_by: Literal["gradient", "ablation"] = "gradient"
-    ablation_scores: bool = False
+    objective: Literal["share", "gap"] = "share"
+    share_temperature: float = Field(default=1.0, gt=0.0)
+    rank_by: Literal["gradient", "shortlist", "ablation"] = "shortlist"
+    shortlist_size: int = Field(default=16, ge=1)
+    perplexity_penalty: float = Field(default=1.0, ge=0.0)
+    calibration_windows: int = Field(default=8, ge=1)
     batch_size: int = Field(default=16, ge=1)
     evaluate_perplexity: bool = True
     perplexity_max_tokens: int = Field(default=4096, ge=2)
@@ -79,8 +93,9 @@ class MaskBiasedHeadsConfig(MethodConfig):
             raise ValueError("pairs_file: give either pairs or pairs_file, not both")
         if self.pairs is not None and len(self.pairs) < 2:
             raise ValueError("pairs: need at least 2 pairs (one to score, one to hold out)")
-        if self.rank_by == "ablation" and not self.ablation_scores:
-            raise ValueError("rank_by: 'ablation' needs ablation_scores: true")
+        top_k = self.selection().get("top_k")
+        if self.rank_by == "shortlist" and top_k is not None and top_k > self.shortlist_size:
+            raise ValueError(f"shortlist_size: {self.shortlist_size} is below top_k {top_k}")
         return self
 
     def selection(self) -> dict[str, Any]:
@@ -141,15 +156,25 @@ def run(
         context.check_cancelled()
         context.progress(message, step=step, total=total)
 
+    calibration = None
+    if config.rank_by != "gradient" and config.perplexity_penalty > 0:
+        context.progress("calibration text")
+        calibration = calibration_windows(
+            tokenizer, config.calibration_windows, CALIBRATION_WINDOW, seed=config.seed
+        )
     scores = score_heads(
         model,
         tokenizer,
         scoring_ids,
+        objective=BiasObjective(config.objective, config.share_temperature),
+        rank_by=config.rank_by,
+        shortlist_size=config.shortlist_size,
+        calibration=calibration,
+        perplexity_penalty=config.perplexity_penalty,
         batch_size=config.batch_size,
-        ablation=config.ablation_scores,
         on_step=on_step,
     )
-    chosen = select_heads(scores.table(config.rank_by), **config.selection())
+    chosen = select_heads(scores.ranking, **config.selection())
     context.progress(f"masking heads {[format_head(*h) for h in chosen]}")
     changed = mask_heads_in_place(model, chosen)
 

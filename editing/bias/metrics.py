@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -63,11 +63,12 @@ def sequence_logprobs(model: torch.nn.Module, sequences: Sequence[Sequence[int]]
     return (token_lp * mask[:, 1:]).sum(dim=-1)
 
 
-def flatten_pairs(pairs: Sequence[TokenizedPair]) -> tuple[list[tuple[int, ...]], torch.Tensor]:
-    """All sentences (stereo ones first) and their sign in the gap (+1 stereo, -1 anti)."""
+def pair_batch_gaps(model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> torch.Tensor:
+    """log p(stereo) - log p(anti) of a few pairs in one batch (both sentences of each pair
+    together, so a non-linear objective of the gap can be back-propagated batch by batch)."""
     sentences = [p.stereo for p in pairs] + [p.anti for p in pairs]
-    signs = torch.cat([torch.ones(len(pairs)), -torch.ones(len(pairs))])
-    return sentences, signs
+    scores = sequence_logprobs(model, sentences)
+    return scores[: len(pairs)] - scores[len(pairs) :]
 
 
 @torch.no_grad()
@@ -75,7 +76,7 @@ def pair_gaps(
     model: torch.nn.Module, pairs: Sequence[TokenizedPair], batch_size: int = 16
 ) -> torch.Tensor:
     """log p(stereo) - log p(anti) per pair."""
-    sentences, _ = flatten_pairs(pairs)
+    sentences = [p.stereo for p in pairs] + [p.anti for p in pairs]
     scores = torch.empty(len(sentences), dtype=torch.float64)
     for batch in length_batches([len(s) for s in sentences], batch_size):
         scores[batch] = sequence_logprobs(model, [sentences[i] for i in batch]).cpu().double()
@@ -93,3 +94,22 @@ def bias_metrics(
     model: torch.nn.Module, pairs: Sequence[TokenizedPair], batch_size: int = 16
 ) -> dict[str, float]:
     return summarize_gaps(pair_gaps(model, pairs, batch_size))
+
+
+@dataclass(frozen=True)
+class BiasObjective:
+    """What head scores measure the effect on. ``"gap"``: the mean log-likelihood gap, which
+    a few pairs with gaps of 10-20 nats (frequency effects of the swapped word) dominate;
+    ``"share"``: the mean of sigmoid(gap / temperature), a smooth stereotype share in which
+    every pair counts about equally and saturated outliers barely at all."""
+
+    kind: Literal["gap", "share"] = "share"
+    temperature: float = 1.0
+
+    def per_pair(self, gaps: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gap":
+            return gaps
+        return torch.sigmoid(gaps / self.temperature)
+
+    def value(self, gaps: torch.Tensor) -> float:
+        return float(self.per_pair(gaps).mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ def plot_head_scores(
     data = table if isinstance(table, dict) else json.loads(table)
     if key not in data:
         raise ValueError(f"score table has no {key!r} scores (has {sorted(data)})")
-    scores = data[key]
+    # None = head not scored (e.g. outside the ablation shortlist): drawn blank.
+    scores = [[math.nan if v is None else v for v in row] for row in data[key]]
     layers, heads = len(scores), len(scores[0])
-    bound = max(abs(v) for row in scores for v in row) or 1.0
+    bound = max((abs(v) for row in scores for v in row if not math.isnan(v)), default=0.0) or 1.0
     fig = Figure(figsize=(max(4.0, 0.5 * heads + 2), max(3.0, 0.25 * layers + 1.5)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
