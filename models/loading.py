@@ -35,7 +35,6 @@ from modelsurgery.models.stored import (
     load_stored_config,
     load_stored_model,
     load_stored_tokenizer,
-    stored_artifacts,
 )
 
 Progress = Callable[[str], None]
@@ -114,8 +113,8 @@ def _attach_interventions(
             return reft.attach_from_folder(model, resolved.path)
         return None
     if resolved.kind is SourceKind.STORE and store is not None and resolved.version_id:
-        artifacts = stored_artifacts(store, resolved.version_id)
-        if reft.is_reft_version(artifacts):
+        artifacts = reft.stored_interventions(store, resolved.version_id)
+        if artifacts is not None:
             return reft.attach_interventions(model, artifacts)
     return None
 

@@ -53,12 +53,6 @@ def stored_artifact_names(store: StoreReader, version_id: str) -> list[str]:
     return sorted(set().union(*(m.artifacts for m in store.lineage(version_id))))
 
 
-def stored_artifacts(store: StoreReader, version_id: str) -> dict[str, bytes]:
-    return {
-        name: store.read_file(version_id, name) for name in stored_artifact_names(store, version_id)
-    }
-
-
 def load_stored_config(store: StoreReader, version_id: str) -> PretrainedConfig:
     return config_from_dict(store.hf_config(version_id))
 

@@ -19,8 +19,7 @@ import ray
 import torch
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.editing.reft import attach_interventions, is_reft_version
-from modelsurgery.models.stored import stored_artifacts
+from modelsurgery.editing.reft import attach_interventions, stored_interventions
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
 from modelsurgery.server.model_cache import ModelCache
@@ -98,11 +97,9 @@ class SurgeryWorker:
         """Greedy or sampled text from a version; a ReFT version's interventions are attached
         to the shared warm model for this call only (under its lock), then removed."""
         base = load_base(ref, self.store, self.cache, self.settings)
-        artifacts = stored_artifacts(self.store, self.store.resolve(ref))
+        artifacts = stored_interventions(self.store, self.store.resolve(ref))
         with base.lock:
-            handle = (
-                attach_interventions(base.model, artifacts) if is_reft_version(artifacts) else None
-            )
+            handle = None if artifacts is None else attach_interventions(base.model, artifacts)
             try:
                 return generate_text(base.model, base.tokenizer, prompts, **options)
             finally:

@@ -11,6 +11,7 @@ from modelsurgery.editing.reft.artifacts import (
     attach_from_folder,
     attach_interventions,
     folder_has_interventions,
+    stored_interventions,
 )
 from modelsurgery.editing.reft.config import Example, ReftConfig
 from modelsurgery.editing.reft.hooks import InterventionHandle
@@ -32,4 +33,5 @@ __all__ = [
     "folder_has_interventions",
     "is_reft_version",
     "run",
+    "stored_interventions",
 ]
