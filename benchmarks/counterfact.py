@@ -161,6 +161,7 @@ def run_memit(args, loaded, facts, ctx) -> None:
     after = score_facts(model, tok, adapter, facts)
     ppl = [wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)] if args.ppl_every else []
     per_fact = [total / len(facts)]
+    print(f"memit: mean v* loss {result.metrics['v_loss']:.4f}")
     report(
         "memit",
         edit_metrics(before, after),

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoints.atomic import atomic_write
-from modelsurgery.checkpoints.codecs import DENSE, get_codec
+from modelsurgery.checkpoints.codecs import DENSE, choose_encoding, get_codec
 from modelsurgery.checkpoints.layout import StoreLayout
 from modelsurgery.checkpoints.manifest import TensorEntry
+from modelsurgery.models.digest import tensor_sha256
 
 _HASH_CHUNK = 1 << 20
 
@@ -39,12 +40,18 @@ class BlobStore:
         if not path.exists():
             atomic_write(path, data, self.layout.tmp)
 
-    def put_tensor(self, tensor: torch.Tensor, encoding: str = DENSE) -> TensorEntry:
+    def put_tensor(self, tensor: torch.Tensor, encoding: str | None = None) -> TensorEntry:
+        """Store ``tensor`` (encoding: chosen by ``choose_encoding`` unless given)."""
+        encoding = encoding or choose_encoding(tensor)
         data = get_codec(encoding).encode(tensor)
         sha = hashlib.sha256(data).hexdigest()
         self._put(self.layout.tensor_blob(sha), data)
         return TensorEntry(
-            blob=sha, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape), encoding=encoding
+            blob=sha,
+            dtype=dtype_name(tensor.dtype),
+            shape=list(tensor.shape),
+            encoding=encoding,
+            digest=None if encoding == DENSE else tensor_sha256(tensor),
         )
 
     def put_file(self, data: bytes) -> str:

@@ -17,7 +17,8 @@ FORMAT_VERSION = 1
 
 
 class TensorEntry(BaseModel):
-    """Where one tensor's bytes are and what they decode to."""
+    """Where one tensor's bytes are and what they decode to. ``digest`` is the dense tensor's
+    hash when the blob is not the dense encoding (for dense blobs it is the blob's own)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -25,6 +26,11 @@ class TensorEntry(BaseModel):
     dtype: str
     shape: list[int]
     encoding: str = DENSE
+    digest: str | None = None
+
+    @property
+    def tensor_digest(self) -> str:
+        return self.digest or self.blob
 
     @property
     def nbytes(self) -> int:

@@ -100,7 +100,7 @@ class CheckpointStore:
         files = tokenizer_files(tokenizer) if tokenizer is not None else {}
         files.update(model_files(model))
         hashes = {name: self._blobs.put_file(data) for name, data in sorted(files.items())}
-        digest = digest_from_hashes({name: entry.blob for name, entry in entries.items()})
+        digest = digest_from_hashes({name: e.tensor_digest for name, e in entries.items()})
         return self._publish(
             parent=None,
             root=RootRef(reference=reference, digest=digest),
@@ -325,7 +325,7 @@ class CheckpointStore:
     def digest(self, ref: str) -> str:
         """Equals ``models.digest.model_digest`` of the loaded version (dense blobs)."""
         entries = self._resolve_version(self.resolve(ref)).tensors
-        return digest_from_hashes({name: entry.blob for name, entry in entries.items()})
+        return digest_from_hashes({name: e.tensor_digest for name, e in entries.items()})
 
     def diff(self, a: str, b: str) -> list[TensorChange]:
         left = self._resolve_version(self.resolve(a)).tensors

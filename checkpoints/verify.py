@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from modelsurgery.checkpoints.blobs import BlobStore, file_sha256
 from modelsurgery.checkpoints.layout import StoreLayout
 from modelsurgery.checkpoints.manifest import VERSION_ID_RE, Manifest
+from modelsurgery.models.digest import tensor_sha256
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def _check_references(
     for name, entry in manifest.tensors.items():
         if not blobs.has_tensor(entry.blob):
             problems.append(f"version {manifest.id}: blob of tensor {name} missing")
+        elif entry.digest is not None and tensor_sha256(blobs.tensor(entry)) != entry.digest:
+            problems.append(f"version {manifest.id}: tensor {name} does not decode to its digest")
     for name, sha in {**manifest.files, **manifest.artifacts}.items():
         if not blobs.has_file(sha):
             problems.append(f"version {manifest.id}: file {name} missing")
