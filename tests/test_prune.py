@@ -21,6 +21,8 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.checkpoints.sparse import MIN_ELEMENTS, SPARSE_BITMASK
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.models.adapters import Projection, get_adapter
 from modelsurgery.models.digest import persistent_state_dict
@@ -298,6 +300,23 @@ def test_nm_export_reloads_dense(context, tmp_path) -> None:
     model = tiny_llama()
     prune_model(model, config(kind="nm"), calib_ids(), context)
     reloaded = _save_and_reload(model, tmp_path / "export")
+    ids = calib_ids(2, 16)
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "nm"])
+def test_sparse_result_is_stored_compactly_and_exports_dense(kind, context, tmp_path) -> None:
+    model = tiny_llama()
+    store = CheckpointStore(tmp_path / "store")
+    base = store.import_model(model, None, reference="tiny")
+    result = prune_model(model, config(kind=kind, ratio=0.5), calib_ids(), context)
+    child = store.commit(base.id, result.changed, operations=[{"method": "prune"}])
+    large = [e for e in child.tensors.values() if e.nbytes >= 4 * MIN_ELEMENTS]
+    assert large and {e.encoding for e in large} == {SPARSE_BITMASK}
+    stored = sum(store.layout.tensor_blob(e.blob).stat().st_size for e in large)
+    dense = sum(e.nbytes for e in large)
+    assert stored < 0.6 * dense
+    reloaded = AutoModelForCausalLM.from_pretrained(store.export(child.id, tmp_path / "export"))
     ids = calib_ids(2, 16)
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids))
 
