@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 from modelsurgery.editing.data import shared_data_path
 from modelsurgery.editing.knowledge import tokens as tk
@@ -135,6 +138,40 @@ def run_rome(args, loaded, facts, ctx) -> None:
             print(f"  edit {i}: {seconds[-1]:.2f} s, floor {floor:.2f} s, ratio {ratios[-1]:.2f}")
         print(f"  [{i + 1}/{len(facts)}] {seconds[-1]:.2f} s, steps {steps[-1]:.0f}", flush=True)
     report("rome", edit_metrics(before, after), seconds, steps, ratios, ppl_after, args)
+    if args.easyedit_checkout:
+        run_easyedit_peer(args, loaded, facts[: args.easyedit_n], layer, before, seconds)
+
+
+def run_easyedit_peer(args, loaded, facts, layer, before_all, our_seconds) -> None:
+    """EasyEdit's ROME on the same model and facts, in this process (its Llama settings: 25
+    steps, lr 0.5, KL 0.0625, clamp 4, weight decay 1e-3, second-moment adjustment off)."""
+    from easyedit_peer import load_easyedit_rome
+
+    model, tok = loaded.model, loaded.tokenizer
+    adapter = get_adapter(model)
+    peer = load_easyedit_rome(args.easyedit_checkout)
+    weight = adapter.mlp_out(layer).weight
+    original = weight.detach().clone()
+    after, seconds, ppl_after = [], [], []
+    for i, fact in enumerate(facts):
+        record = fact.model_dump(exclude_none=True)
+        record["prompt"] = fact.text.replace(fact.subject, "{}", 1)
+        seconds.append(peer.edit(model, tok, record, layer=layer))
+        after += score_facts(model, tok, adapter, [fact])
+        if args.ppl_every and i % args.ppl_every == 0:
+            ppl_after.append(wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens))
+        with torch.no_grad():
+            weight.copy_(original)
+        print(f"  easyedit [{i + 1}/{len(facts)}] {seconds[-1]:.2f} s", flush=True)
+    report(
+        "easyedit", edit_metrics(before_all[: len(facts)], after), seconds, [0], [], ppl_after, args
+    )
+    ours = statistics.median(our_seconds[: len(facts)])
+    print(
+        f"median seconds per edit on these {len(facts)} facts: ours {ours:.2f}, "
+        f"EasyEdit {statistics.median(seconds):.2f}, ratio {ours / statistics.median(seconds):.3f} "
+        "(EasyEdit's first edit includes its context-template generation)"
+    )
 
 
 def run_memit(args, loaded, facts, ctx) -> None:
@@ -210,6 +247,8 @@ def main() -> None:
         "--ppl-every", type=int, default=10, help="ROME: perplexity every k edits; 0 = off"
     )
     parser.add_argument("--floor-edits", type=int, default=3)
+    parser.add_argument("--easyedit-checkout", type=Path, help="zjunlp/EasyEdit clone (peer)")
+    parser.add_argument("--easyedit-n", type=int, default=10, help="facts for the peer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()

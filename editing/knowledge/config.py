@@ -34,7 +34,16 @@ class FamilyDefaults:
     mom2_weight: float = 15000.0
 
 
-_LLAMA = FamilyDefaults(rome_layer=0.17, memit_layers=(0.1, 0.27), weight_decay=1e-3)
+# Llama (SmolLM2-135M, 30 layers): ROME layer 5; MEMIT layers 2-8 with v* clamp 4 (EasyEdit's
+# Llama value) and lambda 5000, chosen on CounterFact dev cases 1000-1199 (200 facts in one
+# batch, v* targets fixed, see the MemitConfig docstring for the sweep).
+_LLAMA = FamilyDefaults(
+    rome_layer=0.17,
+    memit_layers=(0.07, 0.27),
+    weight_decay=1e-3,
+    memit_clamp=4.0,
+    mom2_weight=5000.0,
+)
 # GPT-2 XL: ROME layer 17 of 48, MEMIT 13-17 (Meng et al.); GPT-J: ROME 5 of 28, MEMIT 3-8.
 _GPT2 = FamilyDefaults(rome_layer=0.35, memit_layers=(0.27, 0.35), mom2_weight=20000.0)
 _GPTJ = FamilyDefaults(rome_layer=0.18, memit_layers=(0.11, 0.29))
