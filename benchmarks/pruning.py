@@ -136,7 +136,7 @@ def reference_wanda(
 ) -> float:
     """Prune ``model`` in place with the checkout's ``lib.prune.prune_wanda`` (its C4 loader
     replaced by ``ids``); returns the wall seconds of that call."""
-    if importlib.util.find_spec("datasets") is None:
+    if "datasets" not in sys.modules and importlib.util.find_spec("datasets") is None:
         sys.modules["datasets"] = types.ModuleType("datasets")  # lib/data.py imports it
         sys.modules["datasets"].load_dataset = None  # type: ignore[attr-defined]
     sys.path.insert(0, str(checkout))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,28 @@ from modelsurgery.models.adapters import ArchitectureAdapter
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
+    """Ends a forward pass early: once the first decoder layer's inputs are captured, or once
+    every hooked module of a layer has recorded its input."""
+
+
+@dataclass
+class BatchMoments:
+    """One batch's column sums of x^2 (and of |x| and x): float32 within the batch, float64
+    across batches."""
+
+    sq_sum: torch.Tensor
+    abs_sum: torch.Tensor | None
+    sum: torch.Tensor | None
+    count: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor, first_moments: bool) -> BatchMoments:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        abs_sum = total = None
+        if first_moments:
+            abs_sum = flat.abs().sum(0).double()
+            total = flat.sum(0).double()
+        return cls(flat.square().sum(0).double(), abs_sum, total, flat.shape[0])
 
 
 @dataclass
@@ -41,14 +62,12 @@ class InputStats:
         z = torch.zeros(size, dtype=torch.float64, device=device)
         return cls(z.clone(), z.clone(), z.clone())
 
-    def add(self, x: torch.Tensor, first_moments: bool) -> None:
-        """Accumulate one batch (float32 per batch, float64 across batches)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sq_sum += flat.square().sum(0).double()
-        if first_moments:
-            self.abs_sum += flat.abs().sum(0).double()
-            self.sum += flat.sum(0).double()
-        self.count += flat.shape[0]
+    def add(self, moments: BatchMoments) -> None:
+        self.sq_sum += moments.sq_sum
+        if moments.abs_sum is not None and moments.sum is not None:
+            self.abs_sum += moments.abs_sum
+            self.sum += moments.sum
+        self.count += moments.count
 
     def l2(self) -> torch.Tensor:
         """||X_j||_2 over calibration tokens (Wanda's activation norm)."""
@@ -132,10 +151,10 @@ class LayerwiseCalibration:
         """Outputs of decoder layer ``index`` for every batch (the next layer's inputs)."""
         layer = self.adapter.layer(index)
         out: list[torch.Tensor] = []
-        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-            with self._autocast():
+        with self._autocast():  # one context for all batches: weights are cast once
+            for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
                 result = layer(hidden, *args, **kwargs)
-            out.append(result[0] if isinstance(result, tuple) else result)
+                out.append(result[0] if isinstance(result, tuple) else result)
         return LayerInputs(hidden=out, args=inputs.args, kwargs=inputs.kwargs)
 
     @torch.no_grad()
@@ -148,14 +167,15 @@ class LayerwiseCalibration:
         first_moments: bool = False,
     ) -> dict[str, InputStats]:
         """Input statistics of ``modules`` (name -> module inside layer ``index``) over all
-        batches: sums of squares, and of |x| and x with ``first_moments``. The outputs are
-        dropped: the layer is pruned next and its pruned outputs, not these, feed the following
-        layer (as in Wanda / SparseGPT)."""
+        batches: sums of squares, and of |x| and x with ``first_moments``. Each batch's pass
+        stops once every module has seen its input. No outputs are kept: the layer is pruned
+        next and its pruned outputs, not these, feed the following layer (as in Wanda /
+        SparseGPT)."""
         stats: dict[str, InputStats] = {}
         layer = self.adapter.layer(index)
-        with _input_hooks(modules, stats, self.device, first_moments):
+        with _input_hooks(modules, stats, self.device, first_moments), self._autocast():
             for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-                with self._autocast():
+                with suppress(_StopForward):
                     layer(hidden, *args, **kwargs)
         return stats
 
@@ -168,13 +188,24 @@ def _input_hooks(
     first_moments: bool,
 ) -> Iterator[None]:
     handles = []
+    # q/k/v (and gate/up) read the same tensor: its moments are computed once per batch.
+    shared: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, BatchMoments]] = {}
+    seen: set[str] = set()
     for name, module in modules.items():
 
         def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
             x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in shared or shared[key][0] is not x:
+                shared.clear()
+                shared[key] = (x, BatchMoments.of(x, first_moments))
             if name not in stats:
                 stats[name] = InputStats.zeros(x.shape[-1], device)
-            stats[name].add(x, first_moments)
+            stats[name].add(shared[key][1])
+            seen.add(name)
+            if len(seen) == len(modules):  # nothing later in the layer is needed
+                seen.clear()
+                raise _StopForward
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
