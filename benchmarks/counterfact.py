@@ -217,7 +217,8 @@ def report(name, metrics, seconds, steps, ratios, ppl_after, args, total=None) -
     lines[f"{name}.seconds_per_edit_mean"] = round(statistics.mean(seconds), 3)
     if total is not None:
         lines[f"{name}.seconds_total"] = round(total, 2)
-    lines[f"{name}.v_steps_mean"] = round(statistics.mean(steps), 2)
+    if steps:
+        lines[f"{name}.v_steps_mean"] = round(statistics.mean(steps), 2)
     if ratios:
         lines[f"{name}.time_over_floor"] = round(statistics.median(ratios), 3)
     if ppl_after:
