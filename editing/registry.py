@@ -73,12 +73,15 @@ class SurgeryResult:
     metrics: flat name -> number, checked by gates and recorded in the manifest.
     artifacts: extra files stored with the version (ReFT intervention safetensors + JSON,
         a head score table ...), name -> bytes.
+    resolved: config fields whose value was chosen at run time (``auto`` dtypes resolved for
+        the device), recorded in the version's operation config in place of the setting.
     """
 
     changed: dict[str, torch.Tensor] = field(default_factory=dict)
     config_overrides: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    resolved: dict[str, Any] = field(default_factory=dict)
 
 
 class RunFunction(Protocol):

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.registry import MethodConfig
 from modelsurgery.models.adapters import FAMILIES, FamilyLayout
+from modelsurgery.models.hardware import DtypeSetting
 
 
 class PruneConfig(MethodConfig):
@@ -33,6 +34,10 @@ class PruneConfig(MethodConfig):
     (forward pass on one calibration window, structured only), ``prune_seconds``,
     ``bias_compensation`` (1 when applied). Artifacts: ``layer_sparsity.json`` (per-module
     shapes and sparsity), ``kept_structure.json`` (kept neurons / KV heads per layer).
+
+    calibration_dtype: ``auto`` (default) runs the calibration forwards in bfloat16 autocast
+    where bf16 matmuls are fast on the device (CUDA with bf16, a CPU with AMX or AVX-512-BF16)
+    and in float32 elsewhere; the version records the value it resolved to.
 
     bias_compensation (structured): the removed neurons' mean output goes into the MLP output
     bias (FLAP). Llama-style MLPs without bias get zero gate/up biases and ``mlp_bias: true``
@@ -60,7 +65,7 @@ class PruneConfig(MethodConfig):
     calibration_seqlen: int = Field(default=512, ge=2)
     calibration_batch_size: int = Field(default=8, ge=1)
     calibration_data: str | None = None
-    calibration_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    calibration_dtype: DtypeSetting = "auto"
     evaluate_perplexity: bool = True
     perplexity_tokens: int = Field(default=4096, ge=2)
     perplexity_window: int = Field(default=512, ge=2)

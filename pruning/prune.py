@@ -16,6 +16,7 @@ from torch import nn
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult, register_method
 from modelsurgery.models.adapters import ArchitectureAdapter, Projection, get_adapter
+from modelsurgery.models.hardware import resolve_dtype
 from modelsurgery.pruning.calibration import (
     InputStats,
     LayerwiseCalibration,
@@ -50,9 +51,6 @@ from modelsurgery.pruning.structured import (
     neuron_scores,
     top_indices,
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 class _Pruner:
     """Per-layer pruning steps for one model and config; accumulates changed tensors."""
@@ -189,6 +187,7 @@ def prune_model(
     latency_before = forward_latency(model, latency_ids) if measure else None
 
     start = time.perf_counter()
+    calibration_dtype = resolve_dtype(config.calibration_dtype, next(model.parameters()).device)
     pruner = _Pruner(adapter, config, context)
     pruner.ensure_mlp_biases()
     calibration = LayerwiseCalibration(
@@ -196,7 +195,7 @@ def prune_model(
         adapter,
         ids,
         batch_size=config.calibration_batch_size,
-        dtype=_DTYPES[config.calibration_dtype],
+        dtype=calibration_dtype,
     )
     needs_data = any(pruner.stat_targets(i) for i in selected)
     inputs = calibration.capture() if needs_data else None
@@ -245,7 +244,11 @@ def prune_model(
     if pruner.kept:
         artifacts["kept_structure.json"] = json.dumps(pruner.kept).encode()
     return SurgeryResult(
-        changed=pruner.changed, config_overrides=overrides, metrics=metrics, artifacts=artifacts
+        changed=pruner.changed,
+        config_overrides=overrides,
+        metrics=metrics,
+        artifacts=artifacts,
+        resolved={"calibration_dtype": str(calibration_dtype).removeprefix("torch.")},
     )
 
 

@@ -1,7 +1,8 @@
 """The job engine: a pool of Ray worker actors fed from the durable job table.
 
-Embedded Ray by default (``ray.init(num_cpus=...)`` in the server process, dashboard off), or an
-existing cluster with ``ray_address``. A job whose worker dies is retried while attempts remain,
+Embedded Ray by default (``ray.init(address="local", num_cpus=...)`` in the server process,
+dashboard off: a fresh cluster of its own even when ``ray start`` left one on the machine), or an
+existing cluster only when ``ray_address`` names one (``--ray-address`` / ``RAY_ADDRESS``). A job whose worker dies is retried while attempts remain,
 else failed with the reason; it is never left RUNNING.
 """
 
@@ -58,6 +59,7 @@ class JobEngine:
             ray.init(address=self.settings.ray_address, log_to_driver=False)
         else:
             ray.init(
+                address="local",
                 num_cpus=self.settings.num_cpus,
                 include_dashboard=False,
                 log_to_driver=False,

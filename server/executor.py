@@ -131,7 +131,7 @@ def execute_job(
             overrides.update(result.config_overrides)
             artifacts.update(result.artifacts)
             metrics.update(result.metrics)
-            operations.append(operation.model_dump(mode="json"))
+            operations.append({**operation.model_dump(mode="json"), **result.resolved})
             if index + 1 < len(spec.operations) and result.changed:
                 digest = model_digest(model)
     except JobCancelled:

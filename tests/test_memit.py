@@ -12,7 +12,10 @@ from test_rome import FACT, QUICK, context
 from test_rome import data_dir as data_dir
 
 from modelsurgery.editing import memit
+from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import answer_scores
+from modelsurgery.editing.knowledge.keys import keys_and_outputs
+from modelsurgery.editing.knowledge.vstar import optimize_deltas
 from modelsurgery.editing.registry import get_method
 from modelsurgery.models.adapters import get_adapter
 
@@ -32,21 +35,59 @@ def answers_logp(model, tok) -> list[float]:
     return [a.mean_logp for a in answer_scores(model, tok, get_adapter(model), pairs)]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
-def test_batch_edit_raises_all_targets(family: str, data_dir: Path) -> None:
-    model, tok = build_editable(family), build_tiny_tokenizer()
+def site_targets(model, tok, config: memit.MemitConfig, data_dir: Path) -> torch.Tensor:
+    """The v* targets z [F, d] MEMIT aims the last edited layer's outputs at (deterministic:
+    the same optimisation ``run`` does, on the unedited model)."""
     adapter = get_adapter(model)
-    before = answers_logp(model, tok)
+    defaults = family_defaults(adapter.model_type)
+    result = optimize_deltas(
+        model,
+        tok,
+        adapter,
+        config.facts,
+        layer=config.edit_layers(model.config)[-1],
+        site="layer",
+        params=config.vstar_params(defaults, defaults.memit_clamp),
+        templates=config.templates(),
+        context=context(data_dir),
+    )
+    return result.target_init + result.deltas
+
+
+def last_layer_outputs(model, tok, config: memit.MemitConfig) -> torch.Tensor:
+    last = config.edit_layers(model.config)[-1]
+    _, outputs = keys_and_outputs(
+        model,
+        tok,
+        get_adapter(model),
+        config.facts,
+        key_layer=last,
+        out_layer=last,
+        templates=config.templates(),
+    )
+    return outputs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+def test_batch_edit_moves_every_fact_to_its_target(family: str, seed: int, data_dir: Path) -> None:
+    """MEMIT's promise, on every family's layout: after the layer-by-layer updates the last
+    edited layer's outputs at each fact's subject are most of the way to z (the lambda * C
+    regulariser and template-averaged keys leave up to ~20% on these models; keys swapped
+    between facts leave 150-250%). (Whether z then wins the next token depends
+    on how far the v* optimisation got on a random 4-layer model, a property of the seed, not
+    of MEMIT; the SmolLM2 end-to-end test checks efficacy on a real model.)"""
+    model, tok = build_editable(family, seed=seed), build_tiny_tokenizer()
+    adapter = get_adapter(model)
     config = memit.MemitConfig(facts=FACTS, layers=[0, 1], mom2_weight=0.01, **QUICK)
+    targets = site_targets(model, tok, config, data_dir)
+    before = (targets - last_layer_outputs(model, tok, config)).norm(dim=-1)
     result = get_method("memit").run(model, tok, config, context(data_dir))
     assert set(result.changed) == {f"{adapter.mlp_out_path(i)}.weight" for i in (0, 1)}
     for name, tensor in result.changed.items():
         assert tensor.shape == model.get_submodule(name.removesuffix(".weight")).weight.shape
-    after = answers_logp(model, tok)
-    gains = [a - b for a, b in zip(after, before, strict=True)]
-    assert min(gains) > 0
-    assert sum(gains) / len(gains) > 0.5
-    assert result.metrics["efficacy"] >= 2 / 3
+    after = (targets - last_layer_outputs(model, tok, config)).norm(dim=-1)
+    assert (after < 0.3 * before).all(), (before.tolist(), after.tolist())
     assert result.metrics["v_loss"] < 5
 
 

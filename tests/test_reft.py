@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from safetensors.torch import load as safetensors_load
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import (
+    DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -31,7 +32,7 @@ from modelsurgery.editing.reft import (
 )
 from modelsurgery.editing.reft.artifacts import to_artifacts
 from modelsurgery.editing.reft.config import InterventionSpec, ReftConfig, parse_positions
-from modelsurgery.editing.reft.hooks import attach
+from modelsurgery.editing.reft.hooks import past_length, attach
 from modelsurgery.editing.reft.interventions import ReftInterventions
 from modelsurgery.editing.reft.lora_count import lora_parameter_count
 from modelsurgery.editing.reft.positions import prompt_positions, slot_positions
@@ -281,6 +282,21 @@ def test_cached_generation_matches_no_cache_recompute(family: str) -> None:
     assert not torch.allclose(plain, prefill, atol=1e-4)
 
 
+def test_past_length_reads_every_signal_a_call_carries() -> None:
+    """Decoding steps are told apart from prompt calls however transformers names the cache
+    (``past_key_values`` up to 5.23, ``cache`` from 5.24) or when only the mask shows it."""
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 5, 8), 0)
+    step = torch.ones(2, 1, dtype=torch.long)
+    for keyword in ("past_key_values", "cache"):
+        assert past_length((step,), {keyword: cache}) == 5
+        assert past_length((), {"input_ids": step, keyword: DynamicCache()}) == 0
+    wide = torch.ones(2, 7, dtype=torch.long)
+    assert past_length((), {"input_ids": step, "attention_mask": wide}) == 6
+    assert past_length((), {"input_ids": wide, "attention_mask": wide}) == 0
+    assert past_length((), {"input_ids": step, "cache_position": torch.tensor([4])}) == 4
+
+
 def test_left_padded_batch_matches_single_prompts() -> None:
     model = tiny_llama()
     handle = attach(model, random_interventions(spec_for(model, positions="f2+l1")))
@@ -352,7 +368,7 @@ def test_artifacts_round_trip_gives_identical_outputs(intervention: str, tmp_pat
         handle = attach_from_folder(model, tmp_path)
         from_folder = model(ids).logits
         handle.remove()
-    torch.testing.assert_close(loaded, live, atol=1e-6, rtol=0)
+    assert torch.equal(loaded, live)
     assert torch.equal(from_folder, loaded)
 
 

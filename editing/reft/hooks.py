@@ -1,8 +1,11 @@
 """Forward hooks that apply ReFT interventions inside ordinary ``model(...)`` and
 ``model.generate(...)`` calls.
 
-Rule: a forward call of the decoder stack is a *prompt call* when the KV cache it gets is empty
-(no ``past_key_values``, or a cache of length 0; this is the prefill call of ``generate``).
+Rule: a forward call of the decoder stack is a *prompt call* when nothing precedes its tokens:
+the cache it gets is empty (whatever the keyword: ``past_key_values`` before transformers 5.24,
+``cache`` after), its ``cache_position`` starts at 0 where given, and its 2-D attention mask
+covers only its own tokens (a decoding step's mask also covers the past).
+This is the prefill call of ``generate``.
 Only prompt calls are intervened on, at the positions ``positions.prompt_positions`` picks
 from that call's prompt; cached decoding steps of new tokens are left alone (they are not
 prompt positions), yet they see the intervened prompt through the cache. Each row's prompt is
@@ -81,7 +84,7 @@ class InterventionHandle:
     # --- hooks -----------------------------------------------------------------------------
     def _before_stack(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._active = None
-        if not _is_prompt_call(kwargs):
+        if not _is_prompt_call(args, kwargs):
             return
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
@@ -132,16 +135,30 @@ class InterventionHandle:
         return hook
 
 
-def _is_prompt_call(kwargs: dict[str, Any]) -> bool:
+def _is_prompt_call(args: tuple, kwargs: dict[str, Any]) -> bool:
+    return past_length(args, kwargs) == 0
+
+
+def past_length(args: tuple, kwargs: dict[str, Any]) -> int:
+    """How many tokens precede this call's tokens, from the first signal the call carries:
+    an explicit cache position, a cache object (any keyword), a legacy tuple cache, or a 2-D
+    attention mask wider than the call's tokens."""
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-        return int(cache_position.reshape(-1)[0]) == 0
-    past = kwargs.get("past_key_values")
-    if past is None:
-        return True
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length()) == 0
-    return len(past) == 0 or past[0][0].shape[-2] == 0
+        return int(cache_position.reshape(-1)[0])
+    for value in kwargs.values():
+        if hasattr(value, "get_seq_length"):
+            return int(value.get_seq_length())
+    legacy = kwargs.get("past_key_values")
+    if isinstance(legacy, tuple | list) and len(legacy):
+        return int(legacy[0][0].shape[-2])
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return max(0, int(mask.shape[1]) - int(tokens.shape[1]))
+    return 0
 
 
 def _prompt_spans(

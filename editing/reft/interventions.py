@@ -45,7 +45,9 @@ class LoreftIntervention(nn.Module):
 
     def delta(self, hidden: torch.Tensor) -> torch.Tensor:
         h = hidden.to(self.source.weight.dtype)
-        rotation = self.rotate.weight
+        # Row-major R whether it comes from the orthogonal parametrisation (a transposed view)
+        # or from a loaded file: the matmul kernels, and so the rounding, are then the same.
+        rotation = self.rotate.weight.contiguous()
         return self.dropout((self.source(h) - h @ rotation.T) @ rotation)
 
     def tensors(self) -> dict[str, torch.Tensor]:

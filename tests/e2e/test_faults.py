@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -523,6 +524,7 @@ class RayCluster:
     address: str
     temp_dir: Path
     env: dict[str, str]
+    session: Path
 
 
 def free_port() -> int:
@@ -547,7 +549,10 @@ def ray_cluster() -> Iterator[RayCluster]:
     dir, ports and auth token. Teardown kills that process group and any straggler naming our
     temp dir: ``ray stop`` would stop every Ray on the machine, other servers' included."""
     ray = Path(sys.executable).with_name("ray")
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp"))
+    # <tmp>/ray, so that a process with RAY_TMPDIR=<tmp> sees this cluster as the one
+    # `ray start` last recorded on the machine (<tmp>/ray/ray_current_cluster).
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")) / "ray"
+    temp_dir.mkdir()
     port = free_port()
     # Ray >= 2.5x turns token auth on for `ray start`; give this cluster its own token rather
     # than whatever ~/.ray/auth_token holds.
@@ -579,11 +584,15 @@ def ray_cluster() -> Iterator[RayCluster]:
     try:
         deadline = time.monotonic() + 180
         status = [str(ray), "status", f"--address={address}"]
-        while subprocess.run(status, capture_output=True, env=full_env, check=False).returncode:
+        recorded = temp_dir / "ray_current_cluster"  # written once the head is fully up
+        while (
+            subprocess.run(status, capture_output=True, env=full_env, check=False).returncode
+            or not recorded.is_file()
+        ):
             assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(1)
-        yield RayCluster(address, temp_dir, env)
+        yield RayCluster(address, temp_dir, env, (temp_dir / "session_latest").resolve())
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -591,7 +600,7 @@ def ray_cluster() -> Iterator[RayCluster]:
         for pid in pids_mentioning(str(temp_dir)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(temp_dir.parent, ignore_errors=True)
 
 
 def test_job_on_external_ray_cluster(
@@ -615,3 +624,40 @@ def test_job_on_external_ray_cluster(
         server.stop()
     report = CheckpointStore(server.home / "store").verify()
     assert report.ok, report.problems
+
+
+def driver_logs(cluster: RayCluster, pid: int) -> list[Path]:
+    """Core-driver logs of process ``pid`` in the cluster's session: present iff it joined."""
+    return list(cluster.session.glob(f"logs/python-core-driver-*_{pid}.log"))
+
+
+def test_serve_and_apply_local_embed_their_own_ray_beside_a_cluster(
+    ray_cluster: RayCluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With a token-auth ``ray start`` cluster recorded as the machine's current one (which a
+    bare ``ray.init()`` joins, and fails to without its token), ``serve --num-cpus 2`` and
+    ``apply --local`` still start their own Ray: the job runs, and neither process is a
+    driver of that cluster."""
+    assert (ray_cluster.temp_dir / "ray_current_cluster").read_text().strip()
+    env = {"RAY_TMPDIR": str(ray_cluster.temp_dir.parent)}
+    server = start_server(tmp_path / "home", env=env)
+    try:
+        with Client(server.address, timeout=120) as client:
+            job = client.wait(client.submit(mask_spec(tiny_model_dir, ["0.1"])).id, timeout=300)
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    finally:
+        server.stop()
+    assert not driver_logs(ray_cluster, server.process.pid)
+
+    spec = tmp_path / "patch.yaml"
+    spec.write_text(json.dumps(mask_spec(tiny_model_dir, ["1.2"])))
+    apply = subprocess.Popen(
+        [sys.executable, "-m", "modelsurgery.client.cli", "apply", str(spec), "--local", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env, "MODELSURGERY_HOME": str(tmp_path / "local-home")},
+    )
+    stdout, stderr = apply.communicate(timeout=300)
+    assert apply.returncode == 0, stderr.decode()[-2000:]
+    assert json.loads(stdout)["state"] == "SUCCEEDED"
+    assert not driver_logs(ray_cluster, apply.pid)
