@@ -52,6 +52,7 @@ from modelsurgery.pruning.structured import (
     top_indices,
 )
 
+
 class _Pruner:
     """Per-layer pruning steps for one model and config; accumulates changed tensors."""
 

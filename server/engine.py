@@ -2,8 +2,9 @@
 
 Embedded Ray by default (``ray.init(address="local", num_cpus=...)`` in the server process,
 dashboard off: a fresh cluster of its own even when ``ray start`` left one on the machine), or an
-existing cluster only when ``ray_address`` names one (``--ray-address`` / ``RAY_ADDRESS``). A job whose worker dies is retried while attempts remain,
-else failed with the reason; it is never left RUNNING.
+existing cluster only when ``ray_address`` names one (``--ray-address`` / ``RAY_ADDRESS``).
+A job whose worker dies is retried while attempts remain, else failed with the reason; it is
+never left RUNNING.
 """
 
 from __future__ import annotations
