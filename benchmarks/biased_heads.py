@@ -36,6 +36,7 @@ from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.models import load
+from modelsurgery.models.hardware import describe
 
 
 def evaluate(
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], help="strategies not to evaluate")
     args = parser.parse_args()
+    print(describe(), flush=True)
     torch.set_grad_enabled(False)
 
     t0 = time.perf_counter()

@@ -49,6 +49,7 @@ from modelsurgery.editing.rome import RomeConfig
 from modelsurgery.editing.rome import run as rome_run
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
+from modelsurgery.models.hardware import describe
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -254,6 +255,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(), flush=True)
     torch.manual_seed(0)
 
     loaded = load("smollm2-135m")

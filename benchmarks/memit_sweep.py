@@ -32,6 +32,7 @@ from modelsurgery.editing.memit.method import memit_update
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
+from modelsurgery.models.hardware import describe
 
 
 def null_space_update(
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(), flush=True)
     torch.manual_seed(0)
 
     loaded = load("smollm2-135m")

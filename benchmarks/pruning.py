@@ -35,6 +35,7 @@ from modelsurgery.checkpoints.codecs import choose_encoding, get_codec
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.models import load
+from modelsurgery.models.hardware import describe, resolve_dtype
 from modelsurgery.pruning.calibration import calibration_ids
 from modelsurgery.pruning.config import PruneConfig
 from modelsurgery.pruning.prune import prune_model
@@ -150,12 +151,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--calibration-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument(
+        "--calibration-dtype", choices=["auto", "float32", "bfloat16"], default="auto"
+    )
     parser.add_argument("--only", nargs="*", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--wanda-checkout", type=Path, help="locuslab/wanda clone (side by side)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(), flush=True)
 
     loaded = load("smollm2-135m")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -219,7 +223,8 @@ def main() -> None:
 
     print(
         f"\nSmolLM2-135M, calibration {args.samples} x {args.seqlen} tokens "
-        f"({args.calibration_dtype}), WikiText-2 test first 4096 tokens, window 512"
+        f"({resolve_dtype(args.calibration_dtype, 'cpu')}), WikiText-2 test first 4096 tokens, "
+        "window 512"
     )
     print(f"dense perplexity {dense_ppl:.2f}, safetensors {dense_mb:.1f} MB")
     header = f"{'method':<26}{'ppl':>10}{'ppl/dense':>10}{'seconds':>9}{'cpu s':>9}{'params':>8}"

@@ -21,6 +21,7 @@ from modelsurgery.editing.reft import ReftConfig, attach_interventions
 from modelsurgery.editing.reft.method import run
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.models import load
+from modelsurgery.models.hardware import describe
 
 TARGET = "Banana"
 TRAIN = [
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(), flush=True)
 
     started = time.perf_counter()
     loaded = load("smollm2-135m")

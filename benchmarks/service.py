@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from modelsurgery.client import Client
+from modelsurgery.models.hardware import describe
 from modelsurgery.server.process import start_server
 from modelsurgery.v1 import jobs_pb2
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--jobs", type=int, default=10)
     args = parser.parse_args()
+    print(describe(), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"

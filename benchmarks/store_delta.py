@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.models.digest import persistent_state_dict, tensor_blob_bytes
+from modelsurgery.models.hardware import describe
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EDITED = "model.layers.{layer}.mlp.down_proj.weight"
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="SmolLM2-135M instead of random")
     parser.add_argument("--layer", type=int, default=0)
     args = parser.parse_args()
+    print(describe(), flush=True)
     model, tokenizer, reference = smollm2() if args.real else random_llama()
     name = EDITED.format(layer=args.layer)
     with tempfile.TemporaryDirectory() as tmp:
