@@ -32,6 +32,7 @@ COPY proto proto
 COPY models models
 COPY checkpoints checkpoints
 COPY editing editing
+COPY evaluation evaluation
 COPY pruning pruning
 COPY server server
 COPY client client

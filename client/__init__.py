@@ -2,6 +2,7 @@
 
 from modelsurgery.client.aio import AsyncClient
 from modelsurgery.client.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     JobFailed,
@@ -9,12 +10,15 @@ from modelsurgery.client.errors import (
     NotFound,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
+    WaitTimeout,
 )
 from modelsurgery.client.sdk import Client
 
 __all__ = [
     "AsyncClient",
     "Client",
+    "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "JobFailed",
@@ -22,4 +26,6 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "Unauthenticated",
+    "Unavailable",
+    "WaitTimeout",
 ]

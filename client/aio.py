@@ -15,17 +15,19 @@ from typing import Any
 import grpc
 
 from modelsurgery.client.connection import (
-    TERMINAL_STATES,
+    RECONNECT_CODES,
     UNSET,
+    WATCH_SEGMENT_S,
     ConnectionSettings,
+    Deadline,
     DownloadWriter,
+    evaluate_request,
     generate_request,
     list_jobs_request,
     set_alias_request,
     submit_request,
 )
 from modelsurgery.client.errors import JobFailed, from_rpc_error
-from modelsurgery.client.sdk import RECONNECT_CODES
 from modelsurgery.proto.spec import JobSpec
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -87,11 +89,19 @@ class AsyncClient:
         request = jobs_pb2.CancelJobRequest(job_id=job_id)
         return (await self._call(self._jobs.CancelJob, request)).job
 
-    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[jobs_pb2.JobEvent]:
-        cursor = after_seq
+    def watch(
+        self, job_id: str, after_seq: int = 0, *, timeout: float | None = None
+    ) -> AsyncIterator[jobs_pb2.JobEvent]:
+        """Events until the job ends; reconnects and deadlines as in ``Client.watch``."""
+        return self._watch(job_id, after_seq, Deadline(job_id, timeout))
+
+    async def _watch(
+        self, job_id: str, cursor: int, deadline: Deadline
+    ) -> AsyncIterator[jobs_pb2.JobEvent]:
         while True:
             stream = self._jobs.WatchJob(
                 jobs_pb2.WatchJobRequest(job_id=job_id, after_seq=cursor),
+                timeout=deadline.cap(WATCH_SEGMENT_S),
                 metadata=self.settings.metadata(),
             )
             try:
@@ -102,7 +112,21 @@ class AsyncClient:
             except grpc.RpcError as error:
                 if error.code() not in RECONNECT_CODES:
                     raise from_rpc_error(error) from None
-                await asyncio.sleep(0.5)
+            deadline.check()
+            await self._reach(deadline)
+
+    async def _reach(self, deadline: Deadline) -> jobs_pb2.Job:
+        """The job, from a server given (wait_for_ready) up to the reconnect budget to answer."""
+        try:
+            response = await self._jobs.GetJob(
+                jobs_pb2.GetJobRequest(job_id=deadline.job_id),
+                timeout=deadline.cap(self.settings.reconnect_budget),
+                wait_for_ready=True,
+                metadata=self.settings.metadata(),
+            )
+        except grpc.RpcError as error:
+            raise deadline.reconnect_failure(error, self.settings) from None
+        return response.job
 
     async def wait(
         self,
@@ -112,16 +136,12 @@ class AsyncClient:
         timeout: float | None = None,
         raise_on_failure: bool = False,
     ) -> jobs_pb2.Job:
-        async def follow() -> None:
-            async for event in self.watch(job_id):
-                if progress is not None:
-                    progress(event)
-
-        await asyncio.wait_for(follow(), timeout)
-        job = await self.get_job(job_id)
-        while job.state not in TERMINAL_STATES:
-            await asyncio.sleep(0.2)
-            job = await self.get_job(job_id)
+        """As ``Client.wait``: ``timeout`` is an overall deadline (WaitTimeout)."""
+        deadline = Deadline(job_id, timeout)
+        async for event in self._watch(job_id, 0, deadline):
+            if progress is not None:
+                progress(event)
+        job = await self._reach(deadline)
         if raise_on_failure and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
             raise JobFailed(job, jobs_pb2.JobState.Name(job.state), job.error)
         return job
@@ -160,6 +180,18 @@ class AsyncClient:
     async def get_artifact(self, ref: str, name: str) -> bytes:
         request = checkpoints_pb2.GetArtifactRequest(ref=ref, name=name)
         return (await self._call(self._checkpoints.GetArtifact, request)).data
+
+    async def evaluate(
+        self,
+        ref: str,
+        *,
+        against: str | None = None,
+        suite: dict[str, Any] | None = None,
+        perplexity: bool = False,
+        timeout: float = 900,
+    ) -> checkpoints_pb2.EvaluateVersionResponse:
+        request = evaluate_request(ref, against, suite, perplexity)
+        return await self._call(self._checkpoints.EvaluateVersion, request, timeout=timeout)
 
     async def import_model(
         self, reference: str, *, alias: str | None = None

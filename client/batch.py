@@ -2,7 +2,8 @@
 
 The server runs as many jobs at once as it has workers (``serve --workers N``, or the Ray
 cluster it is attached to); ``concurrency`` bounds how many this batch keeps in flight.
-Request ids derive from the batch name and the item, so re-running a batch is idempotent.
+Request ids derive from the batch name and the item, so re-running a batch reuses the jobs that
+succeeded (or are still queued or running) and runs the failed or cancelled ones again.
 """
 
 from __future__ import annotations

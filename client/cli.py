@@ -19,8 +19,14 @@ from modelsurgery.client.batch import (
     run_batch,
 )
 from modelsurgery.client.cli_common import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_INFRASTRUCTURE,
+    EXIT_OK,
+    EXIT_TIMEOUT,
     CaOption,
     JsonOption,
+    Reported,
     ServerOption,
     StoreOption,
     TokenOption,
@@ -32,15 +38,13 @@ from modelsurgery.client.cli_common import (
     reported_errors,
     to_data,
 )
+from modelsurgery.client.cli_eval import register_eval_command
 from modelsurgery.client.cli_versions import register_version_commands
 from modelsurgery.client.connection import STATE_NAMES, as_spec
-from modelsurgery.client.junit import write_job_report
+from modelsurgery.client.junit import ApplyReport, Problem
 from modelsurgery.client.sdk import Client
 from modelsurgery.proto.spec import SpecError
 from modelsurgery.v1 import jobs_pb2
-
-EXIT_FAILED = 1
-EXIT_CANCELLED = 3
 
 app = typer.Typer(
     name="modelsurgery",
@@ -51,6 +55,7 @@ app = typer.Typer(
 jobs_app = typer.Typer(help="Jobs on a server.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 register_version_commands(app)
+register_eval_command(app)
 
 
 @app.command()
@@ -168,9 +173,13 @@ def _print_job(job: jobs_pb2.Job) -> None:
 
 def _exit_code(job: jobs_pb2.Job) -> int:
     return {
-        jobs_pb2.JOB_STATE_SUCCEEDED: 0,
+        jobs_pb2.JOB_STATE_SUCCEEDED: EXIT_OK,
         jobs_pb2.JOB_STATE_CANCELLED: EXIT_CANCELLED,
     }.get(job.state, EXIT_FAILED)
+
+
+def _apply_summary(job: jobs_pb2.Job) -> dict[str, object]:
+    return {**_job_summary(job), "previous_attempt": job.previous_attempt or None}
 
 
 def _apply(
@@ -179,29 +188,55 @@ def _apply(
     wait: bool,
     as_json: bool,
     request_id: str | None,
-    junit: Path | None,
+    timeout: float | None,
+    report: ApplyReport,
 ) -> int:
-    job = client.submit(spec, request_id=request_id or client.patch_request_id(spec))
+    if not spec.is_file():
+        raise SpecError("spec", f"{spec} is not a file")
+    job_spec = as_spec(spec)
+    job = report.job = client.submit(
+        job_spec, request_id=request_id or client.patch_request_id(job_spec)
+    )
     if not as_json:
-        out.print(f"job {job.id} submitted")
+        again = f" (re-runs {job.previous_attempt})" if job.previous_attempt else ""
+        out.print(f"job {job.id} submitted{again}")
     if not wait:
         if as_json:
-            emit_json(_job_summary(job))
-        return 0
-    job = client.wait(job.id, progress=None if as_json else _print_event)
-    if junit is not None:
-        write_job_report(job, junit, suite_name=spec.stem)
+            emit_json(_apply_summary(job))
+        return EXIT_OK
+    report.job = job = client.wait(
+        job.id, progress=None if as_json else _print_event, timeout=timeout
+    )
     if as_json:
-        emit_json(_job_summary(job))
+        emit_json(_apply_summary(job))
     else:
         _print_job(job)
     return _exit_code(job)
 
 
+def _junit_problem(reported: Reported) -> Problem:
+    """Infrastructure errors and timeouts are JUnit errors (the run broke off); a refused
+    request is a failure of the patch itself."""
+    broke_off = reported.exit_code in (EXIT_INFRASTRUCTURE, EXIT_TIMEOUT)
+    named = reported.field is None or reported.field in reported.message
+    field = "" if named else f" (field {reported.field})"
+    return Problem(
+        "error" if broke_off else "failure",
+        reported.code or "error",
+        f"{reported.message}{field}",
+    )
+
+
 @app.command()
 def apply(
-    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).", exists=True, dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).", dir_okay=False)],
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end.")] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="Stop waiting after this many seconds (exit 5); the job itself goes on."
+        ),
+    ] = None,
     local: Annotated[
         bool, typer.Option("--local", help="Run without a server (embedded, in-process).")
     ] = False,
@@ -209,14 +244,19 @@ def apply(
         str | None,
         typer.Option(
             help="Idempotency key (default: derived from the spec, so re-running the same "
-            "patch on the same base returns the same job and version)."
+            "patch on the same base returns the same job and version; a failed or cancelled "
+            "one is run again as a new job)."
         ),
     ] = None,
     new: Annotated[
         bool, typer.Option("--new", help="Always start a new job (a random request id).")
     ] = False,
     junit: Annotated[
-        Path | None, typer.Option(help="Write a JUnit XML report, a case per gate (waits).")
+        Path | None,
+        typer.Option(
+            help="Write a JUnit XML report on every outcome: a case per gate and one for the "
+            "job (implies --wait)."
+        ),
     ] = None,
     as_json: JsonOption = False,
     server: ServerOption = None,
@@ -224,29 +264,47 @@ def apply(
     tls_ca: CaOption = None,
     store: StoreOption = None,
 ) -> None:
-    """Submit a job spec. With --wait, exit 0 only if it succeeded with every gate holding
-    (1: failed or a gate failed, 2: invalid input, 3: cancelled)."""
+    """Submit a job spec; with --wait, follow it to its end.
+
+    Exit codes:
+    0  the job succeeded: every gate holds
+    1  the job failed, or one of its gates did
+    2  invalid spec or usage (the request was refused)
+    3  the job was cancelled
+    4  server unreachable, or an infrastructure error
+    5  --timeout ran out before the job ended
+    """
     if new:
         request_id = f"new-{uuid.uuid4().hex}"
-    with reported_errors(as_json):
-        if local:
-            from modelsurgery.checkpoints import default_root
-            from modelsurgery.server.app import ServerSettings
-            from modelsurgery.server.embedded import EmbeddedServer
+    report = ApplyReport(spec.stem)
 
-            root = store or (
-                Path(os.environ["MODELSURGERY_HOME"]) / "store"
-                if os.environ.get("MODELSURGERY_HOME")
-                else default_root()
-            )
-            with (
-                EmbeddedServer(ServerSettings(store_root=root)) as embedded,
-                Client(embedded.address, timeout=600) as client,
-            ):
-                code = _apply(client, spec, True, as_json, request_id, junit)
-        else:
-            with connect(server, token, tls_ca) as client:
-                code = _apply(client, spec, wait or junit is not None, as_json, request_id, junit)
+    def record(reported: Reported) -> None:
+        report.problem = _junit_problem(reported)
+
+    try:
+        with reported_errors(as_json, on_error=record):
+            if local:
+                from modelsurgery.checkpoints import default_root
+                from modelsurgery.server.app import ServerSettings
+                from modelsurgery.server.embedded import EmbeddedServer
+
+                root = store or (
+                    Path(os.environ["MODELSURGERY_HOME"]) / "store"
+                    if os.environ.get("MODELSURGERY_HOME")
+                    else default_root()
+                )
+                with (
+                    EmbeddedServer(ServerSettings(store_root=root)) as embedded,
+                    Client(embedded.address, timeout=600) as client,
+                ):
+                    code = _apply(client, spec, True, as_json, request_id, timeout, report)
+            else:
+                with connect(server, token, tls_ca) as client:
+                    waits = wait or junit is not None
+                    code = _apply(client, spec, waits, as_json, request_id, timeout, report)
+    finally:
+        if junit is not None:
+            report.write(junit)
     raise typer.Exit(code)
 
 
@@ -304,7 +362,7 @@ def batch(
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())[:4])
             table.add_row(r.label, r.job_id, r.state, r.version_id or "-", shown or r.error[:60])
         out.print(table)
-    raise typer.Exit(0 if all_succeeded(results) else EXIT_FAILED)
+    raise typer.Exit(EXIT_OK if all_succeeded(results) else EXIT_FAILED)
 
 
 @jobs_app.command("list")

@@ -7,9 +7,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import grpc
 import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -17,11 +19,28 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from modelsurgery.client.connection import SERVER_ENV, TOKEN_ENV
-from modelsurgery.client.errors import JobFailed, ModelSurgeryError
+from modelsurgery.client.errors import JobFailed, ModelSurgeryError, WaitTimeout
 from modelsurgery.client.sdk import Client
 
 console = Console(stderr=True)
 out = Console(highlight=False)
+
+# Exit codes, the contract CI pipelines rely on (README "Using it", `apply --help`).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed, or one of its gates did
+EXIT_INVALID = 2  # invalid spec or usage: the request was refused, retrying will not help
+EXIT_CANCELLED = 3
+EXIT_INFRASTRUCTURE = 4  # server unreachable, or an error on its side
+EXIT_TIMEOUT = 5  # --timeout ran out before the job ended
+INFRASTRUCTURE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 ServerOption = Annotated[
@@ -76,22 +95,52 @@ def fail(message: str, exit_code: int = 1, *, as_json: bool = False, **fields: A
     raise typer.Exit(exit_code)
 
 
-@contextmanager
-def reported_errors(as_json: bool) -> Iterator[None]:
-    """Typed SDK and store errors become one clear line (or JSON) and a non-zero exit."""
+@dataclass(frozen=True)
+class Reported:
+    """An error as a command reports it: exit code, message, gRPC status name and field."""
+
+    exit_code: int
+    message: str
+    code: str | None = None
+    field: str | None = None
+
+
+def classify(exc: Exception) -> Reported | None:
+    """How an exception ends a command (None: not an error commands report, e.g. a bug)."""
     from modelsurgery.checkpoints import AliasConflictError, VersionNotFoundError
     from modelsurgery.proto.spec import SpecError
 
+    if isinstance(exc, WaitTimeout):
+        return Reported(EXIT_TIMEOUT, exc.message, exc.code.name, exc.field)
+    if isinstance(exc, ModelSurgeryError):
+        exit_code = EXIT_INFRASTRUCTURE if exc.code in INFRASTRUCTURE_CODES else EXIT_INVALID
+        return Reported(exit_code, exc.message, exc.code.name, exc.field)
+    if isinstance(exc, SpecError):
+        return Reported(EXIT_INVALID, str(exc), grpc.StatusCode.INVALID_ARGUMENT.name, exc.field)
+    if isinstance(exc, VersionNotFoundError | AliasConflictError | FileNotFoundError | ValueError):
+        return Reported(EXIT_INVALID, str(exc.args[0] if exc.args else exc))
+    if isinstance(exc, JobFailed):
+        cancelled = exc.state == "JOB_STATE_CANCELLED"
+        return Reported(EXIT_CANCELLED if cancelled else EXIT_FAILED, str(exc))
+    return None
+
+
+@contextmanager
+def reported_errors(
+    as_json: bool, on_error: Callable[[Reported], None] | None = None
+) -> Iterator[None]:
+    """Typed SDK and store errors become one clear line (or JSON) and their exit code;
+    ``on_error`` sees each one first (``apply --junit`` records it)."""
     try:
         yield
-    except ModelSurgeryError as exc:
-        fail(exc.message, 2, as_json=as_json, code=exc.code.name, field=exc.field)
-    except SpecError as exc:
-        fail(str(exc), 2, as_json=as_json, code="INVALID_ARGUMENT", field=exc.field)
-    except (VersionNotFoundError, AliasConflictError, FileNotFoundError, ValueError) as exc:
-        fail(str(exc.args[0] if exc.args else exc), 2, as_json=as_json)
-    except JobFailed as exc:
-        fail(str(exc), 1, as_json=as_json)
+    except Exception as exc:
+        reported = classify(exc)
+        if reported is None:
+            raise
+        if on_error is not None:
+            on_error(reported)
+        fields = {"code": reported.code, "field": reported.field} if reported.code else {}
+        fail(reported.message, reported.exit_code, as_json=as_json, **fields)
 
 
 def connect(server: str | None, token: str | None, tls_ca: Path | None = None) -> Client:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any, BinaryIO
 
 import grpc
 
+from modelsurgery.client.errors import ModelSurgeryError, Unavailable, WaitTimeout, from_rpc_error
 from modelsurgery.proto.spec import JobSpec, load_spec_file, parse_spec
 from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 
@@ -18,6 +21,40 @@ SERVER_ENV = "MODELSURGERY_SERVER"
 TOKEN_ENV = "MODELSURGERY_TOKEN"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 60.0
+# How long a wait keeps trying to reach a server that went away before it gives up with
+# Unavailable; with WATCH_SEGMENT_S (each watch stream's own deadline, after which the wait
+# checks the server is still there and reopens it) a server that dies is noticed within 25 s.
+RECONNECT_BUDGET_S = 15.0
+WATCH_SEGMENT_S = 10.0
+RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Unary calls without side effects, which gRPC itself retries when the server is briefly
+# unavailable. Streams resume themselves (watch, download): with grpcio 1.85 a retried server
+# stream whose server is killed before its first message outlives its own deadline.
+_RETRIED_METHODS = {
+    "JobService": ("GetJob", "ListJobs"),
+    "CheckpointService": ("ListVersions", "GetVersion", "Diff", "GetAlias", "GetArtifact"),
+}
+_SERVICES = {**jobs_pb2.DESCRIPTOR.services_by_name, **checkpoints_pb2.DESCRIPTOR.services_by_name}
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": _SERVICES[service].full_name, "method": method}
+                    for service, methods in _RETRIED_METHODS.items()
+                    for method in methods
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 TERMINAL_STATES = frozenset(
     {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 )
@@ -34,6 +71,7 @@ class ConnectionSettings:
     client_key: bytes | None
     tls: bool
     timeout: float
+    reconnect_budget: float
 
     @classmethod
     def build(
@@ -46,6 +84,7 @@ class ConnectionSettings:
         client_cert: Path | None = None,
         client_key: Path | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        reconnect_budget: float = RECONNECT_BUDGET_S,
     ) -> ConnectionSettings:
         return cls(
             address=address or os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS,
@@ -55,6 +94,7 @@ class ConnectionSettings:
             client_key=client_key.read_bytes() if client_key else None,
             tls=tls or root_certificates is not None,
             timeout=timeout,
+            reconnect_budget=reconnect_budget,
         )
 
     def credentials(self) -> grpc.ChannelCredentials | None:
@@ -70,8 +110,53 @@ class ConnectionSettings:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     @property
-    def options(self) -> list[tuple[str, int]]:
-        return [("grpc.max_receive_message_length", 8 << 20)]
+    def options(self) -> list[tuple[str, int | str]]:
+        """Channel arguments: the retry policy above, and reconnect attempts at least every 2 s
+        (gRPC's default backoff grows to 2 minutes), so a restarted server is found quickly."""
+        return [
+            ("grpc.max_receive_message_length", 8 << 20),
+            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+
+
+class Deadline:
+    """The overall limit of a wait on one job (``timeout`` seconds from now, or none): every
+    call made for it gets the earlier of its own deadline and this one."""
+
+    def __init__(self, job_id: str, timeout: float | None) -> None:
+        self.job_id = job_id
+        self.timeout = timeout
+        self._at = None if timeout is None else time.monotonic() + timeout
+
+    def cap(self, seconds: float) -> float:
+        if self._at is None:
+            return seconds
+        return max(0.0, min(seconds, self._at - time.monotonic()))
+
+    def check(self) -> None:
+        """Raise WaitTimeout once the limit has passed."""
+        if self._at is not None and time.monotonic() >= self._at:
+            raise WaitTimeout(self.job_id, self.timeout or 0.0)
+
+    def reconnect_failure(
+        self, error: grpc.RpcError, settings: ConnectionSettings
+    ) -> ModelSurgeryError:
+        """What a failed attempt to reach the server again means: WaitTimeout when the wait's
+        own limit ran out first, Unavailable when the server stayed away for the whole
+        reconnect budget, else the call's own error (e.g. NotFound)."""
+        try:
+            self.check()
+        except WaitTimeout as timeout:
+            return timeout
+        if error.code() in RECONNECT_CODES:
+            return Unavailable(
+                grpc.StatusCode.UNAVAILABLE,
+                f"server {settings.address} unreachable for {settings.reconnect_budget:g} s "
+                f"while waiting for job {self.job_id}",
+            )
+        return from_rpc_error(error)
 
 
 def as_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
@@ -105,6 +190,18 @@ def set_alias_request(name: str, version_id: str, expected: Any) -> checkpoints_
         request.check_expected = True
         request.expected_version_id = expected or ""
     return request
+
+
+def evaluate_request(
+    ref: str, against: str | None, suite: dict[str, Any] | None, perplexity: bool
+) -> checkpoints_pb2.EvaluateVersionRequest:
+    """``suite``: ``{"facts": [...]}`` and/or ``{"pairs": [...]}``; None judges the stored one."""
+    return checkpoints_pb2.EvaluateVersionRequest(
+        ref=ref,
+        against=against or "",
+        suite_json=json.dumps(suite).encode() if suite is not None else b"",
+        perplexity=perplexity,
+    )
 
 
 def generate_request(

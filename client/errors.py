@@ -45,6 +45,19 @@ class Unavailable(ModelSurgeryError):
     pass
 
 
+class WaitTimeout(DeadlineExceeded, TimeoutError):
+    """``wait(..., timeout=...)`` ran out before the job ended (the job itself goes on)."""
+
+    def __init__(self, job_id: str, timeout: float) -> None:
+        super().__init__(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"job {job_id} did not end within {timeout:g} s",
+            "timeout",
+        )
+        self.job_id = job_id
+        self.timeout = timeout
+
+
 class JobFailed(Exception):
     """``wait(..., raise_on_failure=True)`` on a job that ended FAILED or CANCELLED."""
 

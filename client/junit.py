@@ -1,48 +1,114 @@
-"""JUnit XML for a job: one test case per gate, so CI systems show each gate natively."""
+"""JUnit XML for ``apply --junit``: a case per gate, so CI systems show each gate natively, and a
+``job`` case, written whatever the outcome (also when no job ran or the wait broke off)."""
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
-from modelsurgery.client.connection import STATE_NAMES
+from modelsurgery.client.connection import STATE_NAMES, TERMINAL_STATES
 from modelsurgery.v1 import jobs_pb2
 
 
-def job_report(job: jobs_pb2.Job, suite_name: str) -> ET.ElementTree:
-    """A suite with a case per gate, plus a ``job`` case that fails when the job did not
-    succeed for another reason (an error, cancellation) or never reached its gates."""
-    suite = ET.Element("testsuite", name=suite_name)
-    cases = 0
-    failures = 0
-    for gate in job.gates:
-        case = ET.SubElement(suite, "testcase", classname=suite_name, name=f"gate {gate.metric}")
-        value = f"{gate.value:.6g}" if gate.has_value else "not measured"
-        ET.SubElement(case, "system-out").text = f"{gate.metric} = {value}, needs {gate.condition}"
-        cases += 1
-        if not gate.passed:
-            failures += 1
-            ET.SubElement(
-                case, "failure", message=f"{gate.metric} = {value}, needs {gate.condition}"
-            )
-    job_case = ET.SubElement(suite, "testcase", classname=suite_name, name="job")
-    state = STATE_NAMES[job.state]
-    ET.SubElement(job_case, "system-out").text = f"job {job.id}: {state}" + (
-        f", version {job.version_id}" if job.version_id else ""
+@dataclass(frozen=True)
+class Problem:
+    """Why apply ended without the job's own verdict. ``failure``: the request was refused
+    (e.g. an invalid spec); ``error``: the run broke off (server unreachable, timeout)."""
+
+    kind: Literal["failure", "error"]
+    type: str
+    message: str
+
+
+def job_report(
+    job: jobs_pb2.Job | None,
+    suite_name: str,
+    *,
+    problem: Problem | None = None,
+    started: datetime | None = None,
+    seconds: float = 0.0,
+) -> ET.ElementTree:
+    """A suite with a case per gate (a failure when it failed) and a ``job`` case that fails
+    when the job failed or was cancelled, or carries ``problem`` when apply stopped early."""
+    started = started or datetime.now(UTC)
+    suite = ET.Element(
+        "testsuite",
+        name=suite_name,
+        timestamp=started.isoformat(timespec="seconds"),
+        time=f"{seconds:.3f}",
     )
-    cases += 1
-    gate_failed = any(not g.passed for g in job.gates)
-    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED and not gate_failed:
-        failures += 1
-        ET.SubElement(job_case, "failure", message=f"job ended {state}: {job.error}")
-    suite.set("tests", str(cases))
-    suite.set("failures", str(failures))
-    suite.set("errors", "0")
+    if job is not None:
+        properties = ET.SubElement(suite, "properties")
+        for name, value in (
+            ("job_id", job.id),
+            ("state", STATE_NAMES[job.state]),
+            ("version_id", job.version_id),
+            ("previous_attempt", job.previous_attempt),
+        ):
+            if value:
+                ET.SubElement(properties, "property", name=name, value=value)
+        for gate in job.gates:
+            case = ET.SubElement(
+                suite, "testcase", classname=suite_name, name=f"gate {gate.metric}", time="0"
+            )
+            value = f"{gate.value:.6g}" if gate.has_value else "not measured"
+            text = f"{gate.metric} = {value}, needs {gate.condition}"
+            ET.SubElement(case, "system-out").text = text
+            if not gate.passed:
+                ET.SubElement(case, "failure", message=text, type="gate")
+    job_case = ET.SubElement(
+        suite, "testcase", classname=suite_name, name="job", time=f"{seconds:.3f}"
+    )
+    if job is not None:
+        ET.SubElement(job_case, "system-out").text = f"job {job.id}: {STATE_NAMES[job.state]}" + (
+            f", version {job.version_id}" if job.version_id else ""
+        )
+    if problem is not None:
+        ET.SubElement(job_case, problem.kind, message=problem.message, type=problem.type)
+    elif job is not None and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        state = STATE_NAMES[job.state]
+        message = f"job ended {state}" + (f": {job.error}" if job.error else "")
+        ET.SubElement(job_case, "failure", message=message, type=state)
+    cases = list(suite.iter("testcase"))
+    suite.set("tests", str(len(cases)))
+    suite.set("failures", str(sum(c.find("failure") is not None for c in cases)))
+    suite.set("errors", str(sum(c.find("error") is not None for c in cases)))
     return ET.ElementTree(suite)
 
 
-def write_job_report(job: jobs_pb2.Job, path: Path, suite_name: str) -> None:
-    tree = job_report(job, suite_name)
-    ET.indent(tree)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tree.write(path, encoding="utf-8", xml_declaration=True)
+@dataclass
+class ApplyReport:
+    """What one ``apply`` learned, for its JUnit file: started when apply starts, the job as
+    last seen and the problem that stopped it (if any) filled in on the way."""
+
+    suite_name: str
+    job: jobs_pb2.Job | None = None
+    problem: Problem | None = None
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _clock: float = field(default_factory=time.monotonic)
+
+    def write(self, path: Path) -> None:
+        """Write the report; apply stopping before the job ended with nothing recorded (an
+        interrupt, a crash) is an error too, so CI never reads a missing verdict as a pass."""
+        problem = self.problem
+        if problem is None and (self.job is None or self.job.state not in TERMINAL_STATES):
+            message = (
+                f"apply stopped before job {self.job.id} ended"
+                if self.job is not None
+                else "apply stopped before it submitted the job"
+            )
+            problem = Problem("error", "interrupted", message)
+        tree = job_report(
+            self.job,
+            self.suite_name,
+            problem=problem,
+            started=self.started,
+            seconds=time.monotonic() - self._clock,
+        )
+        ET.indent(tree)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tree.write(path, encoding="utf-8", xml_declaration=True)

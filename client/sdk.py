@@ -17,11 +17,14 @@ from typing import Any
 import grpc
 
 from modelsurgery.client.connection import (
-    TERMINAL_STATES,
+    RECONNECT_CODES,
     UNSET,
+    WATCH_SEGMENT_S,
     ConnectionSettings,
+    Deadline,
     DownloadWriter,
     as_spec,
+    evaluate_request,
     generate_request,
     list_jobs_request,
     set_alias_request,
@@ -30,8 +33,6 @@ from modelsurgery.client.connection import (
 from modelsurgery.client.errors import JobFailed, NotFound, from_rpc_error
 from modelsurgery.proto.spec import JobSpec
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-
-RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class Client:
@@ -72,13 +73,15 @@ class Client:
     def submit(
         self, spec: JobSpec | dict[str, Any] | str | Path, *, request_id: str | None = None
     ) -> jobs_pb2.Job:
-        """Queue a job; resubmitting with the same request_id returns the same job."""
+        """Queue a job; resubmitting with the same request_id returns the same job while it is
+        queued, running or succeeded, and a new attempt after it failed or was cancelled."""
         return self._call(self._jobs.SubmitJob, submit_request(spec, request_id)).job
 
     def patch_request_id(self, spec: JobSpec | dict[str, Any] | str | Path) -> str:
         """A request id that is the same exactly when the spec and the version its base
         resolves to are: re-applying the same patch to the same base returns the same job
-        (and version) without new work, while a moved base alias makes a new job."""
+        (and version) without new work, or re-runs it if it failed or was cancelled, while a
+        moved base alias makes a new job."""
         spec = as_spec(spec)
         try:
             base = self.get_version(spec.base).version.id
@@ -103,12 +106,19 @@ class Client:
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)).job
 
-    def watch(self, job_id: str, after_seq: int = 0) -> Iterator[jobs_pb2.JobEvent]:
-        """Events until the job ends; reconnects from the last seen event after a disconnect."""
-        cursor = after_seq
+    def watch(
+        self, job_id: str, after_seq: int = 0, *, timeout: float | None = None
+    ) -> Iterator[jobs_pb2.JobEvent]:
+        """Events until the job ends. A broken stream is reopened after the last event seen
+        once the server answers again, which it must within the reconnect budget (else
+        Unavailable); ``timeout`` bounds the whole watch (WaitTimeout)."""
+        return self._watch(job_id, after_seq, Deadline(job_id, timeout))
+
+    def _watch(self, job_id: str, cursor: int, deadline: Deadline) -> Iterator[jobs_pb2.JobEvent]:
         while True:
             stream = self._jobs.WatchJob(
                 jobs_pb2.WatchJobRequest(job_id=job_id, after_seq=cursor),
+                timeout=deadline.cap(WATCH_SEGMENT_S),
                 metadata=self.settings.metadata(),
             )
             try:
@@ -119,7 +129,21 @@ class Client:
             except grpc.RpcError as error:
                 if error.code() not in RECONNECT_CODES:
                     raise from_rpc_error(error) from None
-                time.sleep(0.5)
+            deadline.check()
+            self._reach(deadline)
+
+    def _reach(self, deadline: Deadline) -> jobs_pb2.Job:
+        """The job, from a server given (gRPC wait_for_ready) up to the reconnect budget to
+        answer: a stream that broke or went quiet for a whole segment ends up here."""
+        try:
+            return self._jobs.GetJob(
+                jobs_pb2.GetJobRequest(job_id=deadline.job_id),
+                timeout=deadline.cap(self.settings.reconnect_budget),
+                wait_for_ready=True,
+                metadata=self.settings.metadata(),
+            ).job
+        except grpc.RpcError as error:
+            raise deadline.reconnect_failure(error, self.settings) from None
 
     def wait(
         self,
@@ -129,17 +153,14 @@ class Client:
         timeout: float | None = None,
         raise_on_failure: bool = False,
     ) -> jobs_pb2.Job:
-        """Block until the job ends (watching its events) and return it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for event in self.watch(job_id):
+        """Block until the job ends (watching its events) and return it. ``timeout`` is an
+        overall deadline (WaitTimeout once it passes); a server that stays unreachable longer
+        than the reconnect budget raises Unavailable instead of hanging."""
+        deadline = Deadline(job_id, timeout)
+        for event in self._watch(job_id, 0, deadline):
             if progress is not None:
                 progress(event)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still running after {timeout} s")
-        job = self.get_job(job_id)
-        while job.state not in TERMINAL_STATES:
-            time.sleep(0.2)
-            job = self.get_job(job_id)
+        job = self._reach(deadline)
         if raise_on_failure and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
             raise JobFailed(job, jobs_pb2.JobState.Name(job.state), job.error)
         return job
@@ -185,6 +206,20 @@ class Client:
     def import_model(self, reference: str, *, alias: str | None = None) -> checkpoints_pb2.Version:
         request = checkpoints_pb2.ImportModelRequest(reference=reference, alias=alias or "")
         return self._call(self._checkpoints.ImportModel, request, timeout=600).version
+
+    def evaluate(
+        self,
+        ref: str,
+        *,
+        against: str | None = None,
+        suite: dict[str, Any] | None = None,
+        perplexity: bool = False,
+        timeout: float = 900,
+    ) -> checkpoints_pb2.EvaluateVersionResponse:
+        """Judge a version against ``against`` (default: its parent) on its stored suite and
+        its lineage's, or on ``suite``, without making a version (metrics as a job's)."""
+        request = evaluate_request(ref, against, suite, perplexity)
+        return self._call(self._checkpoints.EvaluateVersion, request, timeout=timeout)
 
     def generate(
         self,

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import (
+    PERPLEXITY_FIGURES,
     MethodConfig,
     MethodContext,
     SurgeryResult,
@@ -100,6 +101,9 @@ class MaskHeadsConfig(MethodConfig):
     method: Literal["mask_heads"] = "mask_heads"
     heads: list[str] = Field(min_length=1)
     evaluate_perplexity: bool = False
+
+    def metric_names(self) -> set[str]:
+        return {"heads_masked"} | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
 
     @field_validator("heads")
     @classmethod

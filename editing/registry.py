@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -26,12 +26,22 @@ BUILTIN_METHOD_MODULES = (
 )
 
 
+PERPLEXITY_FIGURES = frozenset({"perplexity_before", "perplexity_after", "perplexity_ratio"})
+
+
 class MethodConfig(BaseModel):
     """Base of every method's config: unknown keys are errors, not ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: str
+    # Suite kinds (``evaluation.metrics.FACTS``, ``PAIRS``) the operation hands to the
+    # job-level evaluation through ``SurgeryResult.suite``.
+    carries: ClassVar[frozenset[str]] = frozenset()
+
+    def metric_names(self) -> set[str]:
+        """The figures ``run`` reports with this config (gates ``op<i>.<name>``)."""
+        return set()
 
     def check_against(self, model_config: Any) -> None:
         """Validate indices and sizes against the base model's HF config (raise ValueError
@@ -73,6 +83,9 @@ class SurgeryResult:
     metrics: flat name -> number, checked by gates and recorded in the manifest.
     artifacts: extra files stored with the version (ReFT intervention safetensors + JSON,
         a head score table ...), name -> bytes.
+    suite: what the final model should be judged on, by kind: ``facts`` (fact records as in
+        the config), ``pairs`` (``{"stereo", "anti"}`` held out from fitting); the job-level
+        evaluation runs it against the base and stores it with the version.
     resolved: config fields whose value was chosen at run time (``auto`` dtypes resolved for
         the device), recorded in the version's operation config in place of the setting.
     """
@@ -81,6 +94,7 @@ class SurgeryResult:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    suite: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     resolved: dict[str, Any] = field(default_factory=dict)
 
 

@@ -20,6 +20,7 @@ from google.protobuf import json_format, struct_pb2
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from modelsurgery.editing.registry import MethodConfig, get_method
+from modelsurgery.evaluation.metrics import gate_problem
 from modelsurgery.v1 import jobs_pb2
 
 API_VERSION = "v1"
@@ -172,6 +173,7 @@ def parse_spec(data: Any) -> JobSpec:
             Gate.parse(str(condition))
         except ValueError as exc:
             raise SpecError(f"gates.{name}", str(exc)) from None
+    check_gates(gates, operations)
     try:
         return JobSpec.model_validate(
             {**data, "operations": operations, "gates": {k: str(v) for k, v in gates.items()}}
@@ -179,6 +181,17 @@ def parse_spec(data: Any) -> JobSpec:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise SpecError(_field_path(tuple(first["loc"])), first["msg"]) from None
+
+
+def check_gates(
+    gates: dict[str, Any], operations: list[MethodConfig], lineage: set[str] | None = None
+) -> None:
+    """Every gate names a metric this job can produce (``lineage``: the suite kinds the base's
+    ancestors stored; None when not known yet, as on the client)."""
+    for name in gates:
+        problem = gate_problem(str(name), operations, lineage)
+        if problem is not None:
+            raise SpecError(f"gates.{name}", problem)
 
 
 def _params_to_dict(index: int, params: struct_pb2.Struct) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from modelsurgery.editing.registry import MethodConfig
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.models.adapters import FAMILIES, FamilyLayout
 from modelsurgery.models.hardware import DtypeSetting
 
@@ -71,6 +71,15 @@ class PruneConfig(MethodConfig):
     perplexity_window: int = Field(default=512, ge=2)
     measure_latency: bool = True
     seed: int = 0
+
+    def metric_names(self) -> set[str]:
+        names = {"parameters_before", "parameters_after", "parameter_ratio", "sparsity"}
+        names |= {"bytes_before", "bytes_after", "prune_seconds"}
+        if self.kind == "structured":
+            names.add("bias_compensation")
+            if self.measure_latency:
+                names |= {"latency_before_s", "latency_after_s", "latency_ratio"}
+        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
 
     @field_validator("per_layer_ratios")
     @classmethod

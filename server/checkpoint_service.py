@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from pydantic import ValidationError
 
 from modelsurgery.checkpoints import (
     AliasConflictError,
@@ -21,6 +22,7 @@ from modelsurgery.checkpoints import (
     Manifest,
     VersionNotFoundError,
 )
+from modelsurgery.evaluation.suite import Suite
 from modelsurgery.models import ModelReferenceError, resolve_reference
 from modelsurgery.models.stored import stored_artifact_names
 from modelsurgery.server.convert import PAGE_TOKEN, version_to_proto
@@ -33,6 +35,7 @@ DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 3 << 20
 MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 512
+MAX_SUITE_BYTES = 3 << 20
 
 
 class ExportCache:
@@ -321,3 +324,48 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             cause = getattr(exc, "cause", exc)
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(cause), "prompts")
         return checkpoints_pb2.GenerateResponse(completions=completions, version_id=manifest.id)
+
+    async def EvaluateVersion(
+        self, request: checkpoints_pb2.EvaluateVersionRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.EvaluateVersionResponse:
+        manifest = await self._manifest(request.ref, context)
+        if request.against:
+            against = (await self._manifest(request.against, context, "against")).id
+        elif manifest.parent is not None:
+            against = manifest.parent
+        else:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{manifest.id} is a root version: name a version to judge it against",
+                "against",
+            )
+        if len(request.suite_json) > MAX_SUITE_BYTES:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_SUITE_BYTES} bytes",
+                "suite_json",
+            )
+        if request.suite_json:
+            try:
+                suite = Suite.model_validate_json(request.suite_json)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{where}: {first['msg']}" if where else first["msg"],
+                    f"suite_json.{where}" if where else "suite_json",
+                )
+            if not suite.facts and not suite.pairs:
+                await abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, "has no facts or pairs", "suite_json"
+                )
+        metrics = await self.engine.call(
+            "evaluate", manifest.id, against, request.suite_json, request.perplexity
+        )
+        return checkpoints_pb2.EvaluateVersionResponse(
+            version_id=manifest.id, against=against, metrics=metrics
+        )

@@ -46,6 +46,7 @@ def job_to_proto(job: jt.JobRecord) -> jobs_pb2.Job:
         attempts=job.attempts,
         caller=job.caller,
         cancel_requested=job.cancel_requested,
+        previous_attempt=job.previous_attempt,
         gates=[
             jobs_pb2.GateResult(
                 metric=g["metric"],

@@ -1,8 +1,11 @@
 """Runs one job's operations on a private copy of a warm base model and publishes the result.
 
 Independent of Ray and gRPC: the Ray worker calls it, tests can too. Order of effects: run the
-operations, evaluate the gates, and only when every gate holds commit the version (blobs first,
-manifest last) and move the alias. A failed gate or a cancellation publishes nothing.
+operations, judge the final model against the job's base and lineage (``evaluation``), check
+the gates on those figures, and only when every gate holds commit the version (blobs first,
+manifest last, the judged suite stored with it) and move the alias. A failed gate or a
+cancellation publishes nothing. Metrics: unprefixed and ``lineage_*`` for the final model,
+``op<i>.<name>`` for each operation's own figures.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ from typing import Any
 import torch
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
+from modelsurgery.editing.reft import CONFIG_ARTIFACT, attach_interventions
 from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
+from modelsurgery.evaluation.judge import Judgement, PerplexityCache, Reference, judge
+from modelsurgery.evaluation.lineage import lineage_suites
+from modelsurgery.evaluation.metrics import wants_perplexity
+from modelsurgery.evaluation.suite import (
+    SUITE_ARTIFACT,
+    carried_suite,
+    default_protocol,
+    operation_protocol,
+)
 from modelsurgery.models import load
 from modelsurgery.models.digest import model_digest
 from modelsurgery.proto.spec import JobSpec, parse_spec
@@ -111,7 +124,8 @@ def execute_job(
     overrides: dict[str, Any] = {}
     artifacts: dict[str, bytes] = {}
     metrics: dict[str, float] = {}
-    operations = []
+    operations: list[dict[str, Any]] = []
+    suites: list[dict[str, list[dict[str, Any]]]] = []
     try:
         for index, operation in enumerate(spec.operations):
             if is_cancelled():
@@ -130,14 +144,22 @@ def execute_job(
             changed.update({name: t.detach().cpu().clone() for name, t in result.changed.items()})
             overrides.update(result.config_overrides)
             artifacts.update(result.artifacts)
-            metrics.update(result.metrics)
+            metrics.update({f"op{index}.{name}": v for name, v in result.metrics.items()})
+            suites.append(result.suite)
             operations.append({**operation.model_dump(mode="json"), **result.resolved})
             if index + 1 < len(spec.operations) and result.changed:
                 digest = model_digest(model)
+        if is_cancelled():
+            raise JobCancelled()
+        emit({"kind": "progress", "message": "evaluating the final model against the base"})
+        judgement = evaluate_final(model, base, spec, suites, metrics, artifacts, store, settings)
     except JobCancelled:
         return JobOutcome("CANCELLED", metrics=metrics, error="cancelled by request")
     finally:
         del model
+    metrics.update(judgement.metrics)
+    if not judgement.suite.empty:
+        artifacts[SUITE_ARTIFACT] = judgement.suite.to_bytes()
     metrics["job_seconds"] = time.perf_counter() - started
     gates = evaluate_gates(spec, metrics)
     failed = [g for g in gates if not g["passed"]]
@@ -163,3 +185,44 @@ def execute_job(
     if spec.alias:
         store.set_alias(spec.alias, manifest.id)
     return JobOutcome("SUCCEEDED", version_id=manifest.id, metrics=metrics, gates=gates)
+
+
+def evaluate_final(
+    model: torch.nn.Module,
+    base: CachedModel,
+    spec: JobSpec,
+    suites: list[dict[str, list[dict[str, Any]]]],
+    op_metrics: dict[str, float],
+    artifacts: dict[str, bytes],
+    store: CheckpointStore,
+    settings: WorkerSettings,
+) -> Judgement:
+    """The job-level evaluation: the final model (with any hook artifacts attached) against
+    the job's base, on the operations' suites and the lineage's stored ones; perplexity when
+    a gate or an operation asks for it, reusing what the first and last operation measured
+    with the same protocol."""
+    protocol = default_protocol() if wants_perplexity(spec.gates, spec.operations) else None
+    known: dict[str, float | None] = {"base": None, "final": None}
+    if protocol is not None:
+        same = (protocol.tokens, protocol.window)
+        last = len(spec.operations) - 1
+        if operation_protocol(spec.operations[0]) == same:
+            known["base"] = op_metrics.get("op0.perplexity_before")
+        if operation_protocol(spec.operations[last]) == same:
+            known["final"] = op_metrics.get(f"op{last}.perplexity_after")
+    handle = attach_interventions(model, artifacts) if CONFIG_ARTIFACT in artifacts else None
+    try:
+        return judge(
+            model,
+            Reference(base.model, base.digest, base.lock),
+            base.tokenizer,
+            carried_suite(suites),
+            lineage_suites(store, base.version_id),
+            perplexity=protocol,
+            base_perplexity=known["base"],
+            final_perplexity=known["final"],
+            cache=PerplexityCache(settings.cache_dir),
+        )
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -12,8 +12,9 @@ import grpc
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
 from modelsurgery.editing.reft import combination_error, is_reft_version
+from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
 from modelsurgery.models import ModelReferenceError, load_config
-from modelsurgery.proto.spec import JobSpec, SpecError, spec_from_proto
+from modelsurgery.proto.spec import JobSpec, SpecError, check_gates, spec_from_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.auth import current_caller
 from modelsurgery.server.convert import (
@@ -75,6 +76,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
         config = await self._model_config(spec.base, context)
         await self._check_lineage(spec, context)
+        await self._check_lineage_gates(spec, context)
         for index, operation in enumerate(spec.operations):
             try:
                 operation.check_against(config)
@@ -88,6 +90,19 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                     field,
                 )
         return spec
+
+    async def _check_lineage_gates(self, spec: JobSpec, context: grpc.aio.ServicerContext) -> None:
+        """``lineage_*`` gates need ancestors that stored a suite of that kind."""
+        try:
+            version_id = self.store.resolve(spec.base)
+        except VersionNotFoundError:
+            kinds: set[str] = set()
+        else:
+            kinds = stored_kinds(await asyncio.to_thread(lineage_suites, self.store, version_id))
+        try:
+            check_gates(spec.gates, spec.operations, kinds)
+        except SpecError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
 
     async def _check_lineage(self, spec: JobSpec, context: grpc.aio.ServicerContext) -> None:
         """Methods that cannot build on each other (a ReFT version is a leaf; reft runs last)."""

@@ -2,6 +2,10 @@
 
 A job and its first event are inserted in one transaction, so a job is never visible without
 its history, and a crash leaves either both or neither.
+
+A request id names one attempt at a time: submitting it again returns that job while it is
+queued, running or succeeded, and starts a new attempt (``previous_attempt`` naming the old one)
+once it failed or was cancelled, so a CI re-run does real work instead of replaying a failure.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "CANCELLED",
 )
 TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+RERUN_STATES = frozenset({FAILED, CANCELLED})
 ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 _SCHEMA = """
@@ -56,6 +61,10 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 );
 """
+# Columns added since the first schema. CREATE TABLE IF NOT EXISTS leaves an existing table as
+# it was, so each one is added with ALTER TABLE where a database lacks it (old and new databases
+# end up with the same columns in the same order).
+_ADDED_COLUMNS = (("previous_attempt", "TEXT NOT NULL DEFAULT ''"),)
 
 
 class IdempotencyConflict(ValueError):
@@ -83,6 +92,7 @@ class JobRecord:
     error: str = ""
     attempts: int = 0
     cancel_requested: bool = False
+    previous_attempt: str = ""
 
 
 @dataclass
@@ -113,6 +123,7 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
         error=row["error"],
         attempts=row["attempts"],
         cancel_requested=bool(row["cancel_requested"]),
+        previous_attempt=row["previous_attempt"],
     )
 
 
@@ -128,6 +139,14 @@ class JobTable:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        with self._transaction():
+            present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, definition in _ADDED_COLUMNS:
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +180,13 @@ class JobTable:
     def submit(
         self, *, request_id: str, caller: str, spec: dict[str, Any], fingerprint: str
     ) -> tuple[JobRecord, bool]:
-        """Insert a QUEUED job with its first event, or return the job this request made."""
+        """Insert a QUEUED job with its first event, or return the job this request made.
+
+        (caller, request_id) stays unique and names the newest attempt: a FAILED or CANCELLED
+        job gives the request id up (its key becomes its own id, as for a job submitted without
+        one) to the new attempt, whose ``previous_attempt`` names it.
+        """
+        previous = ""
         with self._transaction():
             if request_id:
                 row = self._db.execute(
@@ -175,16 +200,20 @@ class JobTable:
                             f"request_id {request_id!r} was already used with another spec "
                             f"(job {existing.id})"
                         )
-                    return existing, False
+                    if existing.state not in RERUN_STATES:
+                        return existing, False
+                    previous = existing.id
+                    self._db.execute("UPDATE jobs SET request_id = id WHERE id = ?", (existing.id,))
             job_id = "job-" + uuid.uuid4().hex[:16]
             request_id = request_id or job_id
             now = time.time()
             self._db.execute(
                 "INSERT INTO jobs (id, request_id, caller, spec_json, spec_fingerprint, state,"
-                " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request_id, caller, json.dumps(spec), fingerprint, QUEUED, now),
+                " created, previous_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, request_id, caller, json.dumps(spec), fingerprint, QUEUED, now, previous),
             )
-            self._append_event(job_id, "state", QUEUED, "job queued", {})
+            message = f"job queued (re-runs {previous})" if previous else "job queued"
+            self._append_event(job_id, "state", QUEUED, message, {})
         return self.get(job_id), True
 
     def get(self, job_id: str) -> JobRecord:

@@ -12,6 +12,7 @@ import queue
 import threading
 import traceback
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any
 
@@ -20,6 +21,9 @@ import torch
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.reft import attach_interventions, stored_interventions
+from modelsurgery.evaluation.judge import PerplexityCache, Reference, judge
+from modelsurgery.evaluation.lineage import lineage_suites, own_suite
+from modelsurgery.evaluation.suite import Suite, default_protocol
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
 from modelsurgery.server.model_cache import ModelCache
@@ -102,6 +106,38 @@ class SurgeryWorker:
             handle = None if artifacts is None else attach_interventions(base.model, artifacts)
             try:
                 return generate_text(base.model, base.tokenizer, prompts, **options)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+    def evaluate(
+        self, version_id: str, against_id: str, suite_json: bytes, perplexity: bool
+    ) -> dict[str, float]:
+        """Judge a stored version against another on its own stored suite (or the given one)
+        and its ancestors' suites, as the job that made it was judged."""
+        suite = Suite.from_bytes(suite_json) if suite_json else own_suite(self.store, version_id)
+        suite = suite or Suite()
+        parent = self.store.get(version_id).parent
+        lineage = lineage_suites(self.store, parent) if parent else []
+        protocol = suite.perplexity or (default_protocol() if perplexity else None)
+        final = load_base(version_id, self.store, self.cache, self.settings)
+        reference = load_base(against_id, self.store, self.cache, self.settings)
+        artifacts = stored_interventions(self.store, version_id)
+        with ExitStack() as held:
+            # Both warm models are shared: lock them in one global order (no deadlock).
+            for _, lock in sorted({version_id: final.lock, against_id: reference.lock}.items()):
+                held.enter_context(lock)
+            handle = None if artifacts is None else attach_interventions(final.model, artifacts)
+            try:
+                return judge(
+                    final.model,
+                    Reference(reference.model, reference.digest),
+                    final.tokenizer,
+                    suite,
+                    lineage,
+                    perplexity=protocol,
+                    cache=PerplexityCache(self.settings.cache_dir),
+                ).metrics
             finally:
                 if handle is not None:
                     handle.remove()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from junitparser import JUnitXml, TestSuite
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     GPT2Config,
@@ -77,6 +78,12 @@ def build_tiny_gpt2(seed: int = 0, **overrides: object) -> GPT2LMHeadModel:
         **overrides,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def read_junit(path: Path) -> TestSuite:
+    """The one suite of a JUnit XML file, read the way CI systems read it (junitparser)."""
+    (suite,) = JUnitXml.fromfile(str(path))
+    return suite
 
 
 @pytest.fixture

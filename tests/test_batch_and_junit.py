@@ -1,15 +1,18 @@
-"""Batch fan-out (over bases, over fact chunks) and the JUnit report, without a server."""
+"""Batch fan-out (over bases, over fact chunks) and the JUnit report of every apply outcome,
+without a server."""
 
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import read_junit
+from junitparser import Error, Failure, TestSuite
 
 from modelsurgery.client.batch import over_bases, over_fact_sets, read_facts, request_id
-from modelsurgery.client.junit import job_report
+from modelsurgery.client.junit import ApplyReport, Problem
 from modelsurgery.editing import registry
 from modelsurgery.editing.registry import Method, MethodConfig, load_builtin_methods
 from modelsurgery.proto.spec import SpecError, parse_spec
@@ -58,26 +61,101 @@ def test_read_facts_reports_bad_lines(tmp_path: Path) -> None:
         list(read_facts(path))
 
 
-def test_junit_report_has_a_case_per_gate() -> None:
+def gate(metric: str, value: float, passed: bool) -> jobs_pb2.GateResult:
+    return jobs_pb2.GateResult(
+        metric=metric, condition=">= 0.9", value=value, has_value=True, passed=passed
+    )
+
+
+def written(report: ApplyReport, tmp_path: Path) -> TestSuite:
+    path = tmp_path / "reports" / "junit.xml"
+    report.write(path)
+    return read_junit(path)
+
+
+def test_junit_failed_gate_fails_its_case_and_the_job(tmp_path: Path) -> None:
     job = jobs_pb2.Job(
         id="job-1",
         state=jobs_pb2.JOB_STATE_FAILED,
-        error="gates failed",
-        gates=[
-            jobs_pb2.GateResult(
-                metric="efficacy", condition=">= 0.9", value=0.95, has_value=True, passed=True
-            ),
-            jobs_pb2.GateResult(
-                metric="locality", condition=">= 0.9", value=0.5, has_value=True, passed=False
-            ),
-        ],
+        error="gates failed: locality",
+        gates=[gate("efficacy", 0.95, True), gate("locality", 0.5, False)],
     )
-    suite = job_report(job, "patch").getroot()
-    assert (suite.get("tests"), suite.get("failures")) == ("3", "1")
-    cases = {c.get("name"): c for c in suite.iter("testcase")}
-    assert cases["gate efficacy"].find("failure") is None
-    assert "0.5" in cases["gate locality"].find("failure").get("message")
-    assert cases["job"].find("failure") is None
-    cancelled = jobs_pb2.Job(id="job-2", state=jobs_pb2.JOB_STATE_CANCELLED)
-    root = ET.fromstring(ET.tostring(job_report(cancelled, "patch").getroot()))
-    assert root.find("testcase/failure") is not None
+    report = ApplyReport("patch", job=job)
+    suite = written(report, tmp_path)
+    assert (suite.name, suite.tests, suite.failures, suite.errors) == ("patch", 3, 2, 0)
+    assert suite.time >= 0
+    assert datetime.fromisoformat(suite.timestamp) == report.started.replace(microsecond=0)
+    cases = {case.name: case for case in suite}
+    assert list(cases) == ["gate efficacy", "gate locality", "job"]
+    assert cases["gate efficacy"].is_passed
+    (failure,) = cases["gate locality"].result
+    assert isinstance(failure, Failure) and "locality = 0.5, needs >= 0.9" in failure.message
+    (job_failure,) = cases["job"].result
+    assert isinstance(job_failure, Failure)
+    assert job_failure.message == "job ended FAILED: gates failed: locality"
+
+
+def test_junit_succeeded_job_passes_and_names_its_attempts(tmp_path: Path) -> None:
+    job = jobs_pb2.Job(
+        id="job-2",
+        state=jobs_pb2.JOB_STATE_SUCCEEDED,
+        version_id="v-1",
+        previous_attempt="job-1",
+        gates=[gate("efficacy", 0.95, True)],
+    )
+    suite = written(ApplyReport("patch", job=job), tmp_path)
+    assert (suite.tests, suite.failures, suite.errors) == (2, 0, 0)
+    assert all(case.is_passed for case in suite)
+    assert {p.name: p.value for p in suite.properties()} == {
+        "job_id": "job-2",
+        "state": "SUCCEEDED",
+        "version_id": "v-1",
+        "previous_attempt": "job-1",
+    }
+
+
+def test_junit_cancelled_job_fails(tmp_path: Path) -> None:
+    job = jobs_pb2.Job(id="job-3", state=jobs_pb2.JOB_STATE_CANCELLED)
+    suite = written(ApplyReport("patch", job=job), tmp_path)
+    assert (suite.tests, suite.failures, suite.errors) == (1, 1, 0)
+    (failure,) = next(iter(suite)).result
+    assert (failure.type, failure.message) == ("CANCELLED", "job ended CANCELLED")
+
+
+@pytest.mark.parametrize(
+    ("job", "problem", "counts"),
+    [
+        (None, Problem("failure", "INVALID_ARGUMENT", "spec.base: no such model"), (1, 0)),
+        (
+            jobs_pb2.Job(id="job-4", state=jobs_pb2.JOB_STATE_QUEUED),
+            Problem("error", "UNAVAILABLE", "server unreachable for 15 s"),
+            (0, 1),
+        ),
+        (
+            jobs_pb2.Job(id="job-5", state=jobs_pb2.JOB_STATE_RUNNING),
+            Problem("error", "DEADLINE_EXCEEDED", "job job-5 did not end within 5 s"),
+            (0, 1),
+        ),
+    ],
+)
+def test_junit_records_why_apply_stopped(
+    tmp_path: Path, job: jobs_pb2.Job | None, problem: Problem, counts: tuple[int, int]
+) -> None:
+    suite = written(ApplyReport("patch", job=job, problem=problem), tmp_path)
+    assert (suite.failures, suite.errors) == counts
+    (case,) = suite
+    (result,) = case.result
+    assert isinstance(result, Failure if problem.kind == "failure" else Error)
+    assert (result.type, result.message) == (problem.type, problem.message)
+
+
+def test_junit_apply_stopped_with_nothing_recorded_is_an_error(tmp_path: Path) -> None:
+    """An interrupt or a crash must not leave a report CI reads as a pass."""
+    for job, message in [
+        (None, "apply stopped before it submitted the job"),
+        (jobs_pb2.Job(id="job-6"), "apply stopped before job job-6 ended"),
+    ]:
+        suite = written(ApplyReport("patch", job=job), tmp_path)
+        (result,) = next(iter(suite)).result
+        assert isinstance(result, Error) and result.message == message
+        assert suite.errors == 1

@@ -1,7 +1,9 @@
-"""The durable job table: idempotency, transitions, events, recovery after a restart."""
+"""The durable job table: idempotency and re-runs, transitions, events, recovery after a
+restart, migration of an older database."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,74 @@ def test_list_filters_and_pages(table: jt.JobTable) -> None:
     assert [j.id for j in table.list(limit=2, offset=4)] == [jobs[4].id]
     assert table.count_by_state()[jt.QUEUED] == 4
     assert table.queued_count("alice") == 5
+
+
+@pytest.mark.parametrize("ending", [jt.FAILED, jt.CANCELLED])
+def test_request_id_reruns_a_failed_or_cancelled_job(table: jt.JobTable, ending: str) -> None:
+    first = submit(table, "ci-run")
+    if ending == jt.CANCELLED:
+        table.request_cancel(first.id)
+    else:
+        table.mark_running(first.id)
+        table.finish(first.id, jt.FAILED, message="gates failed", error="gate")
+    second, created = table.submit(
+        request_id="ci-run", caller="alice", spec={"base": "x"}, fingerprint="f1"
+    )
+    assert created and second.id != first.id
+    assert (second.state, second.request_id, second.previous_attempt) == (
+        jt.QUEUED,
+        "ci-run",
+        first.id,
+    )
+    assert table.events_after(second.id, 0)[0].message == f"job queued (re-runs {first.id})"
+    kept = table.get(first.id)
+    assert (kept.state, kept.request_id, kept.previous_attempt) == (ending, first.id, "")
+    assert submit(table, "ci-run").id == second.id
+    with pytest.raises(jt.IdempotencyConflict):
+        submit(table, "ci-run", fingerprint="another spec")
+
+
+def test_request_id_reuses_a_queued_running_or_succeeded_job(table: jt.JobTable) -> None:
+    job = submit(table, "ci-run")
+    assert submit(table, "ci-run").id == job.id
+    table.mark_running(job.id)
+    assert submit(table, "ci-run").id == job.id
+    table.finish(job.id, jt.SUCCEEDED, message="ok", version_id="v1")
+    again, created = table.submit(
+        request_id="ci-run", caller="alice", spec={"base": "x"}, fingerprint="f1"
+    )
+    assert not created and again.id == job.id and again.previous_attempt == ""
+
+
+def test_reruns_chain_and_the_request_id_names_the_newest(table: jt.JobTable) -> None:
+    attempts = []
+    for _ in range(3):
+        job = submit(table, "ci-run")
+        attempts.append(job)
+        table.request_cancel(job.id)
+    assert [a.previous_attempt for a in attempts] == ["", attempts[0].id, attempts[1].id]
+    keys = [table.get(a.id).request_id for a in attempts]
+    assert keys == [attempts[0].id, attempts[1].id, "ci-run"]
+    assert len(table.list()) == 3
+
+
+def test_database_without_previous_attempt_column_is_migrated(tmp_path: Path) -> None:
+    """A job table written before ``previous_attempt`` existed opens, keeps its jobs, and
+    re-runs one of them."""
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(jt._SCHEMA)
+    db.execute(
+        "INSERT INTO jobs (id, request_id, caller, spec_json, spec_fingerprint, state, created)"
+        " VALUES ('job-old', 'ci-run', 'alice', '{}', 'f1', 'FAILED', 1.0)"
+    )
+    db.commit()
+    db.close()
+    for _ in range(2):
+        table = jt.JobTable(path)
+        assert table.get("job-old").previous_attempt == ""
+        table.close()
+    table = jt.JobTable(path)
+    rerun = submit(table, "ci-run")
+    assert rerun.previous_attempt == "job-old" and table.get("job-old").state == jt.FAILED
+    table.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,11 +23,13 @@ from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.mask_heads import config_sizes, format_head, mask_heads_in_place
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import (
+    PERPLEXITY_FIGURES,
     MethodConfig,
     MethodContext,
     SurgeryResult,
     register_method,
 )
+from modelsurgery.evaluation.metrics import PAIRS
 
 DEFAULT_TOP_K = 3
 CALIBRATION_WINDOW = 128
@@ -84,6 +86,13 @@ class MaskBiasedHeadsConfig(MethodConfig):
     batch_size: int = Field(default=16, ge=1)
     evaluate_perplexity: bool = True
     perplexity_max_tokens: int = Field(default=4096, ge=2)
+
+    carries: ClassVar[frozenset[str]] = frozenset({PAIRS})
+
+    def metric_names(self) -> set[str]:
+        names = {"heads_masked", "pairs_scored", "pairs_heldout"}
+        names |= {f"{m}_{w}" for m in ("stereotype_share", "bias_gap") for w in ("before", "after")}
+        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
 
     @model_validator(mode="after")
     def _consistent(self) -> MaskBiasedHeadsConfig:
@@ -192,6 +201,7 @@ def run(
         changed=changed,
         metrics=metrics,
         artifacts={"head_scores.json": json.dumps(table, indent=1).encode()},
+        suite={PAIRS: [{"stereo": p.stereo, "anti": p.anti} for p in holdout]},
     )
 
 

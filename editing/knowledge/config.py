@@ -9,11 +9,12 @@ see ``benchmarks/counterfact.py`` and the ROME/MEMIT config docstrings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from modelsurgery.editing.registry import MethodConfig
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.evaluation.metrics import FACT_METRICS, FACTS
 
 from .facts import Fact
 from .stats import StatsSettings
@@ -116,6 +117,20 @@ class KnowledgeEditConfig(MethodConfig):
     evaluate: bool = True
     evaluate_perplexity: bool = True
     perplexity_tokens: int = Field(default=4096, ge=16)
+
+    carries: ClassVar[frozenset[str]] = frozenset({FACTS})
+
+    def suite(self) -> dict[str, list[dict[str, Any]]]:
+        """The facts, for the job-level evaluation and every later lineage check."""
+        return {FACTS: [f.model_dump(mode="json", exclude_none=True) for f in self.facts]}
+
+    def metric_names(self) -> set[str]:
+        names = {"v_loss", "v_steps_used"}
+        if self.evaluate:
+            names |= set(FACT_METRICS)
+        if self.evaluate_perplexity:
+            names |= PERPLEXITY_FIGURES
+        return names
 
     @field_validator("context_templates")
     @classmethod

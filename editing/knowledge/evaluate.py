@@ -112,7 +112,8 @@ def score_facts(
     ]
 
 
-def _success(new: Answer, true: list[Answer]) -> float:
+def prefers_new(new: Answer, true: list[Answer]) -> float:
+    """1 when target_new beats every ground truth (no ground truth: its token accuracy)."""
     if not true:
         return new.accuracy
     return float(all(new.mean_logp > t.mean_logp for t in true))
@@ -125,10 +126,10 @@ def _mean(values: list[float]) -> float | None:
 def edit_metrics(before: list[FactScores], after: list[FactScores]) -> dict[str, float]:
     """The metrics named in the module docstring; absent when nothing could be measured."""
     values: dict[str, float | None] = {
-        "efficacy": _mean([_success(a.new, a.true) for a in after]),
+        "efficacy": _mean([prefers_new(a.new, a.true) for a in after]),
         "paraphrase": _mean(
             [
-                _success(new, true)
+                prefers_new(new, true)
                 for a in after
                 for new, true in zip(a.rephrase_new, a.rephrase_true, strict=True)
             ]

@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -50,13 +52,20 @@ def run_base(
     cache: DynamicCache | None = None,
 ) -> torch.Tensor:
     """Final (normed) hidden states from the base transformer, [batch, seq, hidden]."""
-    return model.base_model(
+    base = model.base_model
+    return base(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=cache is not None,
+        **{_cache_keyword(type(base)): cache},
     ).last_hidden_state
+
+
+@lru_cache(maxsize=64)
+def _cache_keyword(stack: type) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(stack.forward).parameters else "past_key_values"
 
 
 def run_until_stopped(

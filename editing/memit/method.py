@@ -98,4 +98,4 @@ def run(
     metrics = evaluation.finish()
     metrics["v_loss"] = sum(losses) / len(losses)
     metrics["v_steps_used"] = sum(steps) / len(steps)
-    return SurgeryResult(changed=changed, metrics=metrics)
+    return SurgeryResult(changed=changed, metrics=metrics, suite=config.suite())

@@ -78,6 +78,10 @@ class ReftConfig(MethodConfig):
     append_eos: bool = True
     seed: int = 0
 
+    def metric_names(self) -> set[str]:
+        names = {"initial_loss", "final_loss", "trainable_parameters", "train_seconds"}
+        return names | {"lora_parameters_same_rank", "parameter_ratio_vs_lora", "train_steps"}
+
     @field_validator("positions")
     @classmethod
     def _valid_positions(cls, value: str) -> str:

@@ -89,4 +89,8 @@ def run(
     metrics["v_loss"] = sum(losses) / len(losses)
     metrics["v_steps_used"] = sum(steps) / len(steps)
     name = f"{adapter.mlp_out_path(layer)}.weight"
-    return SurgeryResult(changed={name: projection.module.weight.detach().clone()}, metrics=metrics)
+    return SurgeryResult(
+        changed={name: projection.module.weight.detach().clone()},
+        metrics=metrics,
+        suite=config.suite(),
+    )

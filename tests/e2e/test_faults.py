@@ -615,7 +615,7 @@ def test_job_on_external_ray_cluster(
                 client.submit(mask_spec(tiny_model_dir, ["0.2", "1.0"])).id, timeout=300
             )
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            assert job.metrics["heads_masked"] == 2
+            assert job.metrics["op0.heads_masked"] == 2
         # The server is a driver of this cluster: its core-worker log is in the cluster's
         # session folder (an embedded Ray would have its own session under /tmp/ray).
         pattern = f"session_*/logs/python-core-driver-*_{server.process.pid}.log"

@@ -206,11 +206,13 @@ def test_unauthenticated_rejected(server: ServerProcess, tiny_model_dir: Path) -
 
 
 def test_failed_gate_publishes_nothing(client: Client, tiny_model_dir: Path) -> None:
-    spec = mask_spec(tiny_model_dir, ["0.3"], gates={"heads_masked": ">= 5"}, alias="gated-alias")
+    spec = mask_spec(
+        tiny_model_dir, ["0.3"], gates={"op0.heads_masked": ">= 5"}, alias="gated-alias"
+    )
     job = client.wait(client.submit(spec).id)
     assert job.state == jobs_pb2.JOB_STATE_FAILED
     assert not job.version_id
-    assert [(g.metric, g.passed, g.value) for g in job.gates] == [("heads_masked", False, 1.0)]
+    assert [(g.metric, g.passed, g.value) for g in job.gates] == [("op0.heads_masked", False, 1.0)]
     with pytest.raises(NotFound):
         client.get_alias("gated-alias")
 
@@ -266,7 +268,7 @@ def test_cli_batch_and_idempotent_apply_with_junit(
     spec = tmp_path / "patch.yaml"
     spec.write_text(
         f"base: {tiny_model_dir}\noperations:\n  - method: mask_heads\n    heads: ['1.1']\n"
-        "gates:\n  heads_masked: '>= 1'\n"
+        "gates:\n  op0.heads_masked: '>= 1'\n"
     )
     result = CliRunner().invoke(
         app,
@@ -296,7 +298,7 @@ def test_cli_batch_and_idempotent_apply_with_junit(
     assert first.exit_code == 0, first.output
     suite = ET.parse(report).getroot()
     assert suite.get("failures") == "0"
-    assert [c.get("name") for c in suite.iter("testcase")] == ["gate heads_masked", "job"]
+    assert [c.get("name") for c in suite.iter("testcase")] == ["gate op0.heads_masked", "job"]
     again = CliRunner().invoke(app, ["apply", str(spec), "--wait", "--json", *options])
     assert json.loads(again.stdout)["job_id"] == json.loads(first.stdout)["job_id"]
     fresh = CliRunner().invoke(app, ["apply", str(spec), "--wait", "--json", "--new", *options])

@@ -133,7 +133,7 @@ def test_reft_job_teaches_a_behaviour_visible_through_generate(
         done = client.get_job(job.id)
         assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error
         assert losses and losses[-1] < losses[0]
-        assert done.metrics["final_loss"] < 0.3 * done.metrics["initial_loss"]
+        assert done.metrics["op0.final_loss"] < 0.3 * done.metrics["op0.initial_loss"]
         info = client.get_version(done.version_id)
         assert info.version.changed_tensors == 0
         base_id = info.lineage[1]

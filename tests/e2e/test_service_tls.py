@@ -125,13 +125,13 @@ def test_cli_apply_exit_codes_and_json(
     good = tmp_path / "good.yaml"
     good.write_text(
         f"base: {model}\noperations:\n  - method: mask_heads\n    heads: ['0.0']\n"
-        "gates:\n  heads_masked: '>= 1'\nalias: cli-good\n"
+        "gates:\n  op0.heads_masked: '>= 1'\nalias: cli-good\n"
     )
     result = CliRunner().invoke(app, ["apply", str(good), "--wait", "--json", *options])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["state"] == "SUCCEEDED" and summary["version_id"]
-    assert summary["metrics"]["heads_masked"] == 1.0
+    assert summary["metrics"]["op0.heads_masked"] == 1.0
 
     gated = tmp_path / "gated.yaml"
     gated.write_text(good.read_text().replace("'>= 1'", "'>= 3'"))

@@ -1,0 +1,162 @@
+"""The job-level evaluation: gates judge the final model against the job's base, lineage
+re-checks every ancestor's stored suite, and ``eval`` reproduces a job's numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_tiny_tokenizer
+from test_knowledge import build_editable, write_corpus
+from test_rome import FACT, QUICK
+
+from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.editing.data import DATA_ENV
+from modelsurgery.evaluation.lineage import own_suite
+from modelsurgery.proto.spec import SpecError, parse_spec
+from modelsurgery.server.executor import JobOutcome, WorkerSettings, execute_job
+from modelsurgery.server.model_cache import ModelCache
+from modelsurgery.server.worker import SurgeryWorker
+
+SECOND_FACT = {
+    "prompt": "{} speaks",
+    "subject": "she",
+    "target_new": "japanese",
+    "ground_truth": "french",
+    "rephrase_prompt": "she lives and speaks",
+    "locality_prompt": "he speaks",
+    "locality_ground_truth": "english",
+}
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A tiny editable model folder, a data folder (WikiText-2 stand-ins), a store."""
+    data = tmp_path / "data"
+    corpus = write_corpus(data)
+    (data / "wikitext-2" / "wiki.test.raw").write_text(corpus.read_text())
+    monkeypatch.setenv(DATA_ENV, str(data))
+    folder = tmp_path / "tiny"
+    build_editable("llama").save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    settings = WorkerSettings(store_root=tmp_path / "store", cache_dir=tmp_path / "cache")
+    return {
+        "folder": folder,
+        "store": CheckpointStore(tmp_path / "store"),
+        "cache": ModelCache(1 << 30),
+        "settings": settings,
+    }
+
+
+def run(env: dict[str, Any], spec: dict[str, Any]) -> JobOutcome:
+    return execute_job(
+        spec,
+        store=env["store"],
+        cache=env["cache"],
+        settings=env["settings"],
+        emit=lambda event: None,
+        is_cancelled=lambda: False,
+    )
+
+
+def mask(heads: list[str], **extra: object) -> dict[str, Any]:
+    return {"method": "mask_heads", "heads": heads, **extra}
+
+
+def rome(fact: dict[str, str]) -> dict[str, Any]:
+    return {"method": "rome", "facts": [fact], "layer": 1, **QUICK}
+
+
+def test_gates_judge_the_final_model_against_the_base(env: dict[str, Any]) -> None:
+    """Two maskings, each measuring its own perplexity: the job's perplexity_ratio is the
+    final model over the base (reusing op0's before and op1's after), not op1's ratio."""
+    ops = [mask(["0.1", "1.2"], evaluate_perplexity=True), mask(["1.0"], evaluate_perplexity=True)]
+    done = run(env, {"base": str(env["folder"]), "operations": ops})
+    m = done.metrics
+    assert done.state == "SUCCEEDED", done.error
+    assert m["perplexity_base"] == m["op0.perplexity_before"]
+    assert m["perplexity"] == m["op1.perplexity_after"]
+    assert m["perplexity_ratio"] == pytest.approx(m["perplexity"] / m["perplexity_base"])
+    assert m["perplexity_ratio"] != pytest.approx(m["op1.perplexity_ratio"])
+    assert (m["op0.heads_masked"], m["op1.heads_masked"]) == (2.0, 1.0)
+
+    threshold = m["perplexity_ratio"] * 0.999
+    gated = {"perplexity_ratio": f"<= {threshold}"}
+    failed = run(env, {"base": str(env["folder"]), "operations": ops, "gates": gated})
+    assert failed.state == "FAILED"
+    assert failed.gates[0]["value"] == pytest.approx(m["perplexity_ratio"])
+
+
+def test_a_gate_decides_what_is_measured(env: dict[str, Any]) -> None:
+    """mask_heads measures no perplexity of its own; a perplexity gate makes the job do it."""
+    spec = {"base": str(env["folder"]), "operations": [mask(["0.3"])]}
+    assert "perplexity_ratio" not in run(env, spec).metrics
+    gated = run(env, {**spec, "gates": {"perplexity_ratio": "<= 100"}})
+    assert gated.state == "SUCCEEDED", gated.error
+    assert gated.metrics["perplexity_ratio"] > 0
+    assert "op0.perplexity_ratio" not in gated.metrics
+
+
+def test_lineage_rechecks_earlier_facts_and_eval_reproduces_the_job(env: dict[str, Any]) -> None:
+    first = run(env, {"base": str(env["folder"]), "operations": [rome(FACT)]})
+    assert first.state == "SUCCEEDED", first.error
+    assert "lineage_facts" not in first.metrics
+    stored = own_suite(env["store"], first.version_id)
+    assert stored is not None and [f.subject for f in stored.facts] == ["france"]
+    assert len(stored.locality_reference) == 1 and stored.locality_reference[0][0]
+
+    second = run(env, {"base": first.version_id, "operations": [rome(SECOND_FACT)]})
+    assert second.state == "SUCCEEDED", second.error
+    m = second.metrics
+    assert m["lineage_facts"] == 1.0
+    assert {"lineage_efficacy", "lineage_paraphrase", "lineage_locality"} <= set(m)
+    assert {"efficacy", "paraphrase", "locality", "op0.efficacy", "op0.v_loss"} <= set(m)
+
+    worker = SurgeryWorker(env["settings"], num_threads=1)
+    again = worker.evaluate(second.version_id, first.version_id, b"", False)
+    for name in ("efficacy", "paraphrase", "locality", "probability_gain", "lineage_efficacy"):
+        assert again[name] == pytest.approx(m[name], abs=1e-6), name
+    assert again["lineage_locality"] == pytest.approx(m["lineage_locality"], abs=1e-6)
+
+
+def test_lineage_gates_are_refused_without_a_stored_suite(env: dict[str, Any]) -> None:
+    from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
+    from modelsurgery.proto.spec import check_gates
+
+    first = run(env, {"base": str(env["folder"]), "operations": [mask(["0.1"])]})
+    spec = parse_spec(
+        {
+            "base": first.version_id,
+            "operations": [mask(["1.1"])],
+            "gates": {"lineage_efficacy": ">= 1"},
+        }
+    )
+    kinds = stored_kinds(lineage_suites(env["store"], first.version_id))
+    with pytest.raises(SpecError) as error:
+        check_gates(spec.gates, spec.operations, kinds)
+    assert error.value.field == "gates.lineage_efficacy"
+
+
+@pytest.mark.parametrize(
+    ("gates", "field", "words"),
+    [
+        ({"heads_masked": ">= 1"}, "gates.heads_masked", "op0.heads_masked"),
+        ({"efficacy": ">= 1"}, "gates.efficacy", "no part of this job"),
+        ({"op1.heads_masked": ">= 1"}, "gates.op1.heads_masked", "does not exist"),
+        ({"op0.perplexity_ratio": "<= 2"}, "gates.op0.perplexity_ratio", "does not report"),
+        ({"perplexity_ratoi": "<= 2"}, "gates.perplexity_ratoi", "perplexity_ratio"),
+    ],
+)
+def test_unproducible_gates_are_refused_at_parse(gates: dict, field: str, words: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec({"base": "x", "operations": [mask(["0.1"])], "gates": gates})
+    assert error.value.field == field
+    assert words in error.value.message
+
+
+def test_suite_is_stored_only_when_there_is_something_to_recheck(env: dict[str, Any]) -> None:
+    done = run(env, {"base": str(env["folder"]), "operations": [mask(["0.2"])]})
+    assert own_suite(env["store"], done.version_id) is None
+    assert torch.isfinite(torch.tensor(done.metrics["parameter_ratio"]))
