@@ -121,7 +121,7 @@ def test_reft_job_teaches_a_behaviour_visible_through_generate(
                 "batch_size": 4,
             }
         ],
-        "gates": {"parameter_ratio_vs_lora": "< 0.5"},
+        "gates": {"op0.parameter_ratio_vs_lora": "< 0.5"},
     }
     prompts = [question(q) for q in REFT_HELD_OUT]
     with Client(server.address, timeout=120) as client:
