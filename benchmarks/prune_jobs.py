@@ -4,7 +4,8 @@ time on the same calibration windows, in one run.
     .venv/bin/python benchmarks/prune_jobs.py --wanda-checkout /tmp/wanda [--threads 2]
 
 Jobs, as a user submits them, defaults only: structured 20% (`kind: structured`, `ratio: 0.2`)
-and Wanda 50% (`method: prune`). Each is a fresh `apply --local --new --json` in a child
+and Wanda 50% (`method: prune`); ``--calibration-dtype`` pins that one field instead, to time
+the dtype ``auto`` did not choose. Each is a fresh `apply --local --new --json` in a child
 process with its own MODELSURGERY_HOME, so its wall seconds include starting Ray, loading and
 importing the model, as a user waits for them. Printed per job: wall seconds, the job's
 `job_seconds` and `prune_seconds`, the calibration dtype its version recorded and the
@@ -66,19 +67,25 @@ def main() -> None:
     parser.add_argument("--wanda-checkout", type=Path, help="locuslab/wanda clone (side by side)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", nargs="*", choices=list(JOBS), default=list(JOBS))
+    parser.add_argument(
+        "--calibration-dtype",
+        choices=["float32", "bfloat16"],
+        help="set it in the jobs' spec instead of leaving the default (auto)",
+    )
     args = parser.parse_args()
+    pinned = {"calibration_dtype": args.calibration_dtype} if args.calibration_dtype else {}
     torch.set_num_threads(args.threads)
     print(describe(), flush=True)
 
     results = {}
     for name in args.only:
         with tempfile.TemporaryDirectory(prefix=f"prune-job-{name}-") as home:
-            results[name] = run_job(name, JOBS[name], Path(home))
+            results[name] = run_job(name, {**JOBS[name], **pinned}, Path(home))
         r = results[name]
         m = r["metrics"]
         print(
             f"{name}: wall {r['wall']:.1f} s, job_seconds {m['job_seconds']:.1f}, "
-            f"prune_seconds {m['prune_seconds']:.1f}, calibration_dtype "
+            f"op0.prune_seconds {m['op0.prune_seconds']:.1f}, calibration_dtype "
             f"{r['operation']['calibration_dtype']}, perplexity_ratio {m['perplexity_ratio']:.4f}",
             flush=True,
         )
@@ -97,7 +104,7 @@ def main() -> None:
         dense = wikitext_perplexity(loaded.model, loaded.tokenizer)
         seconds = reference_wanda(args.wanda_checkout, loaded.model, ids, {"ratio": 0.5})
         ratio = wikitext_perplexity(loaded.model, loaded.tokenizer) / dense
-        ours = float(results["wanda-50"]["metrics"]["prune_seconds"])
+        ours = float(results["wanda-50"]["metrics"]["op0.prune_seconds"])
         print(
             f"locuslab/wanda prune_wanda, same {ids.shape[0]} x {ids.shape[1]} windows: "
             f"{seconds:.1f} s, perplexity_ratio {ratio:.4f}; "

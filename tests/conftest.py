@@ -104,3 +104,12 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 @pytest.fixture
 def store(tmp_path: Path) -> CheckpointStore:
     return CheckpointStore(tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama and its tokenizer saved as a Hugging Face folder, once per test module."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(seed=3).save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer, read_junit
+from conftest import read_junit
 from junitparser import Error, Failure
 from typer.testing import CliRunner
 
@@ -36,14 +36,6 @@ from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
 KILL_TO_EXIT_LIMIT_S = 30
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(seed=7).save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from typer.testing import CliRunner
 
 from modelsurgery.client import Client, FailedPrecondition, InvalidArgument
@@ -19,14 +18,6 @@ from modelsurgery.server.process import ServerProcess, start_server
 from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(seed=5).save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
@@ -66,14 +65,6 @@ LOAD_JOBS = 200
 LOAD_CLIENTS = 8
 LOAD_DUPLICATES = 12
 HEAD_CHOICES = [f"{layer}.{head}" for layer in range(2) for head in range(4)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(seed=5).save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,6 @@ TOKEN = "e2e-secret-token"
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(seed=3).save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     home = tmp_path_factory.mktemp("home")
     tokens = home / "tokens.txt"
