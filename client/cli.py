@@ -142,6 +142,7 @@ def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
             for g in job.gates
         ],
         "error": job.error or None,
+        "previous_attempt": job.previous_attempt or None,
     }
 
 
@@ -178,10 +179,6 @@ def _exit_code(job: jobs_pb2.Job) -> int:
     }.get(job.state, EXIT_FAILED)
 
 
-def _apply_summary(job: jobs_pb2.Job) -> dict[str, object]:
-    return {**_job_summary(job), "previous_attempt": job.previous_attempt or None}
-
-
 def _apply(
     client: Client,
     spec: Path,
@@ -202,13 +199,13 @@ def _apply(
         out.print(f"job {job.id} submitted{again}")
     if not wait:
         if as_json:
-            emit_json(_apply_summary(job))
+            emit_json(_job_summary(job))
         return EXIT_OK
     report.job = job = client.wait(
         job.id, progress=None if as_json else _print_event, timeout=timeout
     )
     if as_json:
-        emit_json(_apply_summary(job))
+        emit_json(_job_summary(job))
     else:
         _print_job(job)
     return _exit_code(job)

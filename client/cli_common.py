@@ -48,7 +48,8 @@ ServerOption = Annotated[
     typer.Option(
         "--server",
         envvar=SERVER_ENV,
-        help="host:port of a modelsurgery server; without it, work on the local store.",
+        help="host:port of a modelsurgery server. Without it, versions, alias, import and "
+        "generate work on the local store, and the other commands connect to 127.0.0.1:50051.",
     ),
 ]
 TokenOption = Annotated[
