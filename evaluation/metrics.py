@@ -31,29 +31,7 @@ LINEAGE_FACT_METRICS = (
 )
 LINEAGE_PAIR_METRICS = ("lineage_stereotype_share", "lineage_pairs")
 OPERATION_METRIC = re.compile(r"^op(\d+)\.([A-Za-z_][A-Za-z0-9_]*)$")
-
-DOCUMENTED: dict[str, str] = {
-    "efficacy": "share of the job's facts whose prompt prefers target_new over ground_truth",
-    "paraphrase": "the same on the facts' rephrase prompts",
-    "locality": "share of locality answer tokens whose argmax is the base version's",
-    "probability_gain": "mean P(target_new) on the final model minus on the base",
-    "stereotype_share": "held-out contrast pairs where the stereotype is more likely (0.5 fair)",
-    "stereotype_share_base": "the same on the base version",
-    "bias_gap": "mean log-likelihood gap stereo - anti on the held-out pairs, nats",
-    "bias_gap_base": "the same on the base version",
-    "perplexity": "WikiText-2 test perplexity of the final model (protocol: tokens, window)",
-    "perplexity_base": "the same of the base version",
-    "perplexity_ratio": "perplexity / perplexity_base",
-    "parameter_ratio": "parameters of the final model over the base's",
-    "lineage_efficacy": "efficacy on every ancestor version's stored facts",
-    "lineage_paraphrase": "paraphrase on every ancestor version's stored facts",
-    "lineage_locality": "share of ancestors' stored locality reference tokens still produced",
-    "lineage_facts": "how many ancestor facts were re-checked",
-    "lineage_stereotype_share": "stereotype share on every ancestor's stored held-out pairs",
-    "lineage_pairs": "how many ancestor pairs were re-checked",
-    "job_seconds": "wall seconds of the job, evaluation included",
-    "eval_seconds": "wall seconds of the job-level evaluation",
-}
+LINEAGE_PREFIX = "lineage_"
 
 
 def job_metric_names(carried: Iterable[str], lineage: Iterable[str] | None) -> set[str]:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from modelsurgery.editing.data import shared_data_path
 from modelsurgery.editing.knowledge.facts import Fact
 
+from .metrics import FACTS, PAIRS
+
 SUITE_ARTIFACT = "evaluation/suite.json"
 # Bump when a metric's definition changes: numbers of different definitions never mix.
 DEFINITIONS_VERSION = 1
@@ -67,8 +69,8 @@ class Suite(BaseModel):
 
 def carried_suite(parts: list[dict[str, list[dict[str, Any]]]]) -> Suite:
     """The suite of one job: every operation's ``SurgeryResult.suite`` in order."""
-    facts = [Fact.model_validate(f) for part in parts for f in part.get("facts", [])]
-    pairs = [PairCase.model_validate(p) for part in parts for p in part.get("pairs", [])]
+    facts = [Fact.model_validate(f) for part in parts for f in part.get(FACTS, [])]
+    pairs = [PairCase.model_validate(p) for part in parts for p in part.get(PAIRS, [])]
     return Suite(facts=facts, pairs=pairs)
 
 

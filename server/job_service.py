@@ -13,6 +13,7 @@ import grpc
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
 from modelsurgery.editing.reft import combination_error, is_reft_version
 from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
+from modelsurgery.evaluation.metrics import LINEAGE_PREFIX
 from modelsurgery.models import ModelReferenceError, load_config
 from modelsurgery.proto.spec import JobSpec, SpecError, check_gates, spec_from_proto
 from modelsurgery.server import job_table as jt
@@ -92,7 +93,11 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         return spec
 
     async def _check_lineage_gates(self, spec: JobSpec, context: grpc.aio.ServicerContext) -> None:
-        """``lineage_*`` gates need ancestors that stored a suite of that kind."""
+        """``lineage_*`` gates need ancestors that stored a suite of that kind (the spec's
+        parse checked every other gate); the lineage is read only when such a gate exists."""
+        gates = {n: c for n, c in spec.gates.items() if n.startswith(LINEAGE_PREFIX)}
+        if not gates:
+            return
         try:
             version_id = self.store.resolve(spec.base)
         except VersionNotFoundError:
@@ -100,7 +105,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         else:
             kinds = stored_kinds(await asyncio.to_thread(lineage_suites, self.store, version_id))
         try:
-            check_gates(spec.gates, spec.operations, kinds)
+            check_gates(gates, spec.operations, kinds)
         except SpecError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
 
