@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,3 +47,15 @@ def calibration_windows(
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - window) for _ in range(num_windows)]
     return torch.stack([ids[s : s + window] for s in starts])
+
+
+def resolve_data_file(path: str, data_roots: Sequence[Path], field: str) -> Path:
+    """A user file that must lie under one of the allowed data roots (relative paths are
+    resolved against each root in turn)."""
+    roots = [root.resolve() for root in data_roots]
+    candidates = [Path(path)] if Path(path).is_absolute() else [r / path for r in roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if any(resolved.is_relative_to(root) for root in roots) and resolved.is_file():
+            return resolved
+    raise ValueError(f"{field}: {path!r} is not a file under the allowed data roots")

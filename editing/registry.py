@@ -1,14 +1,17 @@
-"""The method registry: method name -> (pydantic config, run function).
+"""The method registry: method name -> (pydantic config, run function, attachment).
 
 A surgery method never imports the server. It is a config class plus one function
 ``run(model, tokenizer, config, context) -> SurgeryResult``; the server looks both up here,
-validates the config before queueing a job, and stores what the result says changed.
+validates the config before queueing a job, and stores what the result says changed. A method
+that leaves hooks instead of weights (ReFT, unbaked steering) also registers an ``Attachment``:
+which artifact files it stores, how they attach to a loaded model, and its lineage rule. The
+loader, the worker and submit validation go through ``editing.attachments``, never a method.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -46,6 +49,11 @@ class MethodConfig(BaseModel):
     def check_against(self, model_config: Any) -> None:
         """Validate indices and sizes against the base model's HF config (raise ValueError
         naming the field). Called before a job is queued, without loading weights."""
+
+    def leaves_hooks(self, model_config: Any) -> bool:
+        """Whether ``run`` with this config on this model returns hook artifacts (its method's
+        ``Attachment``) instead of, or besides, changed weights."""
+        return False
 
 
 class JobCancelled(Exception):
@@ -104,19 +112,60 @@ class RunFunction(Protocol):
     ) -> SurgeryResult: ...
 
 
+class Detachable(Protocol):
+    def remove(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """How a hook method's artifacts become part of a loaded model.
+
+    artifacts: the file names the method stores with a version (and an export writes beside
+        the weights); a version carries the method's hooks when it has the first one.
+    attach: registers the hooks on a model from those files; the returned handle's
+        ``remove()`` detaches them (the server attaches per call to shared warm models).
+    leaf: the lineage rule. A leaf's hooks were fitted to its exact weights, so a version
+        carrying them is never a base, and the operation that makes them runs last in its job.
+    """
+
+    artifacts: tuple[str, ...]
+    attach: Callable[[torch.nn.Module, Mapping[str, bytes]], Detachable]
+    leaf: bool = True
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     config_class: type[MethodConfig]
     run: RunFunction
+    attachment: Attachment | None = None
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, config_class: type[MethodConfig], run: RunFunction) -> None:
-    """Register a surgery method; called at import time by the method's module."""
-    _METHODS[name] = Method(name, config_class, run)
+def register_method(
+    name: str,
+    config_class: type[MethodConfig],
+    run: RunFunction,
+    attachment: Attachment | None = None,
+) -> None:
+    """Register a surgery method; called once, at import time, by the method's package. A
+    name or an artifact file name registered twice is an error."""
+    if name in _METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    if attachment is not None:
+        if not attachment.artifacts:
+            raise ValueError(f"method {name!r}: an attachment names at least one artifact")
+        for other in _METHODS.values():
+            taken = set(attachment.artifacts) & set(
+                other.attachment.artifacts if other.attachment else ()
+            )
+            if taken:
+                raise ValueError(
+                    f"method {name!r}: artifacts {sorted(taken)} belong to {other.name!r}"
+                )
+    _METHODS[name] = Method(name, config_class, run, attachment)
 
 
 def load_builtin_methods() -> None:
@@ -136,3 +185,9 @@ def get_method(name: str) -> Method:
 def method_names() -> list[str]:
     load_builtin_methods()
     return sorted(_METHODS)
+
+
+def hook_methods() -> list[Method]:
+    """The registered methods that declare an ``Attachment``, by name."""
+    load_builtin_methods()
+    return [_METHODS[name] for name in sorted(_METHODS) if _METHODS[name].attachment is not None]

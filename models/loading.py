@@ -52,9 +52,10 @@ class LoadedModel:
     source_kind: SourceKind
     version_id: str | None = None
     path: Path | None = None
-    interventions: Any = None
-    """The ReFT intervention handle when the checkpoint carries interventions (hooks attached;
-    ``interventions.remove()`` detaches them), else None."""
+    hooks: Any = None
+    """The attached hooks (``editing.attachments.AttachedHooks``: ReFT interventions, unbaked
+    steering ...) when the checkpoint carries any, else None; ``hooks.remove()`` detaches
+    them."""
 
     @property
     def config(self) -> PretrainedConfig:
@@ -69,15 +70,15 @@ def load(
     device: torch.device | str | None = None,
     allowed_roots: PathRoots | None = None,
     progress: Progress | None = None,
-    with_interventions: bool = True,
+    with_hooks: bool = True,
 ) -> LoadedModel:
     """Load a folder, a GGUF file, a built-in alias or a stored version (see ``resolve_reference``).
 
     ``dtype`` None keeps the checkpoint's own dtype (float32 for dequantised GGUF);
     ``allowed_roots`` restricts path references (the server passes its model folders).
-    A ReFT checkpoint (exported folder or stored version) comes with its interventions attached
-    unless ``with_interventions`` is False (the server attaches them per call instead, because
-    its warm models are shared between versions with the same weights).
+    A checkpoint (exported folder or stored version) that carries a hook method's artifacts
+    comes with those hooks attached unless ``with_hooks`` is False (the server attaches them per
+    call instead, because its warm models are shared between versions with the same weights).
     """
     say = progress or (lambda _message: None)
     resolved = resolve_reference(reference, allowed_roots, store=store)
@@ -89,7 +90,7 @@ def load(
     digest = model_digest(model)
     if device is not None:
         model.to(device)
-    interventions = _attach_interventions(model, resolved, store) if with_interventions else None
+    hooks = _attach_hooks(model, resolved, store) if with_hooks else None
     say("loaded")
     return LoadedModel(
         model=model,
@@ -99,24 +100,25 @@ def load(
         source_kind=resolved.kind,
         version_id=resolved.version_id,
         path=resolved.path,
-        interventions=interventions,
+        hooks=hooks,
     )
 
 
-def _attach_interventions(
+def _attach_hooks(
     model: PreTrainedModel, resolved: ResolvedReference, store: StoreReader | None
 ) -> Any:
-    from modelsurgery.editing import reft
+    from modelsurgery.editing.attachments import (
+        attach_hooks,
+        folder_hook_artifacts,
+        stored_hook_artifacts,
+    )
 
+    artifacts: dict[str, bytes] = {}
     if resolved.kind is SourceKind.FOLDER and resolved.path is not None:
-        if reft.folder_has_interventions(resolved.path):
-            return reft.attach_from_folder(model, resolved.path)
-        return None
-    if resolved.kind is SourceKind.STORE and store is not None and resolved.version_id:
-        artifacts = reft.stored_interventions(store, resolved.version_id)
-        if artifacts is not None:
-            return reft.attach_interventions(model, artifacts)
-    return None
+        artifacts = folder_hook_artifacts(resolved.path)
+    elif resolved.kind is SourceKind.STORE and store is not None and resolved.version_id:
+        artifacts = stored_hook_artifacts(store, resolved.version_id)
+    return attach_hooks(model, artifacts) if artifacts else None
 
 
 def load_config(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
-from modelsurgery.editing.reft import CONFIG_ARTIFACT, attach_interventions
+from modelsurgery.editing.attachments import attach_hooks
 from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
 from modelsurgery.evaluation.judge import Judgement, PerplexityCache, Reference, judge
 from modelsurgery.evaluation.lineage import lineage_suites
@@ -65,7 +65,7 @@ def load_base(
     (imported into the store first, so every version has a root in the store)."""
 
     def from_store(version_id: str) -> CachedModel:
-        loaded = load(version_id, store=store, device=settings.device, with_interventions=False)
+        loaded = load(version_id, store=store, device=settings.device, with_hooks=False)
         return CachedModel(
             loaded.model, loaded.tokenizer, loaded.digest, version_id, parameter_bytes(loaded.model)
         )
@@ -210,8 +210,7 @@ def evaluate_final(
             known["base"] = op_metrics.get("op0.perplexity_before")
         if operation_protocol(spec.operations[last]) == same:
             known["final"] = op_metrics.get(f"op{last}.perplexity_after")
-    handle = attach_interventions(model, artifacts) if CONFIG_ARTIFACT in artifacts else None
-    try:
+    with attach_hooks(model, artifacts):
         return judge(
             model,
             Reference(base.model, base.digest, base.lock),
@@ -223,6 +222,3 @@ def evaluate_final(
             final_perplexity=known["final"],
             cache=PerplexityCache(settings.cache_dir),
         )
-    finally:
-        if handle is not None:
-            handle.remove()

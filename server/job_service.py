@@ -11,10 +11,11 @@ from typing import Any
 import grpc
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
-from modelsurgery.editing.reft import combination_error, is_reft_version
+from modelsurgery.editing.attachments import combination_error
 from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
 from modelsurgery.evaluation.metrics import LINEAGE_PREFIX
 from modelsurgery.models import ModelReferenceError, load_config
+from modelsurgery.models.stored import stored_artifact_names
 from modelsurgery.proto.spec import JobSpec, SpecError, check_gates, spec_from_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.auth import current_caller
@@ -76,7 +77,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
         config = await self._model_config(spec.base, context)
-        await self._check_lineage(spec, context)
+        await self._check_lineage(spec, config, context)
         await self._check_lineage_gates(spec, context)
         for index, operation in enumerate(spec.operations):
             try:
@@ -109,15 +110,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         except SpecError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
 
-    async def _check_lineage(self, spec: JobSpec, context: grpc.aio.ServicerContext) -> None:
-        """Methods that cannot build on each other (a ReFT version is a leaf; reft runs last)."""
+    async def _check_lineage(
+        self, spec: JobSpec, model_config: Any, context: grpc.aio.ServicerContext
+    ) -> None:
+        """The hook methods' lineage rules (a leaf's version is no base; a leaf runs last)."""
         try:
-            base = await asyncio.to_thread(self.store.get, spec.base)
+            version_id = self.store.resolve(spec.base)
         except VersionNotFoundError:
-            base_is_reft = False
+            artifacts: list[str] = []
         else:
-            base_is_reft = is_reft_version(base.model_dump(mode="json"))
-        problem = combination_error(base_is_reft, [op.method for op in spec.operations])
+            artifacts = await asyncio.to_thread(stored_artifact_names, self.store, version_id)
+        problem = combination_error(artifacts, spec.operations, model_config)
         if problem is not None:
             field = problem.partition(": ")[0]
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, f"spec.{field}")

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.editing.reft import attach_interventions, stored_interventions
+from modelsurgery.editing.attachments import attach_hooks, stored_hook_artifacts
 from modelsurgery.evaluation.judge import PerplexityCache, Reference, judge
 from modelsurgery.evaluation.lineage import lineage_suites, own_suite
 from modelsurgery.evaluation.suite import Suite, default_protocol
@@ -98,17 +98,13 @@ class SurgeryWorker:
         return load_base(reference, self.store, self.cache, self.settings).version_id
 
     def generate(self, ref: str, prompts: list[str], options: dict[str, Any]) -> list[str]:
-        """Greedy or sampled text from a version; a ReFT version's interventions are attached
-        to the shared warm model for this call only (under its lock), then removed."""
+        """Greedy or sampled text from a version; a version's hooks (ReFT interventions,
+        unbaked steering) are attached to the shared warm model for this call only (under its
+        lock), then removed."""
         base = load_base(ref, self.store, self.cache, self.settings)
-        artifacts = stored_interventions(self.store, self.store.resolve(ref))
-        with base.lock:
-            handle = None if artifacts is None else attach_interventions(base.model, artifacts)
-            try:
-                return generate_text(base.model, base.tokenizer, prompts, **options)
-            finally:
-                if handle is not None:
-                    handle.remove()
+        artifacts = stored_hook_artifacts(self.store, self.store.resolve(ref))
+        with base.lock, attach_hooks(base.model, artifacts):
+            return generate_text(base.model, base.tokenizer, prompts, **options)
 
     def evaluate(
         self, version_id: str, against_id: str, suite_json: bytes, perplexity: bool
@@ -122,22 +118,18 @@ class SurgeryWorker:
         protocol = suite.perplexity or (default_protocol() if perplexity else None)
         final = load_base(version_id, self.store, self.cache, self.settings)
         reference = load_base(against_id, self.store, self.cache, self.settings)
-        artifacts = stored_interventions(self.store, version_id)
+        artifacts = stored_hook_artifacts(self.store, version_id)
         with ExitStack() as held:
             # Both warm models are shared: lock them in one global order (no deadlock).
             for _, lock in sorted({version_id: final.lock, against_id: reference.lock}.items()):
                 held.enter_context(lock)
-            handle = None if artifacts is None else attach_interventions(final.model, artifacts)
-            try:
-                return judge(
-                    final.model,
-                    Reference(reference.model, reference.digest),
-                    final.tokenizer,
-                    suite,
-                    lineage,
-                    perplexity=protocol,
-                    cache=PerplexityCache(self.settings.cache_dir),
-                ).metrics
-            finally:
-                if handle is not None:
-                    handle.remove()
+            held.enter_context(attach_hooks(final.model, artifacts))
+            return judge(
+                final.model,
+                Reference(reference.model, reference.digest),
+                final.tokenizer,
+                suite,
+                lineage,
+                perplexity=protocol,
+                cache=PerplexityCache(self.settings.cache_dir),
+            ).metrics

@@ -27,8 +27,6 @@ from modelsurgery.editing.reft import (
     TENSORS_ARTIFACT,
     attach_from_folder,
     attach_interventions,
-    combination_error,
-    is_reft_version,
 )
 from modelsurgery.editing.reft.artifacts import to_artifacts
 from modelsurgery.editing.reft.config import InterventionSpec, ReftConfig, parse_positions
@@ -484,19 +482,6 @@ def test_config_validation() -> None:
         config(layers=[0, 2], examples=TOY_EXAMPLES).check_against(model_config)
     with pytest.raises(ValueError, match=r"^rank"):
         config(layers=[0], rank=65, examples=TOY_EXAMPLES).check_against(model_config)
-
-
-def test_lineage_rules() -> None:
-    artifacts = to_artifacts(random_interventions(spec_for(tiny_llama())))
-    assert is_reft_version(artifacts)
-    assert is_reft_version({"operations": [{"method": "rome"}, {"method": "reft"}]})
-    assert is_reft_version({"operations": [{"config": {"method": "reft"}}]})
-    assert not is_reft_version({"operations": [{"method": "rome"}], "artifacts": {}})
-    assert not is_reft_version({"heads.json": b"{}"})
-    assert combination_error(True, ["rome"]).startswith("base:")
-    assert combination_error(False, ["rome", "reft"]) is None
-    assert combination_error(False, ["reft", "rome"]).startswith("operations[1]")
-    assert combination_error(False, ["reft", "reft"]).startswith("operations[1]")
 
 
 def test_bfloat16_model_trains_and_stores_bfloat16(tmp_path: Path) -> None:

@@ -15,11 +15,10 @@ from modelsurgery.editing.bias.pairs import (
     ContrastPair,
     load_crows_pairs,
     load_pairs_jsonl,
-    resolve_data_file,
     split_pairs,
 )
 from modelsurgery.editing.bias.scoring import score_heads, select_heads
-from modelsurgery.editing.data import calibration_windows
+from modelsurgery.editing.data import calibration_windows, resolve_data_file
 from modelsurgery.editing.mask_heads import config_sizes, format_head, mask_heads_in_place
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import (

@@ -78,18 +78,6 @@ def load_pairs_jsonl(path: Path) -> list[ContrastPair]:
     return pairs
 
 
-def resolve_data_file(path: str, data_roots: Sequence[Path], field: str) -> Path:
-    """A user file that must lie under one of the allowed data roots (relative paths are
-    resolved against each root in turn)."""
-    roots = [root.resolve() for root in data_roots]
-    candidates = [Path(path)] if Path(path).is_absolute() else [r / path for r in roots]
-    for candidate in candidates:
-        resolved = candidate.resolve()
-        if any(resolved.is_relative_to(root) for root in roots) and resolved.is_file():
-            return resolved
-    raise ValueError(f"{field}: {path!r} is not a file under the allowed data roots")
-
-
 def split_pairs(
     pairs: Sequence[ContrastPair], holdout_fraction: float, seed: int
 ) -> tuple[list[ContrastPair], list[ContrastPair]]:

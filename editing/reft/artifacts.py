@@ -14,7 +14,6 @@ from torch import nn
 from modelsurgery.editing.reft.config import InterventionSpec
 from modelsurgery.editing.reft.hooks import InterventionHandle, attach
 from modelsurgery.editing.reft.interventions import ReftInterventions
-from modelsurgery.models.stored import StoreReader, stored_artifact_names
 
 CONFIG_ARTIFACT = "reft/config.json"
 TENSORS_ARTIFACT = "reft/interventions.safetensors"
@@ -44,18 +43,6 @@ def attach_interventions(model: nn.Module, artifacts: Mapping[str, bytes]) -> In
     """Register a ReFT version's interventions on ``model``; ordinary ``model(...)`` and
     ``model.generate(...)`` then apply them (see ``hooks`` for the prompt rule)."""
     return attach(model, from_artifacts(artifacts))
-
-
-def stored_interventions(store: StoreReader, version_id: str) -> dict[str, bytes] | None:
-    """A stored version's intervention artifacts (own or inherited), or None when it has none;
-    only the two ReFT files are read, never the version's other artifacts."""
-    if CONFIG_ARTIFACT not in stored_artifact_names(store, version_id):
-        return None
-    return {name: store.read_file(version_id, name) for name in (CONFIG_ARTIFACT, TENSORS_ARTIFACT)}
-
-
-def folder_has_interventions(folder: str | Path) -> bool:
-    return (Path(folder) / CONFIG_ARTIFACT).is_file()
 
 
 def attach_from_folder(model: nn.Module, folder: str | Path) -> InterventionHandle:

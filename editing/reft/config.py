@@ -110,6 +110,9 @@ class ReftConfig(MethodConfig):
     def first_last(self) -> tuple[int, int]:
         return parse_positions(self.positions)
 
+    def leaves_hooks(self, model_config: Any) -> bool:
+        return True
+
     def check_against(self, model_config: Any) -> None:
         layers = _config_int(model_config, "num_hidden_layers", "n_layer")
         hidden = _config_int(model_config, "hidden_size", "n_embd", "d_model")

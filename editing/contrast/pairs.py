@@ -1,0 +1,73 @@
+"""Contrast pairs given inline (``pairs``) or as JSONL under the data roots (``pairs_file``)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from modelsurgery.editing.data import resolve_data_file
+
+
+class TextPair(BaseModel):
+    """Two texts that differ in the property to steer toward (``positive``) or away from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    positive: str = Field(min_length=1)
+    negative: str = Field(min_length=1)
+
+
+class PairsSource(BaseModel):
+    """Config fields of a method fitted on contrast pairs: exactly one of ``pairs`` and
+    ``pairs_file`` (one ``{"positive": ..., "negative": ...}`` object per line)."""
+
+    pairs: list[TextPair] | None = None
+    pairs_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PairsSource:
+        if (self.pairs is None) == (self.pairs_file is None):
+            raise ValueError("give exactly one of pairs and pairs_file")
+        if self.pairs is not None and len(self.pairs) < 2:
+            raise ValueError("pairs: at least 2 contrast pairs are needed")
+        return self
+
+
+def read_pairs_jsonl(path: Path) -> list[TextPair]:
+    pairs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append(TextPair.model_validate(json.loads(line)))
+        except ValueError:
+            raise ValueError(
+                f"pairs_file: line {lineno} is not an object with 'positive' and 'negative' texts"
+            ) from None
+    if len(pairs) < 2:
+        raise ValueError(f"pairs_file: at least 2 contrast pairs are needed, found {len(pairs)}")
+    return pairs
+
+
+def load_text_pairs(source: PairsSource, data_roots: Sequence[Path]) -> list[TextPair]:
+    if source.pairs is not None:
+        return list(source.pairs)
+    assert source.pairs_file is not None
+    return read_pairs_jsonl(resolve_data_file(source.pairs_file, data_roots, "pairs_file"))
+
+
+def split_held_out(
+    pairs: Sequence[TextPair], fraction: float, seed: int
+) -> tuple[list[TextPair], list[TextPair]]:
+    """Seeded disjoint (fit, held-out) split; the held-out side is empty for ``fraction`` 0,
+    and the fit side keeps at least 2 pairs."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_held = min(len(pairs) - 2, round(len(pairs) * fraction)) if fraction > 0 else 0
+    held = sorted(order[: max(0, n_held)])
+    fit = sorted(order[max(0, n_held) :])
+    return [pairs[i] for i in fit], [pairs[i] for i in held]
