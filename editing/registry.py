@@ -25,6 +25,7 @@ BUILTIN_METHOD_MODULES = (
     "modelsurgery.editing.bias",
     "modelsurgery.editing.rome",
     "modelsurgery.editing.memit",
+    "modelsurgery.editing.steer",
     "modelsurgery.pruning.prune",
 )
 

@@ -30,11 +30,12 @@ from modelsurgery.editing.reft import (
 )
 from modelsurgery.editing.reft.artifacts import to_artifacts
 from modelsurgery.editing.reft.config import InterventionSpec, ReftConfig, parse_positions
-from modelsurgery.editing.reft.hooks import attach, past_length
+from modelsurgery.editing.reft.hooks import attach
 from modelsurgery.editing.reft.interventions import ReftInterventions
 from modelsurgery.editing.reft.lora_count import lora_parameter_count
 from modelsurgery.editing.reft.positions import prompt_positions, slot_positions
 from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
+from modelsurgery.models.decoding import past_length
 
 VOCAB = 128
 

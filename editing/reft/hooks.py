@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from modelsurgery.editing.reft.interventions import ReftInterventions
 from modelsurgery.editing.reft.positions import batch_positions
 from modelsurgery.models.adapters import get_adapter
+from modelsurgery.models.decoding import past_length
 
 
 class InterventionHandle:
@@ -137,28 +138,6 @@ class InterventionHandle:
 
 def _is_prompt_call(args: tuple, kwargs: dict[str, Any]) -> bool:
     return past_length(args, kwargs) == 0
-
-
-def past_length(args: tuple, kwargs: dict[str, Any]) -> int:
-    """How many tokens precede this call's tokens, from the first signal the call carries:
-    an explicit cache position, a cache object (any keyword), a legacy tuple cache, or a 2-D
-    attention mask wider than the call's tokens."""
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-        return int(cache_position.reshape(-1)[0])
-    for value in kwargs.values():
-        if hasattr(value, "get_seq_length"):
-            return int(value.get_seq_length())
-    legacy = kwargs.get("past_key_values")
-    if isinstance(legacy, tuple | list) and len(legacy):
-        return int(legacy[0][0].shape[-2])
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    mask = kwargs.get("attention_mask")
-    if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return max(0, int(mask.shape[1]) - int(tokens.shape[1]))
-    return 0
 
 
 def _prompt_spans(

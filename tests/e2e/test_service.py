@@ -160,6 +160,9 @@ def raw_submit(client: Client, spec: dict) -> grpc.RpcError:
     return err.value
 
 
+STEER_PAIRS = [{"positive": "good", "negative": "bad"}, {"positive": "yes", "negative": "no"}]
+
+
 @pytest.mark.parametrize(
     ("spec_update", "field"),
     [
@@ -173,6 +176,15 @@ def raw_submit(client: Client, spec: dict) -> grpc.RpcError:
         ({"operations": [{"method": "mask_heads", "heads": ["0.9"]}]}, "spec.operations[0]"),
         ({"gates": {"perplexity_ratio": "about 1"}}, "spec.gates.perplexity_ratio"),
         ({"base": "/definitely/not/a/model"}, "spec.base"),
+        (
+            {
+                "operations": [
+                    {"method": "steer", "pairs": STEER_PAIRS, "bake": False},
+                    {"method": "mask_heads", "heads": ["0.1"]},
+                ]
+            },
+            "spec.operations[1]",
+        ),
         ({"alias": "bad alias!"}, "spec.alias"),
     ],
 )

@@ -1,0 +1,107 @@
+"""``steer`` job config: contrastive activation addition."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from modelsurgery.editing.contrast import PairsSource
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+
+# XXXTUNE: figures from benchmarks/steer_sentiment.py --tune go here.
+DEFAULT_DEPTH_FRACTION = 1 / 3
+DEFAULT_COEFFICIENT = 8.0
+
+
+def _layer_count(model_config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("layers: the model's config has no layer count")
+
+
+class SteerConfig(MethodConfig, PairsSource):
+    """Steer a model toward the ``positive`` side of contrast pairs (Turner et al. 2023,
+    activation addition; Rimsky et al. 2024, contrastive activation addition).
+
+    pairs / pairs_file: the contrast pairs (``{"positive": ..., "negative": ...}``; a file is
+        JSONL under the server's data roots).
+    layers: decoder layers whose output gets the vector (default: the layer at one third of
+        the depth; layer 10 of SmolLM2-135M's 30).
+    coefficient: the vector added is ``coefficient`` x the direction; negative steers away.
+    aggregate: ``mean`` (mean of positive - negative activations) or ``pca`` (their first
+        principal component, scaled to the mean difference's length along it).
+    token: activations read at each text's ``last`` token or averaged over its tokens
+        (``mean``, default: sentiment is spread over a sentence).
+    positions: ``all`` adds the vector at every position (what a bias does); ``generated``
+        only where new tokens are predicted (the prompt's last token and every decoding step),
+        leaving the prompt's own states alone; that one stays a hook.
+    bake: write the vectors as biases of each layer's MLP output projection, so plain
+        ``from_pretrained`` loads the steered model (Llama's ``mlp_bias``; GPT-2, Phi, OPT,
+        GPT-NeoX, GPT-J have the bias already). Default: where the family allows it and
+        ``positions`` is ``all``; otherwise the vectors are stored as hooks, attached by
+        ``modelsurgery.models.load`` and the server's Generate (a leaf: nothing builds on it).
+    holdout_fraction: pairs kept out of the fit to measure the direction on (seeded by
+        ``seed``); 0 fits on all.
+
+    Metrics: ``projection_before`` / ``projection_after`` (mean projection of the held-out
+    pairs' activations at the steered layers on the unit direction, before and with the
+    steering; all pairs when none is held out), ``heldout_separation`` (mean projection of
+    their positive minus negative sides: > 0 when the direction generalises), ``vector_norm``
+    (mean length of the added vectors), ``baked`` (1 or 0), ``pairs_fitted``, and with
+    ``evaluate_perplexity`` ``perplexity_before/after/ratio`` (WikiText-2 test).
+    """
+
+    method: Literal["steer"] = "steer"
+    layers: list[int] | None = Field(default=None, min_length=1)
+    coefficient: float = DEFAULT_COEFFICIENT
+    aggregate: Literal["mean", "pca"] = "mean"
+    token: Literal["last", "mean"] = "mean"
+    positions: Literal["all", "generated"] = "all"
+    bake: bool | None = None
+    holdout_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
+    seed: int = 0
+    evaluate_perplexity: bool = True
+    perplexity_max_tokens: int = Field(default=4096, ge=2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SteerConfig:
+        if self.bake and self.positions != "all":
+            raise ValueError("bake: a bias adds at every position; positions 'generated' is a hook")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers: each layer at most once")
+        return self
+
+    def metric_names(self) -> set[str]:
+        names = {"projection_before", "projection_after", "heldout_separation", "vector_norm"}
+        names |= {"baked", "pairs_fitted"}
+        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+
+    def layer_indices(self, model_config: Any) -> list[int]:
+        if self.layers is not None:
+            return list(self.layers)
+        return [int(_layer_count(model_config) * DEFAULT_DEPTH_FRACTION)]
+
+    def bakes(self, model_config: Any) -> bool:
+        """Whether ``run`` writes biases (else it stores hooks)."""
+        from modelsurgery.models.output_bias import bias_overrides
+
+        if self.bake is False or self.positions != "all":
+            return False
+        return bias_overrides(model_config, "mlp_out") is not None
+
+    def leaves_hooks(self, model_config: Any) -> bool:
+        return not self.bakes(model_config)
+
+    def check_against(self, model_config: Any) -> None:
+        count = _layer_count(model_config)
+        for i, layer in enumerate(self.layer_indices(model_config)):
+            if not 0 <= layer < count:
+                raise ValueError(f"layers[{i}]: layer {layer} out of range (model has {count})")
+        if self.bake and not self.bakes(model_config):
+            raise ValueError(
+                f"bake: {model_config.model_type} has no MLP output bias to bake into; "
+                "leave bake unset to store the vectors as hooks"
+            )
