@@ -17,16 +17,17 @@ def contrast_direction(
     """positive, negative: (N, ..., D) activations of the pairs' two sides -> (..., D).
 
     ``mean``: the mean of the differences, with its natural scale. ``pca``: the top right
-    singular vector of the centred differences, signed toward the mean difference and scaled
-    to the mean difference's length along it, so the two are comparable for one coefficient.
+    singular vector of the differences, uncentred (every difference points positive minus
+    negative, so centring would remove the very direction sought; repeng centres only after
+    flipping random pairs), signed toward the mean difference and scaled to the mean
+    difference's length along it, so one coefficient means the same for both.
     """
     diffs = (positive - negative).double()  # (N, ..., D)
     mean = diffs.mean(dim=0)  # (..., D)
     if aggregate == "mean":
         return mean.float()
     flat = diffs.reshape(diffs.shape[0], -1, diffs.shape[-1]).transpose(0, 1)  # (S, N, D)
-    centred = flat - flat.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)  # vh: (S, min(N, D), D)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)  # vh: (S, min(N, D), D)
     top = vh[:, 0]  # (S, D), unit rows
     along = (top * mean.reshape(-1, mean.shape[-1])).sum(dim=-1, keepdim=True)  # (S, 1)
     # Sign toward the mean difference; length = the mean difference's projection on it.

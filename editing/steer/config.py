@@ -37,7 +37,8 @@ class SteerConfig(MethodConfig, PairsSource):
         (``mean``, default: sentiment is spread over a sentence).
     positions: ``all`` adds the vector at every position (what a bias does); ``generated``
         only where new tokens are predicted (the prompt's last token and every decoding step),
-        leaving the prompt's own states alone; that one stays a hook.
+        leaving the prompt's own states alone; that one stays a hook. (A no-cache call, such
+        as a perplexity window, is a prompt call: only its last position is steered.)
     bake: write the vectors as biases of each layer's MLP output projection, so plain
         ``from_pretrained`` loads the steered model (Llama's ``mlp_bias``; GPT-2, Phi, OPT,
         GPT-NeoX, GPT-J have the bias already). Default: where the family allows it and
