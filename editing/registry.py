@@ -25,6 +25,8 @@ BUILTIN_METHOD_MODULES = (
     "modelsurgery.editing.bias",
     "modelsurgery.editing.rome",
     "modelsurgery.editing.memit",
+    "modelsurgery.editing.ablate_direction",
+    "modelsurgery.editing.iti",
     "modelsurgery.editing.steer",
     "modelsurgery.pruning.prune",
 )

@@ -170,3 +170,21 @@ def test_healthcheck_asks_the_grpc_health_service(stages: list[Stage]) -> None:
         assert run_check() != 0
     finally:
         server.stop(None)
+
+
+def test_every_subpackage_is_listed() -> None:
+    """A non-editable install (the image) ships only the packages pyproject lists."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"][
+        "setuptools"
+    ]
+    listed = set(setuptools["packages"])
+    roots = {ROOT / folder: name for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for root in roots:
+        for init in root.rglob("__init__.py"):
+            # The package a folder belongs to is named by its nearest mapped ancestor.
+            owner = max(
+                (r for r in roots if init.parent.is_relative_to(r)), key=lambda r: len(r.parts)
+            )
+            found.add(".".join([roots[owner], *init.parent.relative_to(owner).parts]))
+    assert found <= listed, sorted(found - listed)

@@ -9,9 +9,17 @@ from pydantic import Field, model_validator
 from modelsurgery.editing.contrast import PairsSource
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 
-# XXXTUNE: figures from benchmarks/steer_sentiment.py --tune go here.
+# Chosen on SmolLM2-135M by benchmarks/steer_sentiment.py --tune on its 20 dev prompts (never
+# the 50 it reports on), 16 sentiment pairs, WikiText-2 ratio on 2,048 tokens. The rule: the
+# largest coefficient whose perplexity ratio stays within 1.10. Mean aggregate, mean token:
+# layer 10 of 30: coefficient 1.25 -> positive share 0.75 (base 0.40) at ratio 1.081; 1.5 ->
+# 0.75 at 1.115; 2.0 -> 0.80 at 1.206. Layer 8: 1.0 -> 0.60 at 1.060; layers 12 and 16 carry
+# SmolLM2's massive activations (|v| 88 at 0.5, ratio 1.84 and 1.32). Last-token reading and
+# the PCA aggregate were no better (layer 10: 0.70 at 1.12 and 0.70 at 1.10), nor were
+# several layers at once (PCA, 6,8,10 at 0.75: 0.75 at 1.149). As a depth fraction the layer
+# carries over to other depths; the mean difference already scales with the residual norm.
 DEFAULT_DEPTH_FRACTION = 1 / 3
-DEFAULT_COEFFICIENT = 8.0
+DEFAULT_COEFFICIENT = 1.25
 
 
 def _layer_count(model_config: Any) -> int:

@@ -1,0 +1,136 @@
+"""The ``iti`` job config: the contrast texts, which heads, how far to shift them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from modelsurgery.editing.contrast import PairsSource, TextPair
+from modelsurgery.editing.iti.records import QARecord
+from modelsurgery.editing.mask_heads import config_sizes
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.models.output_bias import bias_overrides
+
+# Tuned on the fit-dev part of TruthfulQA dev with SmolLM2-135M-Instruct
+# (benchmarks/iti_truthfulqa.py); the figures are in ItiConfig's docstring.
+DEFAULT_TOP_K = 16
+DEFAULT_ALPHA = 1.0
+
+_SOURCES = ("pairs", "pairs_file", "records", "records_file")
+
+
+class ItiConfig(MethodConfig):
+    """Inference-Time Intervention (Li et al. 2023): shift the attention heads whose outputs
+    best separate true from false texts along that contrast, baked into the attention output
+    projection's bias, so the result is plain weights (no hooks).
+
+    Source (exactly one): ``pairs`` / ``pairs_file`` (``{"positive", "negative"}`` texts, as
+    for ``steer``; positive = the side to move toward) or ``records`` / ``records_file``
+    (``{"question", "true": [..] | str, "false": [..] | str}``; each answer becomes the text
+    ``"Q: {question}\\nA: {answer}"``, labelled true or false). A seeded
+    ``probe_holdout_fraction`` of the pairs or records (by pair or question, never splitting
+    one) is held out: probes are fitted on the rest and ranked by accuracy on it.
+
+    Fitting: each head's output before the attention output projection at the text's last
+    token (``token="last"``, the paper's choice) or averaged over its tokens (``"mean"``),
+    in ``layers`` (default all). One L2-regularised logistic-regression probe per (layer,
+    head); the ``top_k`` heads by held-out accuracy (ties: lower held-out log-loss) are
+    shifted by ``alpha`` x sigma x the unit ``direction``: ``mass_mean`` (mean true minus
+    mean false activation on the fit texts; the paper's best) or ``probe`` (the probe's
+    weight); sigma = the standard deviation of the fit activations along it. A head shift s
+    at the projection's input adds ``W_o[:, head columns] @ s`` to its output at every
+    position, which is a bias; families without one on the attention output (Mistral,
+    Qwen2) are refused.
+
+    Defaults ``top_k=16``, ``alpha=1``: the tuning grid of ``benchmarks/iti_truthfulqa.py``
+    on SmolLM2-135M-Instruct (probes on 143 TruthfulQA dev questions; MC1 on 61 other
+    fit-dev questions, base 0.295; k in {4, 16, 32} x alpha in {1, 2, 5}, perplexity ratio at
+    most 1.2): k=16, alpha=1 gave 0.328 (2 questions more) at perplexity ratio 1.021, tied
+    with alpha=2 and k=32 (the smaller shift wins ties); alpha=5 costs 1.41-1.85x perplexity
+    for k >= 16. That gain is within noise: on the 204 report questions MC1 stayed at 0.240
+    (chance 0.226), as did random heads with the same shift (0.240-0.245). The paper's
+    LLaMA-7B setting is k=48 of 1024 heads, alpha=15.
+
+    Metrics: ``heads_shifted``; ``probe_accuracy_mean`` (mean held-out accuracy of the
+    shifted heads' probes), ``probe_accuracy_best`` (the best head's); ``texts_fit``,
+    ``texts_heldout`` (contrast texts on each side of the split); with a records source
+    ``mc1_before`` / ``mc1_after`` on the held-out records (share whose highest-likelihood
+    answer is true: MC1 when each has one true answer; answer log-likelihood = sum of its
+    token log-probabilities after ``"Q: {question}\\nA:"``); with ``evaluate_perplexity``
+    ``perplexity_before/after/ratio`` (WikiText-2 test, first ``perplexity_max_tokens``
+    tokens). Artifact ``iti_heads.json``: every head's held-out accuracy, the chosen heads,
+    their sigma and shift norm.
+    """
+
+    method: Literal["iti"] = "iti"
+    pairs: list[TextPair] | None = None
+    pairs_file: str | None = None
+    records: list[QARecord] | None = None
+    records_file: str | None = None
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1)
+    alpha: float = Field(default=DEFAULT_ALPHA, gt=0.0, le=1000.0)
+    direction: Literal["mass_mean", "probe"] = "mass_mean"
+    layers: list[int] | None = Field(default=None, min_length=1)
+    probe_holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    token: Literal["last", "mean"] = "last"
+    batch_size: int = Field(default=16, ge=1)
+    evaluate_perplexity: bool = True
+    perplexity_max_tokens: int = Field(default=4096, ge=2)
+
+    def metric_names(self) -> set[str]:
+        names = {"heads_shifted", "probe_accuracy_mean", "probe_accuracy_best"}
+        names |= {"texts_fit", "texts_heldout"}
+        if self.uses_records():
+            names |= {"mc1_before", "mc1_after"}
+        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, value: list[int] | None) -> list[int] | None:
+        for i, layer in enumerate(value or []):
+            if layer < 0:
+                raise ValueError(f"layers[{i}]: layer {layer} is negative")
+            if value is not None and value.index(layer) != i:
+                raise ValueError(f"layers[{i}]: layer {layer} is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ItiConfig:
+        given = [name for name in _SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"{given[1] if len(given) > 1 else 'pairs'}: give exactly one of "
+                f"{', '.join(_SOURCES)}"
+            )
+        if self.pairs is not None and len(self.pairs) < 3:
+            raise ValueError("pairs: at least 3 pairs are needed (2 to fit, 1 held out)")
+        if self.records is not None and len(self.records) < 2:
+            raise ValueError("records: at least 2 records are needed (1 to fit, 1 held out)")
+        return self
+
+    def uses_records(self) -> bool:
+        return self.records is not None or self.records_file is not None
+
+    def pairs_source(self) -> PairsSource:
+        return PairsSource(pairs=self.pairs, pairs_file=self.pairs_file)
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        return sorted(self.layers) if self.layers is not None else list(range(num_layers))
+
+    def check_against(self, model_config: Any) -> None:
+        if bias_overrides(model_config, "attn_out") is None:
+            raise ValueError(
+                f"method: iti bakes head shifts into the attention output projection's bias, "
+                f"which {model_config.model_type!r} models cannot have"
+            )
+        num_layers, num_heads = config_sizes(model_config)
+        for i, layer in enumerate(self.layers or []):
+            if layer >= num_layers:
+                raise ValueError(
+                    f"layers[{i}]: layer {layer} out of range (model has {num_layers} layers)"
+                )
+        available = len(self.layer_indices(num_layers)) * num_heads
+        if self.top_k > available:
+            raise ValueError(f"top_k: {self.top_k} exceeds the {available} heads probed")
