@@ -13,6 +13,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -61,6 +63,24 @@ def build_tiny_llama(seed: int = 0, **overrides: object) -> LlamaForCausalLM:
         **overrides,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def build_tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    """A family with no bias on either residual write (o_proj, down_proj): hook-only steering."""
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    return MistralForCausalLM(config).eval()
 
 
 def build_tiny_gpt2(seed: int = 0, **overrides: object) -> GPT2LMHeadModel:

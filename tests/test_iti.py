@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama
+from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_mistral
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, MistralConfig
 
@@ -280,17 +280,7 @@ def test_run_gpt2_pairs_file_probe_direction(tiny_gpt2, tiny_tokenizer, tmp_path
 
 
 def test_run_refuses_a_family_without_attention_output_bias(tiny_tokenizer, tmp_path) -> None:
-    torch.manual_seed(0)
-    mistral = AutoModelForCausalLM.from_config(
-        MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    )
+    mistral = build_tiny_mistral()
     config = get_method("iti").config_class(records=RECORDS, evaluate_perplexity=False, top_k=2)
     with pytest.raises(ValueError, match="'mistral' models cannot have"):
         get_method("iti").run(mistral, tiny_tokenizer, config, context(tmp_path))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama
+from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_mistral
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM
 
 from modelsurgery.editing.attachments import attach_hooks
 from modelsurgery.editing.registry import MethodContext, get_method
@@ -49,20 +49,6 @@ def ids(tokenizer) -> torch.Tensor:
     return torch.tensor([tokenizer(PROMPT).input_ids])
 
 
-def tiny_mistral() -> MistralForCausalLM:
-    torch.manual_seed(0)
-    return MistralForCausalLM(
-        MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    ).eval()
-
-
 def test_config_needs_exactly_one_pair_source() -> None:
     with pytest.raises(ValidationError, match="exactly one of pairs and pairs_file"):
         SteerConfig.model_validate({})
@@ -78,9 +64,9 @@ def test_check_against_layers_and_bake(tiny_llama) -> None:
     with pytest.raises(ValueError, match=r"^layers\[0\]: layer 7 out of range"):
         config(layers=[7]).check_against(tiny_llama.config)
     with pytest.raises(ValueError, match=r"^bake: mistral has no MLP output bias"):
-        config(bake=True).check_against(tiny_mistral().config)
+        config(bake=True).check_against(build_tiny_mistral().config)
     assert config().bakes(tiny_llama.config) and not config().leaves_hooks(tiny_llama.config)
-    assert config().leaves_hooks(tiny_mistral().config)
+    assert config().leaves_hooks(build_tiny_mistral().config)
     assert config(positions="generated").leaves_hooks(tiny_llama.config)
     assert config(layers=None).layer_indices(tiny_llama.config) == [0]
 
@@ -143,7 +129,7 @@ def test_baked_version_exports_to_plain_transformers(store, tiny_tokenizer, tmp_
 
 
 def test_hook_version_loads_with_its_vectors(store, tiny_tokenizer, tmp_path) -> None:
-    model = tiny_mistral()
+    model = build_tiny_mistral()
     base = store.import_model(model, tiny_tokenizer, reference="tiny-mistral")
     result = get_method("steer").run(model, tiny_tokenizer, config(), context(tmp_path))
     assert result.metrics["baked"] == 0.0
