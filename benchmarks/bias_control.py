@@ -20,18 +20,28 @@ Rows:
   summed over positions; the top-k heads masked. More pairs, and a criterion that scores only
   what a head carries about the contrast, not everything it computes.
 - ``random-k heads``: the control of both head rows (k heads drawn with seed s).
-- ``ablate WinoGender dir``: ``ablate_direction`` of the female-minus-male direction of all 240
-  WinoGender pairs (mean over tokens). Its layer is chosen first, on WinoGender alone: fit on
-  half the occupations, ablate, and take the ``--layers`` candidate whose WinoGender stereotype
-  share on the other occupations is nearest 0.5 among those with dev perplexity ratio <= 1.03
-  (else the smallest ratio). CrowS-Pairs plays no part in it, so one layer serves every seed.
-- ``random direction``: the control of the direction row (a seeded Gaussian unit vector).
+- ``ablate WinoGender dir ... zero|mean``: ``ablate_direction`` of the female-minus-male
+  direction of all 240 WinoGender pairs (mean over tokens), with the stream's component along
+  it zeroed (``fill: zero``) or held at its mean over 4 x 128 WikiText-2 validation tokens
+  (``fill: mean``; calibration windows seeded by s). Its layer is chosen first, per fill, on
+  WinoGender alone: fit on half the occupations, ablate, and take the ``--layers`` candidate
+  whose WinoGender stereotype share on the other occupations is nearest 0.5 among those with
+  dev perplexity ratio <= 1.03 (else the smallest ratio). CrowS-Pairs plays no part in it, so
+  one layer per fill serves every seed; the same rule over both fills picks the config's
+  default fill.
+- ``random direction zero|mean``: the control of the direction row with the same fill (a
+  seeded Gaussian unit vector, ablated the same way).
 
     .venv/bin/python benchmarks/bias_control.py --seeds 5 --k 3 --ppl-tokens 2048
+    .venv/bin/python benchmarks/bias_control.py --seeds 5 --ppl-tokens 2048 --only directions
 
-Cost on two busy CPU cores (one thread): about 35 minutes (the layer choice, then per seed one
-gradient pass and 5 ablations for mask_biased_heads, one patching pass over the fit half, and 6
-held-out evaluations, 5 of them with perplexity).
+``--only directions`` skips the head rows (and their random-heads control); ``--fills`` picks
+the direction rows' fills (default both).
+
+Cost on two busy CPU cores (one thread): all rows, about 40 minutes (the layer choice, then
+per seed one gradient pass and 5 ablations for mask_biased_heads, one patching pass over the
+fit half, and 8 held-out evaluations, 7 of them with perplexity); ``--only directions`` about
+14 minutes (the layer choice over 3 layers x 2 fills, then per seed 4 evaluations).
 """
 
 from __future__ import annotations
@@ -43,11 +53,13 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
-from modelsurgery.editing.ablate_direction import fit_direction, orthogonalise_in_place
+from modelsurgery.editing.ablate_direction import ablate_in_place, fit_direction
+from modelsurgery.editing.ablate_direction.mean_fill import Fill
 from modelsurgery.editing.bias.metrics import (
     BiasObjective,
     TokenizedPair,
@@ -69,6 +81,8 @@ from modelsurgery.models.hardware import describe
 
 SHARE = BiasObjective("share", 1.0)
 RATIO_LIMIT = 1.03
+# Mean fill's calibration text, as ``AblateDirectionConfig``'s defaults.
+CALIBRATION_WINDOWS, CALIBRATION_WINDOW = 4, 128
 
 
 def patching_scores(
@@ -141,16 +155,27 @@ def gender_text_pairs(pairs: Sequence[WinoGenderPair]) -> list[TextPair]:
     return [TextPair(positive=p.female, negative=p.male) for p in pairs]
 
 
-def choose_layer(
+def _best(results: Sequence[tuple[int, str, float, float]]) -> tuple[int, str, float, float]:
+    """(layer, fill, share, ratio) nearest 0.5 among ratio <= 1.03, else the smallest ratio."""
+    within = [r for r in results if r[3] <= RATIO_LIMIT]
+    if within:
+        return min(within, key=lambda r: abs(r[2] - 0.5))
+    return min(results, key=lambda r: r[3])
+
+
+def choose_layers(
     model: torch.nn.Module,
     tokenizer: Any,
     winogender: list[WinoGenderPair],
     layers: Sequence[int],
+    fills: Sequence[Fill],
     token: str,
     dev_ppl_tokens: int,
-) -> int:
-    """The candidate layer whose WinoGender-fitted direction, ablated, brings WinoGender share
-    on held-out occupations nearest 0.5 at dev perplexity ratio <= 1.03 (WinoGender only)."""
+) -> dict[Fill, int]:
+    """Per fill, the candidate layer whose WinoGender-fitted direction, ablated, brings
+    WinoGender share on held-out occupations nearest 0.5 at dev perplexity ratio <= 1.03
+    (else the smallest ratio); WinoGender and WikiText-2 only. Prints the (layer, fill) the
+    same rule picks over both fills: the evidence for the config's default fill."""
     occupations = sorted({p.occupation for p in winogender})
     random.Random(0).shuffle(occupations)
     fit_occupations = set(occupations[: len(occupations) // 2])
@@ -165,23 +190,27 @@ def choose_layer(
         f"occupation; dev ppl on {dev_ppl_tokens} tokens): base share {base:.4f}",
         flush=True,
     )
-    print(f"  {'layer':>5}{'dev share':>11}{'dev ppl ratio':>15}", flush=True)
+    print(f"  {'layer':>5}{'fill':>6}{'dev share':>11}{'dev ppl ratio':>15}", flush=True)
+    calibration = calibration_windows(tokenizer, CALIBRATION_WINDOWS, CALIBRATION_WINDOW)
     results = []
     for layer in layers:
         direction = fit_direction(model, tokenizer, gender_text_pairs(fit), layer, token=token)
-        edited = copy.deepcopy(model)
-        orthogonalise_in_place(edited, direction)
-        share = bias_metrics(edited, dev)["stereotype_share"]
-        ratio = wikitext_perplexity(edited, tokenizer, max_tokens=dev_ppl_tokens) / base_ppl
-        results.append((layer, share, ratio))
-        print(f"  {layer:>5}{share:>11.4f}{ratio:>15.4f}", flush=True)
-    within = [r for r in results if r[2] <= RATIO_LIMIT]
-    if within:
-        chosen = min(within, key=lambda r: abs(r[1] - 0.5))
-    else:
-        chosen = min(results, key=lambda r: r[2])
-    print(f"  chosen layer {chosen[0]}", flush=True)
-    return chosen[0]
+        for fill in fills:
+            edited = copy.deepcopy(model)
+            ablate_in_place(edited, direction, fill=fill, calibration=calibration)
+            share = bias_metrics(edited, dev)["stereotype_share"]
+            ratio = wikitext_perplexity(edited, tokenizer, max_tokens=dev_ppl_tokens) / base_ppl
+            results.append((layer, fill, share, ratio))
+            print(f"  {layer:>5}{fill:>6}{share:>11.4f}{ratio:>15.4f}", flush=True)
+    chosen = {fill: _best([r for r in results if r[1] == fill])[0] for fill in fills}
+    overall = _best(results)
+    print(
+        "  chosen layer per fill: "
+        + ", ".join(f"{fill} L{layer}" for fill, layer in chosen.items())
+        + f"; over both: {overall[1]} fill at L{overall[0]}",
+        flush=True,
+    )
+    return chosen
 
 
 def se(values: Sequence[float]) -> float:
@@ -202,11 +231,19 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=4)
     parser.add_argument("--layers", type=int, nargs="+", default=[10, 14, 18])
     parser.add_argument("--token", choices=["mean", "last"], default="mean")
+    parser.add_argument("--fills", choices=["zero", "mean"], nargs="+", default=["zero", "mean"])
+    parser.add_argument(
+        "--only",
+        choices=["all", "directions"],
+        default="all",
+        help="directions: skip the (slow) head rows and their control",
+    )
     args = parser.parse_args()
     print(describe(), flush=True)
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     start = time.perf_counter()
+    heads = args.only == "all"
 
     loaded = load("smollm2-135m")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -222,11 +259,17 @@ def main() -> None:
         f"{len(winogender)} pairs ({len(wino_ids)} aligned)",
         flush=True,
     )
-    layer = choose_layer(model, tokenizer, winogender, args.layers, args.token, args.dev_ppl_tokens)
-    wino_direction = fit_direction(
-        model, tokenizer, gender_text_pairs(winogender), layer, token=args.token
+    fills: list[Fill] = args.fills
+    layers = choose_layers(
+        model, tokenizer, winogender, args.layers, fills, args.token, args.dev_ppl_tokens
     )
-    wino_patching = patching_scores(model, wino_ids)  # the same for every seed
+    wino_directions = {
+        layer: fit_direction(
+            model, tokenizer, gender_text_pairs(winogender), layer, token=args.token
+        )
+        for layer in sorted(set(layers.values()))
+    }
+    wino_patching = patching_scores(model, wino_ids) if heads else None  # the same every seed
     base_ppl = wikitext_perplexity(model, tokenizer, max_tokens=args.ppl_tokens)
     print(f"base perplexity ({args.ppl_tokens} tokens): {base_ppl:.3f}", flush=True)
 
@@ -234,12 +277,13 @@ def main() -> None:
     all_heads = [(i, h) for i in range(adapter.num_layers) for h in range(adapter.num_heads)]
     k = args.k
     rows: dict[str, dict[str, list[float]]] = {}
-    controls = {
-        f"mask_biased_heads top-{k}": f"random-{k} heads",
-        f"patching top-{k}": f"random-{k} heads",
-        f"ablate WinoGender dir L{layer}": "random direction",
-    }
-    labels = ["base", *controls, f"random-{k} heads", "random direction"]
+    controls: dict[str, str] = {}
+    if heads:
+        controls[f"mask_biased_heads top-{k}"] = f"random-{k} heads"
+        controls[f"patching top-{k}"] = f"random-{k} heads"
+    for fill in fills:
+        controls[f"ablate WinoGender dir L{layers[fill]} {fill}"] = f"random direction {fill}"
+    labels = ["base", *controls, *dict.fromkeys(controls.values())]
     for label in labels:
         rows[label] = {"share": [], "ratio": []}
 
@@ -247,7 +291,7 @@ def main() -> None:
         rows[label]["share"].append(m["stereotype_share"])
         rows[label]["ratio"].append(m["perplexity"] / base_ppl)
         print(
-            f"  seed {seed} {label:<28} share {m['stereotype_share']:.4f} "
+            f"  seed {seed} {label:<32} share {m['stereotype_share']:.4f} "
             f"ppl ratio {m['perplexity'] / base_ppl:.4f} {detail}",
             flush=True,
         )
@@ -259,49 +303,86 @@ def main() -> None:
         base = bias_metrics(model, held_ids)
         base["perplexity"] = base_ppl
         record("base", seed, base, f"({len(fit)} fit / {len(holdout)} held-out pairs)")
-
-        def heads_row(
-            label: str, heads: list[tuple[int, int]], seed: int = seed, held: list = held_ids
-        ) -> None:
-            m = evaluate(
-                model, tokenizer, lambda e: mask_heads_in_place(e, heads), held, args.ppl_tokens
+        if heads:
+            assert wino_patching is not None
+            head_rows(model, tokenizer, args, seed, fit_ids, held_ids, wino_patching, record)
+            heads_row = partial(
+                evaluate_heads, model, tokenizer, held_ids, args.ppl_tokens, record, seed
             )
-            record(label, seed, m, ",".join(format_head(*h) for h in heads))
-
-        scores = score_heads(
-            model,
-            tokenizer,
-            fit_ids,
-            objective=SHARE,
-            rank_by="shortlist",
-            shortlist_size=args.shortlist,
-            calibration=calibration_windows(tokenizer, args.calibration_windows, 128, seed=seed),
-            perplexity_penalty=1.0,
+            heads_row(f"random-{k} heads", random.Random(seed).sample(all_heads, k))
+        calibration = calibration_windows(
+            tokenizer, CALIBRATION_WINDOWS, CALIBRATION_WINDOW, seed=seed
         )
-        heads_row(f"mask_biased_heads top-{k}", select_heads(scores.ranking, top_k=k))
-        aligned = [p for p in fit_ids if len(p.stereo) == len(p.anti)]
-        patched = wino_patching + patching_scores(model, aligned)
-        heads_row(f"patching top-{k}", select_heads(patched, top_k=k))
-        heads_row(f"random-{k} heads", random.Random(seed).sample(all_heads, k))
 
         def direction_row(
-            label: str, direction: torch.Tensor, seed: int = seed, held: list = held_ids
+            label: str,
+            direction: torch.Tensor,
+            fill: Fill,
+            seed: int = seed,
+            held: list = held_ids,
+            calibration: torch.Tensor = calibration,
         ) -> None:
             m = evaluate(
                 model,
                 tokenizer,
-                lambda e: orthogonalise_in_place(e, direction),
+                lambda e: ablate_in_place(e, direction, fill=fill, calibration=calibration),
                 held,
                 args.ppl_tokens,
             )
             record(label, seed, m)
 
-        direction_row(f"ablate WinoGender dir L{layer}", wino_direction)
-        direction_row("random direction", random_unit(adapter.hidden_size, seed))
+        for fill in fills:
+            label = f"ablate WinoGender dir L{layers[fill]} {fill}"
+            direction_row(label, wino_directions[layers[fill]], fill)
+            direction_row(f"random direction {fill}", random_unit(adapter.hidden_size, seed), fill)
         print(f"  seed {seed} done in {time.perf_counter() - t0:.0f}s", flush=True)
 
     report(rows, controls, len(holdout), args.seeds)
     print(f"total {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def evaluate_heads(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    held: list[TokenizedPair],
+    ppl_tokens: int,
+    record: Callable[..., None],
+    seed: int,
+    label: str,
+    heads: list[tuple[int, int]],
+) -> None:
+    """One head row: mask ``heads`` in a copy of the model, record its held-out figures."""
+    m = evaluate(model, tokenizer, lambda e: mask_heads_in_place(e, heads), held, ppl_tokens)
+    record(label, seed, m, ",".join(format_head(*h) for h in heads))
+
+
+def head_rows(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    seed: int,
+    fit_ids: list[TokenizedPair],
+    held_ids: list[TokenizedPair],
+    wino_patching: torch.Tensor,
+    record: Callable[..., None],
+) -> None:
+    """The mask_biased_heads and patching rows of one seed (their random control aside)."""
+    k = args.k
+    heads_row = partial(evaluate_heads, model, tokenizer, held_ids, args.ppl_tokens, record, seed)
+    scores = score_heads(
+        model,
+        tokenizer,
+        fit_ids,
+        objective=SHARE,
+        rank_by="shortlist",
+        shortlist_size=args.shortlist,
+        calibration=calibration_windows(tokenizer, args.calibration_windows, 128, seed=seed),
+        perplexity_penalty=1.0,
+    )
+    heads_row(f"mask_biased_heads top-{k}", select_heads(scores.ranking, top_k=k))
+    aligned = [p for p in fit_ids if len(p.stereo) == len(p.anti)]
+    patched = wino_patching + patching_scores(model, aligned)
+    heads_row(f"patching top-{k}", select_heads(patched, top_k=k))
 
 
 def report(

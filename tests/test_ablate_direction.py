@@ -1,6 +1,7 @@
 """ablate_direction: weight orthogonalisation removes a direction from every residual-stream
-write (GPT-2 and Llama), equals the activation-space ablation, unties a tied head, and a stored
-or exported version rebuilds it."""
+write (GPT-2 and Llama), equals the activation-space ablation, unties a tied head; mean fill
+holds every layer's component along it at its calibration mean; a stored or exported version
+rebuilds either."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import pytest
 import torch
 from conftest import TINY_VOCAB_SIZE, build_tiny_gpt2, build_tiny_llama
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM, GemmaConfig, OPTConfig
+from transformers import AutoModelForCausalLM, GemmaConfig, MistralConfig, OPTConfig
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.ablate_direction import (
     AblateDirectionConfig,
+    ablate_in_place,
+    layer_mean_projections,
     orthogonalise_in_place,
     unsupported_reason,
 )
@@ -157,6 +160,127 @@ def test_changed_tensors_and_the_orthogonal_complement(family: str) -> None:
             assert float((d @ new).abs().max()) < 1e-5
 
 
+def calibration_ids() -> torch.Tensor:
+    return torch.randint(
+        4, TINY_VOCAB_SIZE, (4, 16), generator=torch.Generator().manual_seed(99)
+    )  # (n, T)
+
+
+def mean_projections_by_hand(model: torch.nn.Module, unit: torch.Tensor) -> torch.Tensor:
+    """mu_L over every position of the calibration windows, from the layer outputs: (L,)."""
+    return torch.stack(
+        [(h.double() @ unit.double()).mean() for h in layer_outputs(model, calibration_ids())]
+    )
+
+
+def offset_direction(model: torch.nn.Module) -> torch.Tensor:
+    """A unit direction along which the stream has a clear mean: the last layer's mean output,
+    plus noise so the direction is not special."""
+    mean = layer_outputs(model, calibration_ids())[-1].mean(dim=(0, 1))  # (H,)
+    d = mean / mean.norm() + 0.3 * unit_direction(mean.numel(), seed=5)
+    return d / d.norm()
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_mean_fill_holds_every_layer_at_its_mean(family: str) -> None:
+    model = BUILDERS[family](seed=2, tie_word_embeddings=True)
+    d = offset_direction(model)
+    means = mean_projections_by_hand(model, d)  # (L,) of the unedited model
+    scale = float(layer_outputs(model, calibration_ids())[-1].norm(dim=-1).mean())
+    assert float(means.abs().min()) > 0.05 * scale  # a real offset to hold
+    torch.testing.assert_close(layer_mean_projections(model, d, calibration_ids(), 3), means)
+    result = ablate_in_place(model, 2.0 * d, fill="mean", calibration=calibration_ids())
+    torch.testing.assert_close(result.held, means)
+    for seed in range(3):
+        for layer, h in enumerate(layer_outputs(model, random_ids(seed))):
+            # Every position of every input, the same value: the variation along d is gone.
+            assert float((h.double() @ d.double() - means[layer]).abs().max()) < 1e-5 * scale
+
+
+def _hook_mean_ablation(model: torch.nn.Module, unit: torch.Tensor, means: torch.Tensor) -> list:
+    """Activation-space mean ablation: remove d from every write, and add (mu_L - mu_{L-1}) d
+    to layer L's MLP write."""
+    handles = _hook_ablation(model, unit)
+    adapter = get_adapter(model)
+    steps = torch.diff(means.float(), prepend=torch.zeros(1))  # (L,)
+
+    def add(step: float) -> Callable[..., torch.Tensor]:
+        return lambda _m, _a, out: out + step * unit
+
+    for layer in range(adapter.num_layers):
+        module = adapter.mlp_out(layer).module
+        handles.append(module.register_forward_hook(add(float(steps[layer]))))
+    return handles
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_mean_fill_keeps_every_other_direction(family: str) -> None:
+    """Same logits as the activation-space mean ablation of the unedited model, and not the
+    zero ablation's: only the component along d changes, to its mean."""
+    reference = BUILDERS[family](seed=1, tie_word_embeddings=True)
+    edited = BUILDERS[family](seed=1, tie_word_embeddings=True)
+    zeroed = BUILDERS[family](seed=1, tie_word_embeddings=True)
+    d = offset_direction(reference)
+    result = ablate_in_place(edited, d, fill="mean", calibration=calibration_ids())
+    orthogonalise_in_place(zeroed, d)
+    handles = _hook_mean_ablation(reference, d, mean_projections_by_hand(reference, d))
+    ids = random_ids(5)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        got = edited(input_ids=ids).logits
+        zero_logits = zeroed(input_ids=ids).logits
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, zero_logits, atol=1e-3)
+    assert result.held.shape == (get_adapter(edited).num_layers,)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_mean_fill_changed_tensors(family: str) -> None:
+    model = BUILDERS[family](tie_word_embeddings=True)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("c_proj.bias"):  # GPT-2 starts them at zero
+                tensor.normal_(generator=torch.Generator().manual_seed(len(name)))
+    before = {k: v.clone() for k, v in persistent_state_dict(model).items()}
+    result = ablate_in_place(
+        model, unit_direction(64, seed=11), fill="mean", calibration=calibration_ids()
+    )
+    after = persistent_state_dict(model)
+    new = set(after) - set(before)
+    differ = {k for k in after if k in new or not torch.equal(before[k], after[k])}
+    # Every added tensor is stored (zero gate/up biases included) and every edit is listed.
+    assert set(result.changed) == differ and new <= set(result.changed)
+    adapter = get_adapter(model)
+    if family == "llama":
+        assert result.config_overrides == {"tie_word_embeddings": False, "mlp_bias": True}
+        assert new == {
+            f"model.layers.{i}.mlp.{p}_proj.bias"
+            for i in range(adapter.num_layers)
+            for p in ("gate", "up", "down")
+        } | {"lm_head.weight"}
+        for name in (
+            new
+            - {"lm_head.weight"}
+            - {f"{adapter.mlp_out_path(i)}.bias" for i in range(adapter.num_layers)}
+        ):
+            assert not after[name].any()  # gate/up: zero, so the MLP computes what it did
+    else:
+        assert result.config_overrides == {"tie_word_embeddings": False}
+        assert new == {"lm_head.weight"}  # GPT-2's c_proj has a bias already
+
+
+def test_mean_fill_needs_calibration_and_an_mlp_bias(tiny_llama) -> None:
+    with pytest.raises(ValueError, match=r"^fill: mean needs calibration"):
+        ablate_in_place(tiny_llama, unit_direction(64), fill="mean")
+    mistral = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"^fill: mean needs a bias .* 'mistral' models cannot"):
+        AblateDirectionConfig(dataset="winogender", fill="mean").check_against(mistral)
+    AblateDirectionConfig(dataset="winogender", fill="zero").check_against(mistral)
+    AblateDirectionConfig(dataset="winogender", fill="mean").check_against(tiny_llama.config)
+
+
 def test_untied_model_keeps_its_head(tiny_llama) -> None:
     assert tiny_llama.config.tie_word_embeddings is False
     head = tiny_llama.lm_head.weight.clone()
@@ -176,10 +300,20 @@ def test_refused_architectures() -> None:
         config.check_against(gemma2)
 
 
-def test_run_on_pairs_reports_and_removes(tiny_llama, tiny_tokenizer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fill", ["zero", "mean"])
+def test_run_on_pairs_reports_and_removes(
+    fill: str, tiny_llama, tiny_tokenizer, tmp_path: Path
+) -> None:
     method = get_method("ablate_direction")
     config = method.config_class(
-        pairs=PAIRS_TEXT, layer=1, holdout_fraction=0.3, seed=2, perplexity_max_tokens=256
+        pairs=PAIRS_TEXT,
+        layer=1,
+        holdout_fraction=0.3,
+        seed=2,
+        perplexity_max_tokens=256,
+        fill=fill,
+        calibration_windows=2,
+        calibration_window=16,
     )
     config.check_against(tiny_llama.config)
     events: list[dict] = []
@@ -189,13 +323,16 @@ def test_run_on_pairs_reports_and_removes(tiny_llama, tiny_tokenizer, tmp_path: 
     m = result.metrics
     assert set(m) == config.metric_names()
     assert (m["pairs_fit"], m["pairs_heldout"]) == (5.0, 2.0)
-    # The held-out "she" texts sit on the positive side of d before, nowhere after.
+    # The held-out "she" texts sit on the positive side of d before; after, every text sits
+    # at the held value (0, or the calibration mean), so the two sides no longer separate.
     assert m["separation_before"] > 0.0 and m["projection_before"] > 0.0
     assert m["projection_after"] < 1e-5 * m["projection_before"]
     assert abs(m["separation_after"]) < 1e-5 * m["separation_before"]
+    assert (m["fill_at_layer"] == 0.0) == (fill == "zero")
     assert m["perplexity_ratio"] == pytest.approx(m["perplexity_after"] / m["perplexity_before"])
     assert result.suite == {} and config.carries == frozenset()
-    assert result.resolved == {"layer": 1} and result.config_overrides == {}
+    assert result.resolved == {"layer": 1}
+    assert result.config_overrides == ({"mlp_bias": True} if fill == "mean" else {})
     state = persistent_state_dict(tiny_llama)
     assert all(torch.equal(state[name], tensor) for name, tensor in result.changed.items())
     assert any(e["message"] == "reading the direction" for e in events)
@@ -223,12 +360,15 @@ def test_gender_dataset_carries_held_out_crows_pairs(tiny_gpt2, tiny_tokenizer, 
     assert "lm_head.weight" in result.changed and "transformer.wpe.weight" in result.changed
 
 
+@pytest.mark.parametrize(("family", "fill"), [(f, x) for f in BUILDERS for x in ("zero", "mean")])
 def test_stored_version_and_export_rebuild_the_untied_model(
-    store: CheckpointStore, tiny_tokenizer, tmp_path: Path
+    family: str, fill: str, store: CheckpointStore, tiny_tokenizer, tmp_path: Path
 ) -> None:
-    model = build_tiny_llama(seed=4, tie_word_embeddings=True)
-    base = store.import_model(model, tiny_tokenizer, reference="tiny-tied-llama")
-    config = AblateDirectionConfig(pairs=PAIRS_TEXT, layer=0, evaluate_perplexity=False)
+    model = BUILDERS[family](seed=4, tie_word_embeddings=True)
+    base = store.import_model(model, tiny_tokenizer, reference=f"tiny-tied-{family}")
+    config = AblateDirectionConfig(
+        pairs=PAIRS_TEXT, layer=0, evaluate_perplexity=False, fill=fill, calibration_window=16
+    )
     result = get_method("ablate_direction").run(model, tiny_tokenizer, config, context(tmp_path))
     version = store.commit(
         base.id,
@@ -242,12 +382,16 @@ def test_stored_version_and_export_rebuild_the_untied_model(
         expected = model(input_ids=ids).logits
     loaded = load(version.id, store=store).model
     assert loaded.config.tie_word_embeddings is False
-    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight is not get_adapter(loaded).embed().weight
     folder = store.export(version.id, tmp_path / "export")
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     for rebuilt in (loaded, plain):
         with torch.no_grad():
             torch.testing.assert_close(rebuilt(input_ids=ids).logits, expected)
+        # The held d-component survives the round trip: a bias, not a hook.
+        if fill == "mean":
+            assert getattr(rebuilt.config, "mlp_bias", True) is True
+            assert get_adapter(rebuilt).mlp_out(0).bias is not None
 
 
 def test_config_validation(tiny_llama) -> None:
@@ -259,7 +403,15 @@ def test_config_validation(tiny_llama) -> None:
         AblateDirectionConfig(pairs=PAIRS_TEXT, pairs_file="p.jsonl")
     with pytest.raises(ValidationError, match="at least 2"):
         AblateDirectionConfig(pairs=PAIRS_TEXT[:1])
-    for bad in ({"holdout_fraction": 0.0}, {"layer": -1}, {"token": "first"}, {"extra": 1}):
+    for bad in (
+        {"holdout_fraction": 0.0},
+        {"layer": -1},
+        {"token": "first"},
+        {"extra": 1},
+        {"fill": "median"},
+        {"calibration_windows": 0},
+        {"calibration_window": 1},
+    ):
         with pytest.raises(ValidationError):
             AblateDirectionConfig(dataset="winogender", **bad)
     with pytest.raises(ValidationError):

@@ -6,11 +6,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from modelsurgery.editing.ablate_direction.mean_fill import Fill
 from modelsurgery.editing.ablate_direction.orthogonalize import unsupported_reason
 from modelsurgery.editing.contrast import PairsSource, TextPair
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.evaluation.metrics import PAIRS
+from modelsurgery.models.output_bias import bias_overrides
 
 Dataset = Literal["winogender", "crows-pairs-gender"]
 # Read depth as a fraction of the layers when ``layer`` is not given: layer 14 of SmolLM2's 30.
@@ -46,16 +48,34 @@ class AblateDirectionConfig(MethodConfig):
         mid-sentence and the tokens before it are the same on both sides) or ``"last"``.
     aggregate: ``"mean"`` difference of the pairs' activations or the top principal component
         of the differences (``editing.contrast.contrast_direction``).
-    seed: the held-out split. batch_size: texts per forward pass.
+    fill: what the stream's component along d becomes. ``"zero"``: removed from every write
+        (the stream never has one). ``"mean"``: held after each layer L at mu_L, the mean
+        projection on d of the unedited model's layer-L output over every token of
+        ``calibration_windows`` random ``calibration_window``-token windows of WikiText-2
+        validation (seeded by ``seed``), through a bias along d on each layer's MLP output
+        projection (``editing.ablate_direction.mean_fill``; Llama gets ``mlp_bias``, and the
+        zero gate/up biases it adds are stored too); the variation along d is removed, its
+        offset kept. Families whose MLP output projection can have no bias (Mistral, Qwen2)
+        are refused. Default ``"mean"``, measured on WinoGender only (the layer-choice protocol of
+        ``benchmarks/bias_control.py``: fit on half the occupations, dev share on the other half,
+        base 0.600; perplexity on 2048 WikiText-2 test tokens). Layer 10: zero 0.533 at x1.054, mean
+        0.533 at x1.062; layer 14: zero 0.500 at x1.047, mean 0.558 at x1.037; layer 18: zero 0.533
+        at x1.081, mean 0.558 at x1.082. No setting reaches x1.03; the rule (share nearest 0.5
+        within x1.03, else the cheapest) picks mean at layer 14, which keeps the default layer but
+        removes less of the dev bias than zero fill does there.
+    calibration_windows / calibration_window: the calibration text of ``fill: "mean"``.
+    seed: the held-out split and the calibration windows. batch_size: texts per forward pass.
     evaluate_perplexity / perplexity_max_tokens: WikiText-2 test perplexity before and after.
 
     Metrics: ``pairs_fit``, ``pairs_heldout`` (contrast pairs), ``direction_norm`` (length of
     the raw contrast direction before normalising), ``projection_before`` (held-out texts'
-    mean |projection| on d at ``layer``), ``projection_after`` (the largest mean |projection|
-    over all layers after ablation; ~0), ``separation_before/after`` (mean projection of
-    positive minus negative held-out activations on d at ``layer``: > 0 = d generalises; ~0
-    after); with a gender dataset ``stereotype_share_before/after`` (share of held-out
-    CrowS-Pairs gender pairs where the stereotype is more likely; 0.5 = unbiased),
+    mean |projection| on d at ``layer``), ``projection_after`` (the largest mean distance of the
+    projection on d from the value it is held at, 0 or mu_L, over all layers after ablation;
+    ~0), ``fill_at_layer`` (that value at ``layer``: 0 for ``"zero"``),
+    ``separation_before/after`` (mean projection of positive minus negative held-out
+    activations on d at ``layer``: > 0 = d generalises; ~0 after); with a gender dataset
+    ``stereotype_share_before/after`` (share of held-out CrowS-Pairs gender pairs where the
+    stereotype is more likely; 0.5 = unbiased),
     ``bias_gap_before/after`` (mean log-likelihood gap, nats), ``bias_pairs_heldout``; with
     ``evaluate_perplexity`` ``perplexity_before/after/ratio``.
     """
@@ -68,6 +88,9 @@ class AblateDirectionConfig(MethodConfig):
     layer: int | None = Field(default=None, ge=0)
     token: Literal["last", "mean"] = "mean"
     aggregate: Literal["mean", "pca"] = "mean"
+    fill: Fill = "mean"
+    calibration_windows: int = Field(default=4, ge=1)
+    calibration_window: int = Field(default=128, ge=2)
     seed: int = 0
     batch_size: int = Field(default=16, ge=1)
     evaluate_perplexity: bool = True
@@ -96,7 +119,7 @@ class AblateDirectionConfig(MethodConfig):
         return self.layer if self.layer is not None else round(DEFAULT_DEPTH * (num_layers - 1))
 
     def metric_names(self) -> set[str]:
-        names = {"pairs_fit", "pairs_heldout", "direction_norm"}
+        names = {"pairs_fit", "pairs_heldout", "direction_norm", "fill_at_layer"}
         names |= {f"{m}_{w}" for m in ("projection", "separation") for w in ("before", "after")}
         if self.dataset is not None:
             names |= {"bias_pairs_heldout"}
@@ -112,3 +135,8 @@ class AblateDirectionConfig(MethodConfig):
         layers, _ = config_sizes(model_config)
         if self.layer is not None and self.layer >= layers:
             raise ValueError(f"layer: {self.layer} is out of range, the model has {layers} layers")
+        if self.fill == "mean" and bias_overrides(model_config, "mlp_out") is None:
+            raise ValueError(
+                f"fill: mean needs a bias on the MLP output projection, which "
+                f"{model_config.model_type!r} models cannot have; use fill: zero"
+            )

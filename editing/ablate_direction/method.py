@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from modelsurgery.editing.ablate_direction.config import AblateDirectionConfig
-from modelsurgery.editing.ablate_direction.orthogonalize import orthogonalise_in_place
+from modelsurgery.editing.ablate_direction.mean_fill import ablate_in_place
 from modelsurgery.editing.ablate_direction.pairs import load_contrast
 from modelsurgery.editing.bias.metrics import bias_metrics, tokenize_pairs
 from modelsurgery.editing.contrast import (
@@ -20,6 +20,7 @@ from modelsurgery.editing.contrast import (
 )
 from modelsurgery.editing.contrast.activations import TokenChoice
 from modelsurgery.editing.contrast.directions import Aggregate
+from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.evaluation.metrics import PAIRS
@@ -104,15 +105,17 @@ def run(
     n = len(data.heldout)
     bias_ids = tokenize_pairs(tokenizer, data.bias_heldout) if data.bias_heldout else None
 
-    def measure(when: str) -> None:
+    def measure(when: str, held: torch.Tensor | None = None) -> None:
+        """``held`` (L,): the d-component each layer's output is held at after ablation."""
         context.check_cancelled()
         context.progress(f"held-out figures {when}")
         proj = _projections(model, tokenizer, data.heldout, unit, config)  # (2N, L)
         metrics[f"separation_{when}"] = float((proj[:n, layer] - proj[n:, layer]).mean())
         if when == "before":
             metrics["projection_before"] = float(proj[:, layer].abs().mean())
-        else:
-            metrics["projection_after"] = float(proj.abs().mean(dim=0).max())
+        elif held is not None:
+            distance = (proj.double() - held).abs().mean(dim=0)  # (L,)
+            metrics["projection_after"] = float(distance.max())
         if bias_ids is not None:
             bias = bias_metrics(model, bias_ids, config.batch_size)
             metrics[f"stereotype_share_{when}"] = bias["stereotype_share"]
@@ -121,9 +124,15 @@ def run(
             metrics[f"perplexity_{when}"] = perplexity()
 
     measure("before")
-    context.progress("orthogonalising the residual-stream writers")
-    edit = orthogonalise_in_place(model, unit)
-    measure("after")
+    calibration = None
+    if config.fill == "mean":
+        calibration = calibration_windows(
+            tokenizer, config.calibration_windows, config.calibration_window, seed=config.seed
+        )
+    context.progress("orthogonalising the residual-stream writers", fill=config.fill)
+    edit = ablate_in_place(model, unit, fill=config.fill, calibration=calibration)
+    metrics["fill_at_layer"] = float(edit.held[layer])
+    measure("after", edit.held)
     if config.evaluate_perplexity:
         metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
     suite = {}

@@ -49,10 +49,12 @@ def unsupported_reason(model_config: Any) -> str | None:
 
 @dataclass
 class Orthogonalised:
-    """Tensors changed (full state-dict names) and HF config keys to change on export."""
+    """Tensors changed (full state-dict names), HF config keys to change on export, and the
+    value (layers,) each layer's output is held at along d (zeros unless mean-filled)."""
 
     changed: dict[str, torch.Tensor] = field(default_factory=dict)
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    held: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
 
 @torch.no_grad()
@@ -89,7 +91,7 @@ def orthogonalise_in_place(model: nn.Module, direction: torch.Tensor) -> Orthogo
     device = next(model.parameters()).device
     unit = (direction.double() / direction.double().norm()).to(device)  # (H,)
     names = {module: name for name, module in model.named_modules()}
-    result = Orthogonalised()
+    result = Orthogonalised(held=torch.zeros(adapter.num_layers, dtype=torch.float64))
     embed = adapter.embed()
     # Token embeddings enter the stream directly, or through OPT's project_in.
     project_in = adapter.project_in()
