@@ -117,13 +117,20 @@ def test_weights_equal_the_activation_ablation(family: str) -> None:
         assert not torch.allclose(reference(input_ids=ids).logits, got, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
-def test_changed_tensors_and_the_orthogonal_complement(family: str) -> None:
+def tied_model_with_biases(family: str) -> torch.nn.Module:
+    """A tied-embedding model whose output biases are non-zero (GPT-2 starts them at zero), so
+    the bias edits are visible."""
     model = BUILDERS[family](tie_word_embeddings=True)
     with torch.no_grad():
         for name, tensor in model.named_parameters():
-            if name.endswith("c_proj.bias"):  # GPT-2 starts them at zero
+            if name.endswith("c_proj.bias"):
                 tensor.normal_(generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_changed_tensors_and_the_orthogonal_complement(family: str) -> None:
+    model = tied_model_with_biases(family)
     before = {k: v.clone() for k, v in persistent_state_dict(model).items()}
     embed_name = "model.embed_tokens.weight" if family == "llama" else "transformer.wte.weight"
     d = unit_direction(64, seed=11)
@@ -238,11 +245,7 @@ def test_mean_fill_keeps_every_other_direction(family: str) -> None:
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_mean_fill_changed_tensors(family: str) -> None:
-    model = BUILDERS[family](tie_word_embeddings=True)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("c_proj.bias"):  # GPT-2 starts them at zero
-                tensor.normal_(generator=torch.Generator().manual_seed(len(name)))
+    model = tied_model_with_biases(family)
     before = {k: v.clone() for k, v in persistent_state_dict(model).items()}
     result = ablate_in_place(
         model, unit_direction(64, seed=11), fill="mean", calibration=calibration_ids()
