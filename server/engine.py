@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,9 @@ from modelsurgery.server import job_table as jt
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.metrics import ServerMetrics
 from modelsurgery.server.worker import SurgeryWorker
+
+GCS_PORT_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
+GCS_PORT_WAIT_SECONDS = "120"
 
 log = logging.getLogger("modelsurgery.engine")
 
@@ -59,6 +63,9 @@ class JobEngine:
         if self.settings.ray_address:
             ray.init(address=self.settings.ray_address, log_to_driver=False)
         else:
+            # Ray waits 30 s for its GCS to publish a port; a loaded CI machine (two cores, a
+            # server just stopped beside it) has taken longer. The operator's value wins.
+            os.environ.setdefault(GCS_PORT_WAIT_ENV, GCS_PORT_WAIT_SECONDS)
             ray.init(
                 address="local",
                 num_cpus=self.settings.num_cpus,
