@@ -60,7 +60,12 @@ import torch
 
 from modelsurgery.editing.ablate_direction import ablate_in_place, fit_direction
 from modelsurgery.editing.ablate_direction.mean_fill import Fill
-from modelsurgery.editing.bias.metrics import (
+from modelsurgery.editing.bias.scoring import score_heads, select_heads
+from modelsurgery.editing.contrast import TextPair
+from modelsurgery.editing.data import calibration_windows
+from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
+from modelsurgery.editing.perplexity import wikitext_perplexity
+from modelsurgery.editing.stereotypes.metrics import (
     BiasObjective,
     TokenizedPair,
     bias_metrics,
@@ -68,13 +73,8 @@ from modelsurgery.editing.bias.metrics import (
     pair_batch_gaps,
     tokenize_pairs,
 )
-from modelsurgery.editing.bias.pairs import load_crows_pairs, split_pairs
-from modelsurgery.editing.bias.scoring import score_heads, select_heads
-from modelsurgery.editing.bias.winogender import WinoGenderPair, load_winogender
-from modelsurgery.editing.contrast import TextPair
-from modelsurgery.editing.data import calibration_windows
-from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
-from modelsurgery.editing.perplexity import wikitext_perplexity
+from modelsurgery.editing.stereotypes.pairs import load_crows_pairs, split_pairs
+from modelsurgery.editing.stereotypes.winogender import WinoGenderPair, load_winogender
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe

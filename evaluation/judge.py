@@ -7,7 +7,7 @@ Definitions (``suite.DEFINITIONS_VERSION``):
   answer positions whose teacher-forced argmax equals the reference model's (stored with the
   suite, so a later judgement compares with the same reference); ``probability_gain`` = mean
   P(target_new) final minus reference.
-- pairs: stereotype share and mean gap on the held-out pairs (editing.bias.metrics).
+- pairs: stereotype share and mean gap on the held-out pairs (editing.stereotypes.metrics).
 - perplexity: WikiText-2 test, the protocol's tokens and window, final over reference.
 - lineage: the same fact and pair metrics on all ancestors' stored suites, against their own
   stored references.
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelsurgery.editing.bias.metrics import bias_metrics, tokenize_pairs
-from modelsurgery.editing.bias.pairs import ContrastPair
 from modelsurgery.editing.knowledge.evaluate import FactScores, prefers_new, score_facts
 from modelsurgery.editing.perplexity import wikitext_perplexity
+from modelsurgery.editing.stereotypes.metrics import bias_metrics, tokenize_pairs
+from modelsurgery.editing.stereotypes.pairs import ContrastPair
 from modelsurgery.models.adapters import get_adapter
 
 from .suite import PairCase, PerplexityProtocol, Suite

@@ -22,8 +22,8 @@ from modelsurgery.editing.ablate_direction import (
     orthogonalise_in_place,
     unsupported_reason,
 )
-from modelsurgery.editing.bias.winogender import load_winogender, winogender_stereo_pairs
 from modelsurgery.editing.registry import MethodContext, get_method
+from modelsurgery.editing.stereotypes.winogender import load_winogender, winogender_stereo_pairs
 from modelsurgery.evaluation.metrics import PAIRS
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from modelsurgery.editing.bias.pairs import (
+from modelsurgery.editing.bias.plot import plot_head_scores
+from modelsurgery.editing.data import resolve_data_file
+from modelsurgery.editing.stereotypes.pairs import (
     ContrastPair,
     load_crows_pairs,
     load_pairs_jsonl,
     split_pairs,
 )
-from modelsurgery.editing.bias.plot import plot_head_scores
-from modelsurgery.editing.data import resolve_data_file
 
 CSV = """\
 ,sent_more,sent_less,stereo_antistereo,bias_type,annotations,anon_writer,anon_annotators

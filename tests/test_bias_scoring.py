@@ -8,12 +8,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from modelsurgery.editing.bias.metrics import (
-    BiasObjective,
-    TokenizedPair,
-    pair_gaps,
-    summarize_gaps,
-)
 from modelsurgery.editing.bias.scoring import (
     HeadMask,
     HeadScores,
@@ -23,6 +17,12 @@ from modelsurgery.editing.bias.scoring import (
     select_heads,
 )
 from modelsurgery.editing.mask_heads import mask_heads_in_place
+from modelsurgery.editing.stereotypes.metrics import (
+    BiasObjective,
+    TokenizedPair,
+    pair_gaps,
+    summarize_gaps,
+)
 from modelsurgery.models.adapters import get_adapter
 
 DRIVER = (1, 2)  # the head the constructed case makes responsible for the gap

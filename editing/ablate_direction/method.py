@@ -11,7 +11,6 @@ import torch
 from modelsurgery.editing.ablate_direction.config import AblateDirectionConfig
 from modelsurgery.editing.ablate_direction.mean_fill import ablate_in_place
 from modelsurgery.editing.ablate_direction.pairs import load_contrast
-from modelsurgery.editing.bias.metrics import bias_metrics, tokenize_pairs
 from modelsurgery.editing.contrast import (
     TextPair,
     contrast_direction,
@@ -23,6 +22,7 @@ from modelsurgery.editing.contrast.directions import Aggregate
 from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
+from modelsurgery.editing.stereotypes.metrics import bias_metrics, tokenize_pairs
 from modelsurgery.evaluation.metrics import PAIRS
 from modelsurgery.models.adapters import get_adapter
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelsurgery.editing.ablate_direction.config import AblateDirectionConfig
-from modelsurgery.editing.bias.pairs import ContrastPair, load_crows_pairs, split_pairs
-from modelsurgery.editing.bias.winogender import load_winogender
 from modelsurgery.editing.contrast import TextPair, load_text_pairs
 from modelsurgery.editing.contrast.pairs import split_held_out
+from modelsurgery.editing.stereotypes.pairs import ContrastPair, load_crows_pairs, split_pairs
+from modelsurgery.editing.stereotypes.winogender import load_winogender
 
 
 @dataclass(frozen=True)

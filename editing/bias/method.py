@@ -10,13 +10,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from modelsurgery.editing.bias.metrics import BiasObjective, bias_metrics, tokenize_pairs
-from modelsurgery.editing.bias.pairs import (
-    ContrastPair,
-    load_crows_pairs,
-    load_pairs_jsonl,
-    split_pairs,
-)
 from modelsurgery.editing.bias.scoring import score_heads, select_heads
 from modelsurgery.editing.data import calibration_windows, resolve_data_file
 from modelsurgery.editing.mask_heads import config_sizes, format_head, mask_heads_in_place
@@ -27,6 +20,13 @@ from modelsurgery.editing.registry import (
     MethodContext,
     SurgeryResult,
     register_method,
+)
+from modelsurgery.editing.stereotypes.metrics import BiasObjective, bias_metrics, tokenize_pairs
+from modelsurgery.editing.stereotypes.pairs import (
+    ContrastPair,
+    load_crows_pairs,
+    load_pairs_jsonl,
+    split_pairs,
 )
 from modelsurgery.evaluation.metrics import PAIRS
 

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import torch
 
-from modelsurgery.editing.bias.metrics import (
+from modelsurgery.editing.mask_heads import format_head
+from modelsurgery.editing.stereotypes.metrics import (
     BiasObjective,
     TokenizedPair,
     length_batches,
@@ -32,8 +33,7 @@ from modelsurgery.editing.bias.metrics import (
     pair_gaps,
     tokenize_pairs,
 )
-from modelsurgery.editing.bias.pairs import ContrastPair
-from modelsurgery.editing.mask_heads import format_head
+from modelsurgery.editing.stereotypes.pairs import ContrastPair
 from modelsurgery.models.adapters import get_adapter
 
 StepCallback = Callable[[str, int, int], None]

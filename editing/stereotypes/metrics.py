@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from modelsurgery.editing.bias.pairs import ContrastPair
+from modelsurgery.editing.stereotypes.pairs import ContrastPair
 
 
 @dataclass(frozen=True)
