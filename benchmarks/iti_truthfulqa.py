@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.editing.data import shared_data_path
+from modelsurgery.editing.data import split_indices as split
 from modelsurgery.editing.iti.config import ItiConfig
 from modelsurgery.editing.iti.method import (
     bake_head_shifts,
@@ -44,7 +45,6 @@ from modelsurgery.editing.iti.method import (
 )
 from modelsurgery.editing.iti.probes import rank_heads
 from modelsurgery.editing.iti.records import QARecord, mc_correct, read_truthfulqa_csv
-from modelsurgery.editing.iti.records import split_indices as split
 from modelsurgery.editing.mask_heads import format_head
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
@@ -64,7 +64,7 @@ def mc1(model: torch.nn.Module, tokenizer: object, records: Sequence[QARecord]) 
 
 
 def perplexity(model: torch.nn.Module, tokenizer: object, tokens: int) -> float:
-    return wikitext_perplexity(model, tokenizer, max_tokens=tokens, window=min(512, tokens))
+    return wikitext_perplexity(model, tokenizer, max_tokens=tokens)
 
 
 def main() -> None:

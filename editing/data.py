@@ -59,3 +59,14 @@ def resolve_data_file(path: str, data_roots: Sequence[Path], field: str) -> Path
         if any(resolved.is_relative_to(root) for root in roots) and resolved.is_file():
             return resolved
     raise ValueError(f"{field}: {path!r} is not a file under the allowed data roots")
+
+
+def split_indices(
+    count: int, fraction: float, seed: int, *, min_held: int = 1, min_fit: int = 1
+) -> tuple[list[int], list[int]]:
+    """Seeded disjoint (fit, held-out) index lists over ``count`` items:
+    ``round(count * fraction)`` held out, kept within ``min_held`` .. ``count - min_fit``."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    n_held = max(0, min(count - min_fit, max(min_held, round(count * fraction))))
+    return sorted(order[n_held:]), sorted(order[:n_held])

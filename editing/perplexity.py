@@ -21,17 +21,24 @@ def _test_ids(tokenizer: object, max_tokens: int) -> torch.Tensor:
     return ids[:max_tokens]
 
 
+def default_window(max_tokens: int) -> int:
+    """The window a method's perplexity uses: 512 tokens, or all of them when fewer."""
+    return min(DEFAULT_WINDOW, max_tokens)
+
+
 @torch.no_grad()
 def wikitext_perplexity(
     model: torch.nn.Module,
     tokenizer: object,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
     batch_size: int = 4,
 ) -> float:
     """Perplexity on the first ``max_tokens`` tokens of ``wiki.test.raw`` in non-overlapping
-    windows of ``window`` tokens (the Wanda / SparseGPT protocol)."""
+    windows of ``window`` tokens (the Wanda / SparseGPT protocol; None: ``default_window``)."""
+    if window is None:
+        window = default_window(max_tokens)
     ids = _test_ids(tokenizer, max_tokens)
     n = ids.numel() // window
     if n == 0:

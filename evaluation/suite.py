@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelsurgery.editing.data import shared_data_path
 from modelsurgery.editing.knowledge.facts import Fact
+from modelsurgery.editing.perplexity import default_window
 
 from .metrics import FACTS, PAIRS
 
@@ -93,4 +94,5 @@ def operation_protocol(config: object) -> tuple[int, int]:
     tokens = getattr(config, "perplexity_tokens", None) or getattr(
         config, "perplexity_max_tokens", 4096
     )
-    return int(tokens), int(getattr(config, "perplexity_window", None) or min(512, tokens))
+    window = getattr(config, "perplexity_window", None) or default_window(int(tokens))
+    return int(tokens), int(window)

@@ -49,6 +49,13 @@ def _site_bias_name(config: PretrainedConfig, site: Site) -> str:
     return f"{layout.layers}.0.{relative}.bias"
 
 
+def _with(config: PretrainedConfig, overrides: dict[str, Any]) -> PretrainedConfig:
+    trial = copy.deepcopy(config)
+    for key, value in overrides.items():
+        setattr(trial, key, value)
+    return trial
+
+
 def bias_overrides(config: PretrainedConfig, site: Site) -> dict[str, Any] | None:
     """Config overrides under which every layer's ``site`` projection has a bias: ``{}`` when
     it has one already, ``{flag: True}`` when a flag adds it, None when the family cannot."""
@@ -58,11 +65,8 @@ def bias_overrides(config: PretrainedConfig, site: Site) -> dict[str, Any] | Non
     if wanted in _names(config):
         return {}
     for flag in _SITE_FLAGS[site]:
-        if flag in config.to_dict():
-            trial = copy.deepcopy(config)
-            setattr(trial, flag, True)
-            if wanted in _names(trial):
-                return {flag: True}
+        if flag in config.to_dict() and wanted in _names(_with(config, {flag: True})):
+            return {flag: True}
     return None
 
 
@@ -77,11 +81,8 @@ def enable_output_bias(model: nn.Module, site: Site) -> tuple[list[str], dict[st
         )
     if not overrides:
         return [], {}
-    trial = copy.deepcopy(model.config)
-    for key, value in overrides.items():
-        setattr(trial, key, value)
     present = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    added = sorted(_names(trial) - _names(model.config) - present)
+    added = sorted(_names(_with(model.config, overrides)) - _names(model.config) - present)
     for name in added:
         module_path, _, leaf = name.rpartition(".")
         if leaf != "bias":

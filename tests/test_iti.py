@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, MistralConfig
 
 import modelsurgery.editing.iti  # noqa: F401  (registers the method)
+from modelsurgery.editing.data import split_indices
 from modelsurgery.editing.iti.method import bake_head_shifts
 from modelsurgery.editing.iti.probes import (
     fit_probes,
@@ -26,7 +27,6 @@ from modelsurgery.editing.iti.records import (
     answer_logprobs,
     mc_accuracy,
     mc_correct,
-    split_indices,
 )
 from modelsurgery.editing.mask_heads import parse_head
 from modelsurgery.editing.registry import MethodContext, get_method

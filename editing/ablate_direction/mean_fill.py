@@ -74,7 +74,6 @@ def _hold_at(model: nn.Module, unit: torch.Tensor, means: torch.Tensor) -> Ortho
     """Give each layer's MLP output projection the bias increment (mu_L - mu_{L-1}) d; the
     model must already be orthogonalised against d (all its writes have no d component)."""
     adapter = get_adapter(model)
-    names = {module: name for name, module in model.named_modules()}
     added, overrides = enable_output_bias(model, "mlp_out")
     result = Orthogonalised(config_overrides=dict(overrides))
     for name in added:  # zero gate/up biases too (Llama's mlp_bias): stored, or no rebuild
@@ -86,7 +85,7 @@ def _hold_at(model: nn.Module, unit: torch.Tensor, means: torch.Tensor) -> Ortho
         assert bias is not None  # enable_output_bias gave every layer one
         step = (mean - previous) * unit.double().to(bias.device)  # (H,)
         bias.copy_(bias.double() + step)
-        result.changed[f"{names[projection.module]}.bias"] = bias
+        result.changed[f"{adapter.mlp_out_path(layer)}.bias"] = bias
         previous = mean
     return result
 

@@ -97,10 +97,7 @@ def run(
     unit = raw / raw.norm()  # (H,)
 
     def perplexity() -> float:
-        window = min(512, config.perplexity_max_tokens)
-        return wikitext_perplexity(
-            model, tokenizer, max_tokens=config.perplexity_max_tokens, window=window
-        )
+        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
 
     n = len(data.heldout)
     bias_ids = tokenize_pairs(tokenizer, data.bias_heldout) if data.bias_heldout else None

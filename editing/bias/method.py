@@ -150,10 +150,7 @@ def run(
     }
 
     def perplexity() -> float:
-        window = min(512, config.perplexity_max_tokens)
-        return wikitext_perplexity(
-            model, tokenizer, max_tokens=config.perplexity_max_tokens, window=window
-        )
+        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
 
     context.progress("bias before masking")
     before = bias_metrics(model, holdout_ids, config.batch_size)

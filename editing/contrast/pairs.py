@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from modelsurgery.editing.data import resolve_data_file
+from modelsurgery.editing.data import resolve_data_file, split_indices
 
 
 class TextPair(BaseModel):
@@ -65,9 +64,5 @@ def split_held_out(
 ) -> tuple[list[TextPair], list[TextPair]]:
     """Seeded disjoint (fit, held-out) split; the held-out side is empty for ``fraction`` 0,
     and the fit side keeps at least 2 pairs."""
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_held = min(len(pairs) - 2, round(len(pairs) * fraction)) if fraction > 0 else 0
-    held = sorted(order[: max(0, n_held)])
-    fit = sorted(order[max(0, n_held) :])
+    fit, held = split_indices(len(pairs), fraction, seed, min_held=0, min_fit=2)
     return [pairs[i] for i in fit], [pairs[i] for i in held]

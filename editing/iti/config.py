@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.contrast import PairsSource, TextPair
 from modelsurgery.editing.iti.records import QARecord
+from modelsurgery.editing.knowledge.config import check_layer
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.models.output_bias import bias_overrides
@@ -127,10 +128,7 @@ class ItiConfig(MethodConfig):
             )
         num_layers, num_heads = config_sizes(model_config)
         for i, layer in enumerate(self.layers or []):
-            if layer >= num_layers:
-                raise ValueError(
-                    f"layers[{i}]: layer {layer} out of range (model has {num_layers} layers)"
-                )
+            check_layer(f"layers[{i}]", layer, num_layers)
         available = len(self.layer_indices(num_layers)) * num_heads
         if self.top_k > available:
             raise ValueError(f"top_k: {self.top_k} exceeds the {available} heads probed")

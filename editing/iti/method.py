@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from modelsurgery.editing.contrast import head_inputs, load_text_pairs
-from modelsurgery.editing.data import resolve_data_file
+from modelsurgery.editing.data import resolve_data_file, split_indices
 from modelsurgery.editing.iti.config import ItiConfig
 from modelsurgery.editing.iti.probes import (
     DirectionKind,
@@ -27,7 +27,6 @@ from modelsurgery.editing.iti.records import (
     labelled_texts,
     mc_accuracy,
     read_records_jsonl,
-    split_indices,
 )
 from modelsurgery.editing.mask_heads import format_head
 from modelsurgery.editing.perplexity import wikitext_perplexity
@@ -76,7 +75,8 @@ def load_contrast(config: ItiConfig, context: MethodContext) -> ContrastSet:
         )
     pairs = load_text_pairs(config.pairs_source(), context.data_roots)
     if len(pairs) < 3:
-        raise ValueError("pairs_file: at least 3 pairs are needed (2 to fit, 1 held out)")
+        field = "pairs" if config.pairs is not None else "pairs_file"
+        raise ValueError(f"{field}: at least 3 pairs are needed (2 to fit, 1 held out)")
     fit_pairs, held_pairs = split_indices(len(pairs), config.probe_holdout_fraction, config.seed)
     return ContrastSet(
         texts=[text for p in pairs for text in (p.positive, p.negative)],
@@ -209,10 +209,7 @@ def run(
     }
 
     def perplexity() -> float:
-        window = min(512, config.perplexity_max_tokens)
-        return wikitext_perplexity(
-            model, tokenizer, max_tokens=config.perplexity_max_tokens, window=window
-        )
+        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
 
     if contrast.held_records:
         context.progress("held-out MC1 before")

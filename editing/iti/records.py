@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,15 +80,6 @@ def labelled_texts(records: Sequence[QARecord]) -> tuple[list[str], list[int], l
                 labels.append(label)
                 owners.append(index)
     return texts, labels, owners
-
-
-def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded disjoint (fit, held-out) index lists over ``count`` groups (records or pairs):
-    ``round(count * fraction)`` held out, at least one on each side."""
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    n_held = min(count - 1, max(1, round(count * fraction)))
-    return sorted(order[n_held:]), sorted(order[:n_held])
 
 
 @dataclass(frozen=True)

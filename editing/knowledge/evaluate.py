@@ -174,10 +174,7 @@ class EditEvaluation:
         from modelsurgery.editing.perplexity import wikitext_perplexity
 
         assert self.perplexity_tokens is not None
-        window = min(512, self.perplexity_tokens)
-        return wikitext_perplexity(
-            self.model, self.tokenizer, max_tokens=self.perplexity_tokens, window=window
-        )
+        return wikitext_perplexity(self.model, self.tokenizer, max_tokens=self.perplexity_tokens)
 
     def start(self) -> None:
         if self.facts_metrics:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from modelsurgery.editing.contrast import PairsSource
+from modelsurgery.editing.knowledge.config import check_layer
+from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 
 # Chosen on SmolLM2-135M by benchmarks/steer_sentiment.py --tune on its 20 dev prompts (never
@@ -20,14 +22,6 @@ from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 # carries over to other depths; the mean difference already scales with the residual norm.
 DEFAULT_DEPTH_FRACTION = 1 / 3
 DEFAULT_COEFFICIENT = 1.25
-
-
-def _layer_count(model_config: Any) -> int:
-    for name in ("num_hidden_layers", "n_layer"):
-        value = getattr(model_config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError("layers: the model's config has no layer count")
 
 
 class SteerConfig(MethodConfig, PairsSource):
@@ -91,7 +85,7 @@ class SteerConfig(MethodConfig, PairsSource):
     def layer_indices(self, model_config: Any) -> list[int]:
         if self.layers is not None:
             return list(self.layers)
-        return [int(_layer_count(model_config) * DEFAULT_DEPTH_FRACTION)]
+        return [int(config_sizes(model_config)[0] * DEFAULT_DEPTH_FRACTION)]
 
     def bakes(self, model_config: Any) -> bool:
         """Whether ``run`` writes biases (else it stores hooks)."""
@@ -105,10 +99,9 @@ class SteerConfig(MethodConfig, PairsSource):
         return not self.bakes(model_config)
 
     def check_against(self, model_config: Any) -> None:
-        count = _layer_count(model_config)
+        count = config_sizes(model_config)[0]
         for i, layer in enumerate(self.layer_indices(model_config)):
-            if not 0 <= layer < count:
-                raise ValueError(f"layers[{i}]: layer {layer} out of range (model has {count})")
+            check_layer(f"layers[{i}]", layer, count)
         if self.bake and not self.bakes(model_config):
             raise ValueError(
                 f"bake: {model_config.model_type} has no MLP output bias to bake into; "

@@ -32,22 +32,22 @@ def run(
     pairs = load_text_pairs(config, context.data_roots)
     fit, held_out = split_held_out(pairs, config.holdout_fraction, config.seed)
     probe = held_out or fit
+    layers = config.layer_indices(model.config)
     metrics: dict[str, float] = {"pairs_fitted": float(len(fit))}
 
     def perplexity() -> float:
-        window = min(512, config.perplexity_max_tokens)
-        return wikitext_perplexity(
-            model, tokenizer, max_tokens=config.perplexity_max_tokens, window=window
-        )
+        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
 
     if config.evaluate_perplexity:
         context.progress("perplexity before steering")
         metrics["perplexity_before"] = perplexity()
     context.check_cancelled()
     context.progress("steering vectors from contrast pairs", pairs=len(fit))
-    steering = fit_vectors(model, tokenizer, fit, config)
+    # Residual-stream activations of both sides at each steered layer: (N, L, H) each.
+    fit_sides = read_sides(model, tokenizer, fit, layers, config.token)
+    steering = fit_vectors(fit_sides, layers, config)
     direction = fitted_direction(steering, config.coefficient)
-    before = read_sides(model, tokenizer, probe, steering.layers, config.token)
+    before = read_sides(model, tokenizer, held_out, layers, config.token) if held_out else fit_sides
     metrics["projection_before"] = mean_projection(before, direction)
     metrics["heldout_separation"] = separation(before, direction)
     metrics["vector_norm"] = float(steering.vectors.norm(dim=-1).mean())
@@ -64,7 +64,7 @@ def run(
         artifacts = to_artifacts(steering)
         handle = attach(model, steering)
     try:
-        after = read_sides(model, tokenizer, probe, steering.layers, config.token)
+        after = read_sides(model, tokenizer, probe, layers, config.token)
         metrics["projection_after"] = mean_projection(after, direction)
         if config.evaluate_perplexity:
             context.progress("perplexity after steering")

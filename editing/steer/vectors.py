@@ -40,14 +40,12 @@ def read_sides(
 
 
 def fit_vectors(
-    model: nn.Module, tokenizer: Any, pairs: Sequence[TextPair], config: SteerConfig
+    sides: tuple[torch.Tensor, torch.Tensor], layers: list[int], config: SteerConfig
 ) -> SteeringVectors:
-    layers = config.layer_indices(model.config)
-    # 1. Residual-stream activations of both sides at each steered layer: (N, L, H).
-    positive, negative = read_sides(model, tokenizer, pairs, layers, config.token)
-    # 2. One direction per layer from the paired differences: (L, H).
-    direction = contrast_direction(positive, negative, config.aggregate)
-    # 3. The added vector is the scaled direction.
+    """sides: the fit pairs' positive and negative activations at ``layers`` (``read_sides``)."""
+    # 1. One direction per layer from the paired differences: (N, L, H) -> (L, H).
+    direction = contrast_direction(*sides, config.aggregate)
+    # 2. The added vector is the scaled direction.
     return SteeringVectors(layers, config.coefficient * direction, config.positions)
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelsurgery.editing.data import shared_data_path
+from modelsurgery.editing.data import shared_data_path, split_indices
 
 CROWS_PAIRS_PATH = "crows-pairs/crows_pairs_anonymized.csv"
 
@@ -84,9 +83,5 @@ def split_pairs(
     """Seeded disjoint (scoring, held-out) split; both sides get at least one pair."""
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 pairs to split, got {len(pairs)}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_holdout = min(len(pairs) - 1, max(1, round(len(pairs) * holdout_fraction)))
-    holdout = [pairs[i] for i in sorted(order[:n_holdout])]
-    scoring = [pairs[i] for i in sorted(order[n_holdout:])]
-    return scoring, holdout
+    scoring, holdout = split_indices(len(pairs), holdout_fraction, seed)
+    return [pairs[i] for i in scoring], [pairs[i] for i in holdout]
