@@ -25,6 +25,8 @@ from modelsurgery.v1 import jobs_pb2
 
 API_VERSION = "v1"
 ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# "field: ..." at the start of a cross-field check's message (the project's convention).
+MESSAGE_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*):\s")
 _GATE = re.compile(r"^\s*(<=|>=|==|!=|<|>)\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
 _COMPARATORS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -136,6 +138,15 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path or "spec"
 
 
+def _error_field(where: str, error: Any) -> str:
+    """The field an operation's validation error names: its location, or for a check across
+    fields (a model validator, no location) the ``field:`` its message starts with."""
+    if error["loc"]:
+        return f"{where}.{_field_path(tuple(error['loc']))}"
+    named = MESSAGE_FIELD.match(str(error["msg"]).removeprefix("Value error, "))
+    return f"{where}.{named.group(1)}" if named else where
+
+
 def _parse_operation(index: int, raw: Any) -> MethodConfig:
     where = f"operations[{index}]"
     if not isinstance(raw, dict):
@@ -151,7 +162,7 @@ def _parse_operation(index: int, raw: Any) -> MethodConfig:
         return method.config_class.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise SpecError(f"{where}.{_field_path(tuple(first['loc']))}", first["msg"]) from None
+        raise SpecError(_error_field(where, first), first["msg"]) from None
 
 
 def parse_spec(data: Any) -> JobSpec:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +15,13 @@ from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
 from modelsurgery.evaluation.metrics import LINEAGE_PREFIX
 from modelsurgery.models import ModelReferenceError, load_config
 from modelsurgery.models.stored import stored_artifact_names
-from modelsurgery.proto.spec import JobSpec, SpecError, check_gates, spec_from_proto
+from modelsurgery.proto.spec import (
+    MESSAGE_FIELD,
+    JobSpec,
+    SpecError,
+    check_gates,
+    spec_from_proto,
+)
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.auth import current_caller
 from modelsurgery.server.convert import (
@@ -30,7 +35,6 @@ from modelsurgery.server.errors import abort
 from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
 
 MAX_PAGE_SIZE = 500
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*):\s")
 
 
 class JobService(jobs_pb2_grpc.JobServiceServicer):
@@ -83,7 +87,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             try:
                 operation.check_against(config)
             except ValueError as exc:
-                match = _FIELD_PREFIX.match(str(exc))
+                match = MESSAGE_FIELD.match(str(exc))
                 field = f"spec.operations[{index}]" + (f".{match.group(1)}" if match else "")
                 await abort(
                     context,

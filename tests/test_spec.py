@@ -54,6 +54,11 @@ def test_fingerprint_changes_with_content() -> None:
         ({**SPEC, "base": "  "}, "base"),
         ({**SPEC, "alias": "no spaces allowed"}, "alias"),
         ({**SPEC, "api_version": "v9"}, "api_version"),
+        ({**SPEC, "operations": [{"method": "steer"}]}, "operations[0].pairs"),
+        (
+            {**SPEC, "operations": [{"method": "mask_biased_heads", "top_k": 2, "z_threshold": 1}]},
+            "operations[0].z_threshold",
+        ),
         ("not a mapping", "spec"),
     ],
 )

@@ -30,7 +30,7 @@ class PairsSource(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> PairsSource:
         if (self.pairs is None) == (self.pairs_file is None):
-            raise ValueError("give exactly one of pairs and pairs_file")
+            raise ValueError("pairs: give exactly one of pairs and pairs_file")
         if self.pairs is not None and len(self.pairs) < 2:
             raise ValueError("pairs: at least 2 contrast pairs are needed")
         return self
