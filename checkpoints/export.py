@@ -3,7 +3,9 @@
 Weights go to ``model.safetensors``, or to ``model-0000i-of-0000n.safetensors`` shards plus
 ``model.safetensors.index.json`` above ``max_shard_size`` (save_pretrained's layout). The stored
 tensor map already holds tied weights once (under the name that owns them), so a tied lm_head is
-re-tied by the loader from ``tie_word_embeddings`` exactly as after save_pretrained.
+re-tied by the loader from ``tie_word_embeddings`` exactly as after save_pretrained. Beside
+them: the stored files and artifacts, the model card ``README.md`` (``model_card``) and the
+lineage record ``modelsurgery.json``, written last.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from modelsurgery.checkpoints.manifest import TensorEntry
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 LINEAGE_FILE = "modelsurgery.json"
+MODEL_CARD_FILE = "README.md"
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
-RESERVED_NAMES = frozenset({CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, LINEAGE_FILE})
+RESERVED_NAMES = frozenset(
+    {CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, LINEAGE_FILE, MODEL_CARD_FILE}
+)
 
 Progress = Callable[[int, int], None]
 
@@ -111,16 +116,19 @@ def write_folder(
     entries: dict[str, TensorEntry],
     load: Callable[[TensorEntry], torch.Tensor],
     lineage_record: dict[str, Any],
+    model_card: str,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     progress: Progress | None = None,
 ) -> Path:
     """``files``: tokenizer files, generation config and artifacts by name (config.json is
-    written from ``config``, which has the version's overrides applied)."""
+    written from ``config``, which has the version's overrides applied); ``model_card`` is
+    written as README.md after them, so no stored file replaces it."""
     folder.mkdir(parents=True, exist_ok=True)
     write_file(folder, CONFIG_FILE, json_file_bytes(config))
     for name, data in files.items():
         if name != CONFIG_FILE:
             write_file(folder, name, data)
+    write_file(folder, MODEL_CARD_FILE, model_card.encode())
     write_weights(folder, entries, load, max_shard_size, progress)
     write_file(folder, LINEAGE_FILE, (json.dumps(lineage_record, indent=2) + "\n").encode())
     return folder

@@ -44,6 +44,7 @@ from modelsurgery.checkpoints.manifest import (
     content_id,
     normalize_json,
 )
+from modelsurgery.checkpoints.model_card import HOOKS_KEY, render_model_card, warn_if_hooked
 from modelsurgery.checkpoints.resolved import ResolvedVersion, resolve_lineage
 from modelsurgery.checkpoints.verify import VerifyReport, verify_store
 from modelsurgery.models.digest import digest_from_hashes, persistent_state_dict
@@ -340,24 +341,35 @@ class CheckpointStore:
         *,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     ) -> Path:
-        """A folder ``from_pretrained`` loads as is; ``progress(done, total)`` counts tensors."""
+        """A folder ``from_pretrained`` loads as is, with a model card (README.md);
+        ``progress(done, total)`` counts tensors. A version whose edit lives in hooks warns
+        (HookedExportWarning): plain ``from_pretrained`` loads it as the unedited base."""
+        from modelsurgery.editing.attachments import loading_notes
+
         resolved = self._resolve_version(self.resolve(ref))
         stored = {**resolved.files, **resolved.artifacts}
+        hooks = loading_notes(resolved.artifacts)
+        digest = self.digest(resolved.manifest.id)
         record = {
             "manifest": resolved.manifest.model_dump(mode="json"),
             "lineage": list(resolved.lineage),
-            "digest": self.digest(resolved.manifest.id),
+            "digest": digest,
+            HOOKS_KEY: list(hooks),
         }
-        return write_folder(
+        lineage = [self._manifest(version_id) for version_id in resolved.lineage]
+        written = write_folder(
             Path(folder),
             config=self._config(resolved),
             files={name: self._blobs.file(sha) for name, sha in stored.items()},
             entries=resolved.tensors,
             load=self._blobs.tensor,
             lineage_record=record,
+            model_card=render_model_card(lineage, digest, hooks),
             max_shard_size=max_shard_size,
             progress=progress,
         )
+        warn_if_hooked(written)
+        return written
 
     # --- aliases ---------------------------------------------------------------------------
     def set_alias(self, name: str, version_id: str, *, expected: Expected = ...) -> None:

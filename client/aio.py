@@ -217,6 +217,9 @@ class AsyncClient:
     async def download(
         self, ref: str, folder: str | Path, *, chunk_size: int = 1 << 20, max_retries: int = 5
     ) -> Path:
+        """As ``Client.download``, hooked-version warning included."""
+        from modelsurgery.checkpoints.model_card import warn_if_hooked
+
         writer = DownloadWriter(Path(folder))
         writer.folder.mkdir(parents=True, exist_ok=True)
         retries = 0
@@ -227,10 +230,13 @@ class AsyncClient:
             try:
                 async for message in stream:
                     writer.write(message)
-                return writer.verify()
+                path = writer.verify()
             except grpc.RpcError as error:
                 writer.interrupted()
                 if error.code() not in RECONNECT_CODES or retries >= max_retries:
                     raise from_rpc_error(error) from None
                 retries += 1
                 await asyncio.sleep(0.5 * retries)
+            else:
+                warn_if_hooked(path)
+                return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from modelsurgery.client.connection import SERVER_ENV, TOKEN_ENV
@@ -142,6 +144,32 @@ def reported_errors(
             on_error(reported)
         fields = {"code": reported.code, "field": reported.field} if reported.code else {}
         fail(reported.message, reported.exit_code, as_json=as_json, **fields)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, unwrapped (a log or CI reader greps it)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+
+
+@contextmanager
+def export_warnings() -> Iterator[None]:
+    """An exported or downloaded version whose edit lives in hooks is reported as one
+    ``warning:`` line on stderr rather than a Python warning dump; other warnings pass on."""
+    from modelsurgery.checkpoints.model_card import HookedExportWarning
+
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", HookedExportWarning)
+            yield
+    finally:
+        for record in caught:
+            if issubclass(record.category, HookedExportWarning):
+                warn(str(record.message))
+            else:
+                warnings.warn_explicit(
+                    record.message, record.category, record.filename, record.lineno
+                )
 
 
 def connect(server: str | None, token: str | None, tls_ca: Path | None = None) -> Client:

@@ -21,6 +21,7 @@ from modelsurgery.client.cli_common import (
     connect,
     count_progress,
     emit_json,
+    export_warnings,
     fail,
     local_store,
     out,
@@ -135,9 +136,12 @@ def versions_export(
     tls_ca: CaOption = None,
     store: StoreOption = None,
 ) -> None:
-    """Export a version to a folder plain transformers loads (downloads it from a server)."""
+    """Export a version to a folder plain transformers loads (downloads it from a server),
+    with a model card (README.md). A version whose edit lives in hooks (ReFT, unbaked steer)
+    loads there as the unedited base: a warning says so and how to load it instead."""
     with (
         backend(server, token, tls_ca, store, as_json) as b,
+        export_warnings(),
         count_progress("export", not as_json) as progress,
     ):
         path = b.export(ref, folder, progress)

@@ -256,7 +256,11 @@ class Client:
         progress: Callable[[int], None] | None = None,
     ) -> Path:
         """Download an exported version into ``folder`` (resuming after disconnects) and check
-        every file's sha256. The folder loads with ``AutoModelForCausalLM.from_pretrained``."""
+        every file's sha256. The folder loads with ``AutoModelForCausalLM.from_pretrained``;
+        a version whose edit lives in hooks warns (HookedExportWarning) that it then loads as
+        the unedited base (``modelsurgery.models.load(folder)`` attaches them)."""
+        from modelsurgery.checkpoints.model_card import warn_if_hooked
+
         writer = DownloadWriter(Path(folder))
         writer.folder.mkdir(parents=True, exist_ok=True)
         retries = 0
@@ -269,10 +273,13 @@ class Client:
                     writer.write(message)
                     if progress is not None and message.data:
                         progress(len(message.data))
-                return writer.verify()
+                path = writer.verify()
             except grpc.RpcError as error:
                 writer.interrupted()
                 if error.code() not in RECONNECT_CODES or retries >= max_retries:
                     raise from_rpc_error(error) from None
                 retries += 1
                 time.sleep(0.5 * retries)
+            else:
+                warn_if_hooked(path)
+                return path

@@ -84,6 +84,12 @@ def folder_hook_artifacts(folder: str | Path) -> dict[str, bytes]:
     }
 
 
+def loading_notes(artifact_names: Iterable[str]) -> dict[str, str]:
+    """Method name -> how to load a folder with its hooks, for each hook method a version with
+    these artifacts carries (the export's model card and warning)."""
+    return {m.name: m.attachment.loading for m in _carried(artifact_names) if m.attachment}
+
+
 def leaf_methods(artifact_names: Iterable[str]) -> list[str]:
     """Names of the leaf methods whose hooks a version with these artifacts carries."""
     return [m.name for m in _carried(artifact_names) if m.attachment and m.attachment.leaf]

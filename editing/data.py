@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -59,6 +60,52 @@ def resolve_data_file(path: str, data_roots: Sequence[Path], field: str) -> Path
         if any(resolved.is_relative_to(root) for root in roots) and resolved.is_file():
             return resolved
     raise ValueError(f"{field}: {path!r} is not a file under the allowed data roots")
+
+
+def resolve_text_source(value: str, data_roots: Sequence[Path], field: str) -> Path:
+    """A text file named by a job: under one of the data roots, or a shared data set by its
+    relative name (``wikitext-2/valid.tokens``), the way calibration defaults find theirs."""
+    try:
+        return resolve_data_file(value, data_roots, field)
+    except ValueError:
+        shared = shared_data_dir().resolve()
+        candidate = (shared / value).resolve()
+        inside = not Path(value).is_absolute() and candidate.is_relative_to(shared)
+        if inside and candidate.is_file():
+            return candidate
+        raise ValueError(
+            f"{field}: {value!r} is not a file under the allowed data roots or the shared data"
+        ) from None
+
+
+def read_text(path: Path, field: str) -> str:
+    """A plain text file, or the ``text`` fields of a JSONL file joined by blank lines."""
+    if path.suffix != ".jsonl":
+        return path.read_text(encoding="utf-8")
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{field}: line {number} has no string field 'text'")
+            texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def text_windows(
+    tokenizer: object, text: str, num_windows: int, window: int, seed: int, field: str
+) -> torch.Tensor:
+    """``num_windows`` seeded random token windows of a user's text, shape [n, window];
+    shorter text gives shorter windows."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    if ids.numel() < 2:
+        raise ValueError(f"{field}: the text has fewer than 2 tokens")
+    window = min(window, int(ids.numel()))
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - window + 1) for _ in range(num_windows)]
+    return torch.stack([ids[s : s + window] for s in starts])
 
 
 def split_indices(

@@ -28,6 +28,7 @@ BUILTIN_METHOD_MODULES = (
     "modelsurgery.editing.ablate_direction",
     "modelsurgery.editing.iti",
     "modelsurgery.editing.steer",
+    "modelsurgery.editing.lora",
     "modelsurgery.pruning.prune",
 )
 
@@ -119,6 +120,14 @@ class Detachable(Protocol):
     def remove(self) -> None: ...
 
 
+DEFAULT_LOADING = (
+    "The edit is kept as hooks beside the weights, not in them: plain "
+    "`AutoModelForCausalLM.from_pretrained(folder)` loads the unedited base model. Load the "
+    "folder with `modelsurgery.models.load(folder)`, which attaches the hooks "
+    "(`loaded.model`, `loaded.tokenizer`; `loaded.hooks.remove()` detaches them)."
+)
+
+
 @dataclass(frozen=True)
 class Attachment:
     """How a hook method's artifacts become part of a loaded model.
@@ -129,11 +138,15 @@ class Attachment:
         ``remove()`` detaches them (the server attaches per call to shared warm models).
     leaf: the lineage rule. A leaf's hooks were fitted to its exact weights, so a version
         carrying them is never a base, and the operation that makes them runs last in its job.
+    loading: one short markdown paragraph telling a user how to load an exported folder that
+        carries these hooks (the export's model card shows it; plain ``from_pretrained``
+        silently gives the unedited base).
     """
 
     artifacts: tuple[str, ...]
     attach: Callable[[torch.nn.Module, Mapping[str, bytes]], Detachable]
     leaf: bool = True
+    loading: str = DEFAULT_LOADING
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ one sample at a time.
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -19,7 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelsurgery.editing.data import calibration_windows
+from modelsurgery.editing.data import (
+    calibration_windows,
+    read_text,
+    resolve_text_source,
+    text_windows,
+)
 from modelsurgery.models.adapters import ArchitectureAdapter
 
 
@@ -215,48 +218,6 @@ def _input_hooks(
             handle.remove()
 
 
-def jsonl_text(path: Path) -> str:
-    """Texts of a JSONL file of ``{"text": ...}`` records, joined by blank lines."""
-    texts = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"calibration_data: line {number} has no string field 'text'")
-            texts.append(record["text"])
-    return "\n\n".join(texts)
-
-
-def text_windows(
-    tokenizer: Any, text: str, num_windows: int, window: int, seed: int
-) -> torch.Tensor:
-    """Random token windows from a user's text; shorter text gives shorter windows."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < 2:
-        raise ValueError("calibration_data: the text has fewer than 2 tokens")
-    window = min(window, int(ids.numel()))
-    rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - window + 1) for _ in range(num_windows)]
-    return torch.stack([ids[s : s + window] for s in starts])
-
-
-def resolve_data_path(value: str, data_roots: tuple[Path, ...]) -> Path:
-    """A user data file, accepted only under one of the context's data roots."""
-    path = Path(value)
-    candidates = [path] if path.is_absolute() else [root / path for root in data_roots]
-    for candidate in candidates:
-        resolved = candidate.resolve()
-        inside = any(resolved.is_relative_to(root.resolve()) for root in data_roots)
-        if inside and resolved.is_file():
-            return resolved
-    raise ValueError(
-        f"calibration_data: {value!r} is not a file under the allowed data roots "
-        f"({', '.join(str(r) for r in data_roots) or 'none configured'})"
-    )
-
-
 def calibration_ids(
     tokenizer: Any,
     *,
@@ -266,8 +227,10 @@ def calibration_ids(
     data: str | None,
     data_roots: tuple[Path, ...],
 ) -> torch.Tensor:
-    """[samples, seqlen] token ids: WikiText-2 validation text, or the user's JSONL."""
+    """[samples, seqlen] token ids: WikiText-2 validation text, or the user's text (a file under
+    a data root or a shared data set; JSONL files give their ``text`` fields)."""
     if data is None:
         return calibration_windows(tokenizer, samples, seqlen, seed=seed)
-    path = resolve_data_path(data, data_roots)
-    return text_windows(tokenizer, jsonl_text(path), samples, seqlen, seed)
+    field = "calibration_data"
+    path = resolve_text_source(data, data_roots, field)
+    return text_windows(tokenizer, read_text(path, field), samples, seqlen, seed, field)

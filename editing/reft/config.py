@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from modelsurgery.editing.examples import Example
 from modelsurgery.editing.registry import MethodConfig
 
 _PART = re.compile(r"^([fl])(\d+)$")
@@ -24,15 +25,6 @@ def parse_positions(spec: str) -> tuple[int, int]:
     if first + last == 0:
         raise ValueError(f"positions {spec!r} selects no token")
     return first, last
-
-
-class Example(BaseModel):
-    """One training pair; the loss covers the completion's tokens only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prompt: str = Field(min_length=1)
-    completion: str = Field(min_length=1)
 
 
 class ReftConfig(MethodConfig):

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelsurgery.editing.examples import load_examples, tokenize_examples
 from modelsurgery.editing.reft.artifacts import to_artifacts
 from modelsurgery.editing.reft.config import InterventionSpec, ReftConfig
-from modelsurgery.editing.reft.data import load_examples, tokenize_examples
 from modelsurgery.editing.reft.hooks import attach
 from modelsurgery.editing.reft.interventions import ReftInterventions
 from modelsurgery.editing.reft.lora_count import lora_parameter_count
@@ -48,7 +48,7 @@ def run(
     model: nn.Module, tokenizer: Any, config: ReftConfig, context: MethodContext
 ) -> SurgeryResult:
     config.check_against(model.config)
-    examples = load_examples(config, context.data_roots)
+    examples = load_examples(config.examples, config.examples_file, context.data_roots)
     items = tokenize_examples(
         tokenizer, examples, max_length=config.max_length, append_eos=config.append_eos
     )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from modelsurgery.editing.reft.data import IGNORE_INDEX, Batch, TokenizedExample, collate
+from modelsurgery.editing.examples import IGNORE_INDEX, Batch, TokenizedExample, collate
 from modelsurgery.editing.reft.hooks import InterventionHandle
 from modelsurgery.editing.registry import MethodContext
 

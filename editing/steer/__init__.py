@@ -16,15 +16,27 @@ from modelsurgery.editing.steer.config import SteerConfig
 from modelsurgery.editing.steer.method import run
 from modelsurgery.editing.steer.vectors import SteeringVectors
 
+LOADING = (
+    "The steering vectors (`steer/config.json`, `steer/vectors.safetensors`) are added to the "
+    "residual stream by hooks: plain `AutoModelForCausalLM.from_pretrained(folder)` loads the "
+    "unsteered base model. Load the folder with `modelsurgery.models.load(folder)`, which "
+    "attaches them. For plain weights instead, run `steer` with `positions: all` on a family "
+    "whose MLP output projection can carry a bias (Llama, GPT-2, ...): the vectors are then "
+    "baked into it."
+)
+
 register_method(
     "steer",
     SteerConfig,
     run,
-    Attachment(artifacts=(CONFIG_ARTIFACT, VECTORS_ARTIFACT), attach=attach_steering),
+    Attachment(
+        artifacts=(CONFIG_ARTIFACT, VECTORS_ARTIFACT), attach=attach_steering, loading=LOADING
+    ),
 )
 
 __all__ = [
     "CONFIG_ARTIFACT",
+    "LOADING",
     "VECTORS_ARTIFACT",
     "SteerConfig",
     "SteeringVectors",

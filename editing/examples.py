@@ -1,5 +1,6 @@
-"""Training examples: reading them (inline or JSONL under a data root) and tokenising them
-into prompt + completion sequences whose loss covers the completion only."""
+"""Prompt/completion training examples (ReFT, LoRA): reading them (inline or JSONL under a data
+root) and tokenising them into prompt + completion sequences whose loss covers the completion
+only."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelsurgery.editing.reft.config import Example, ReftConfig
+from modelsurgery.editing.data import resolve_data_file
 
 IGNORE_INDEX = -100
+
+
+class Example(BaseModel):
+    """One training pair; the loss covers the completion's tokens only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1)
+    completion: str = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -31,40 +41,27 @@ class Batch:
     prompt_lengths: list[int]
 
 
-def resolve_examples_file(value: str, data_roots: Sequence[Path]) -> Path:
-    """The file ``examples_file`` names, which must lie under one of ``data_roots``
-    (a relative path is looked up under each root in turn)."""
-    roots = [Path(root).resolve() for root in data_roots]
-    if not roots:
+def load_examples(
+    examples: Sequence[Example] | None, examples_file: str | None, data_roots: Sequence[Path]
+) -> list[Example]:
+    """The inline examples, or those of a JSONL file under one of ``data_roots``."""
+    if examples is not None:
+        return list(examples)
+    assert examples_file is not None
+    if not data_roots:
         raise ValueError("examples_file: this server allows no data files (no data roots)")
-    given = Path(value)
-    candidates = [given.resolve()] if given.is_absolute() else [r / given for r in roots]
-    for candidate in candidates:
-        resolved = candidate.resolve()
-        if any(resolved.is_relative_to(root) for root in roots):
-            if resolved.is_file():
-                return resolved
-            continue
-        raise ValueError(f"examples_file: {value!r} is not under an allowed data root")
-    raise ValueError(f"examples_file: {value!r} not found under the allowed data roots")
-
-
-def load_examples(config: ReftConfig, data_roots: Sequence[Path]) -> list[Example]:
-    if config.examples is not None:
-        return list(config.examples)
-    assert config.examples_file is not None
-    path = resolve_examples_file(config.examples_file, data_roots)
-    examples = []
+    path = resolve_data_file(examples_file, data_roots, "examples_file")
+    loaded = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            examples.append(Example.model_validate(json.loads(line)))
+            loaded.append(Example.model_validate(json.loads(line)))
         except (json.JSONDecodeError, ValidationError) as error:
             raise ValueError(f"examples_file: line {number}: {error}") from None
-    if not examples:
-        raise ValueError(f"examples_file: {config.examples_file!r} holds no examples")
-    return examples
+    if not loaded:
+        raise ValueError(f"examples_file: {examples_file!r} holds no examples")
+    return loaded
 
 
 def tokenize_examples(

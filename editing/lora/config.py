@@ -1,0 +1,166 @@
+"""The ``lora`` job config: where the adapter goes, what it learns from, and how it ends up."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from modelsurgery.editing.examples import Example
+from modelsurgery.editing.knowledge.facts import Fact
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.evaluation.metrics import FACTS
+from modelsurgery.models.hardware import DtypeSetting
+
+Objective = Literal["facts", "examples", "text"]
+
+# Per-objective defaults for every hyperparameter left None. ``facts`` follows EasyEdit's
+# LoRA edit baseline (rank 8, alpha 32, lr 5e-3, dropout 0.1, many steps on few prompts);
+# ``text`` follows LLM-Pruner's recovery tune (rank 8, alpha 16, dropout 0.05, every
+# attention and MLP projection) with a larger learning rate for a budget of minutes, chosen on
+# WikiText-2 validation text (see benchmarks/lora.py).
+OBJECTIVE_DEFAULTS: dict[Objective, dict[str, Any]] = {
+    "facts": {"alpha": 32.0, "dropout": 0.1, "lr": 5e-3, "epochs": 20, "batch_size": 8},
+    "examples": {"alpha": 16.0, "dropout": 0.05, "lr": 1e-3, "epochs": 5, "batch_size": 4},
+    "text": {"alpha": 16.0, "dropout": 0.05, "lr": 1e-3, "epochs": 1, "batch_size": 4},
+}
+
+
+class LoraEditConfig(MethodConfig):
+    """LoRA (Hu et al. 2021) through peft: W' = W + (alpha / rank) B A on the chosen linear
+    modules of the chosen layers; only A and B train, the base stays frozen.
+
+    Data, exactly one of:
+      - ``facts``: CounterFact records (constrained fine-tuning, EasyEdit's FT-L / LoRA edit
+        baseline): NLL of ``target_new`` after the prompt (also under each of
+        ``context_templates``) plus ``kl_factor`` * KL(base || edited) of the next-token
+        distributions on ``kl_prompts`` (default: the facts' locality prompts, which makes the
+        reported ``locality`` in-sample; give prompts disjoint from the judged ones for an
+        honest figure). The facts are the version's evaluation suite, as for ROME.
+      - ``examples`` / ``examples_file``: ``{prompt, completion}`` pairs, loss on the
+        completion only (the file is JSONL under a data root).
+      - ``text``: language modelling on a text file: a path under a data root or a shared data
+        set such as ``wikitext-2/valid.tokens`` (a ``.jsonl`` file reads its ``text`` fields);
+        ``text_samples`` random windows of ``text_window`` tokens, seeded.
+    target_modules: leaf module names (peft's convention: ``q_proj``, ``down_proj``, ``c_attn``
+        ...); default every attention and MLP projection of the family.
+    layers: decoder layers to adapt (default all).
+    merge: True merges B A into the weights (the version stores only the changed tensors and
+        exports plain weights); False keeps a peft adapter (``lora/adapter_config.json`` +
+        ``lora/adapter_model.safetensors``, which ``PeftModel.from_pretrained`` loads from the
+        export's ``lora/`` folder); such a version is a leaf and ``lora`` runs last in its job.
+    alpha, dropout, lr, epochs, batch_size: None takes ``OBJECTIVE_DEFAULTS`` of the objective.
+    train_dtype: the forward passes of training run in bfloat16 autocast where bf16 matmuls are
+        fast on the device (``auto``: CUDA with bf16, a CPU with AMX or AVX-512-BF16), else in
+        float32; A and B stay float32 either way. The version records the resolved value.
+
+    Metrics: ``initial_loss``, ``final_loss`` (the objective's mean NLL over its training
+    data, at most ``LOSS_ITEMS`` = 64 sequences of it, dropout off), ``trainable_parameters``,
+    ``train_steps``, ``train_seconds``, and ``perplexity_before`` / ``perplexity_after`` /
+    ``perplexity_ratio`` (WikiText-2 test, when ``evaluate_perplexity``).
+    """
+
+    method: Literal["lora"] = "lora"
+    facts: list[Fact] | None = None
+    examples: list[Example] | None = None
+    examples_file: str | None = None
+    text: str | None = None
+    target_modules: list[str] | None = Field(default=None, min_length=1)
+    layers: list[int] | None = Field(default=None, min_length=1)
+    rank: int = Field(default=8, ge=1)
+    alpha: float | None = Field(default=None, gt=0)
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    lr: float | None = Field(default=None, gt=0)
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_length: int = Field(default=256, ge=2)
+    kl_factor: float = Field(default=1.0, ge=0.0)
+    kl_prompts: list[str] | None = None
+    context_templates: list[str] | None = Field(default=None, min_length=1)
+    text_samples: int = Field(default=256, ge=1)
+    text_window: int = Field(default=256, ge=2)
+    merge: bool = True
+    train_dtype: DtypeSetting = "auto"
+    evaluate_perplexity: bool = True
+    perplexity_tokens: int = Field(default=4096, ge=16)
+    seed: int = 0
+
+    carries: ClassVar[frozenset[str]] = frozenset({FACTS})
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> LoraEditConfig:
+        given = [
+            name
+            for name in ("facts", "examples", "examples_file", "text")
+            if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            field = given[1] if len(given) > 1 else "facts"
+            raise ValueError(
+                f"{field}: give exactly one of 'facts', 'examples', 'examples_file' and 'text'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        for name in ("facts", "examples"):
+            if getattr(self, name) == []:
+                raise ValueError(f"{name}: the list is empty")
+        if self.objective != "facts":
+            for name in ("kl_prompts", "context_templates"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only used with 'facts'")
+        return self
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, value: list[int] | None) -> list[int] | None:
+        for i, layer in enumerate(value or []):
+            if layer < 0:
+                raise ValueError(f"layers[{i}]: layer {layer} is negative")
+            if value is not None and value.index(layer) != i:
+                raise ValueError(f"layers[{i}]: layer {layer} is listed twice")
+        return value
+
+    @field_validator("context_templates")
+    @classmethod
+    def _one_slot(cls, value: list[str] | None) -> list[str] | None:
+        for i, template in enumerate(value or []):
+            if template.count("{}") != 1:
+                raise ValueError(f"context_templates[{i}]: needs exactly one '{{}}': {template!r}")
+        return value
+
+    @property
+    def objective(self) -> Objective:
+        if self.facts is not None:
+            return "facts"
+        return "text" if self.text is not None else "examples"
+
+    def setting(self, name: str) -> Any:
+        """A hyperparameter as run: the spec's value, else the objective's default."""
+        value = getattr(self, name)
+        return OBJECTIVE_DEFAULTS[self.objective][name] if value is None else value
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """The defaulted hyperparameters, recorded in the version's operation config."""
+        return {
+            name: self.setting(name)
+            for name in OBJECTIVE_DEFAULTS[self.objective]
+            if getattr(self, name) is None
+        }
+
+    def suite(self) -> dict[str, list[dict[str, Any]]]:
+        if self.facts is None:
+            return {}
+        return {FACTS: [f.model_dump(mode="json", exclude_none=True) for f in self.facts]}
+
+    def metric_names(self) -> set[str]:
+        names = {"initial_loss", "final_loss", "trainable_parameters", "train_steps"}
+        names.add("train_seconds")
+        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+
+    def leaves_hooks(self, model_config: Any) -> bool:
+        return not self.merge
+
+    def check_against(self, model_config: Any) -> None:
+        from modelsurgery.editing.lora.targets import check_targets
+
+        check_targets(model_config, self.target_modules, self.layers)
