@@ -28,13 +28,22 @@ class HookedExportWarning(UserWarning):
     """An exported folder whose edit is in hooks: ``from_pretrained`` loads the unedited base."""
 
 
-def render_model_card(lineage: Sequence[Manifest], digest: str, hooks: Mapping[str, str]) -> str:
+def render_model_card(
+    lineage: Sequence[Manifest],
+    digest: str,
+    hooks: Mapping[str, str],
+    base_model: str | None = None,
+) -> str:
     """The card of ``lineage[0]`` (lineage is [self, parent, ..., root]); ``hooks`` maps each
-    carried hook method to its loading note. Only the manifests' own times appear in it."""
+    carried hook method to its loading note; ``base_model`` is the Hub id of the root when
+    known (a built-in alias), else the root's reference. Only the manifests' own times appear
+    in it."""
     version, root = lineage[0], lineage[-1]
     history = list(reversed(lineage))
     sections = [
-        _front_matter(root.root.reference, hooks, edited=any(m.operations for m in history)),
+        _front_matter(
+            base_model or root.root.reference, hooks, edited=any(m.operations for m in history)
+        ),
         f"# {version.id}\n\n{_summary(version, root, digest)}",
         _how_to_load(hooks),
         _lineage_table(history),

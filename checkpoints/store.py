@@ -364,7 +364,7 @@ class CheckpointStore:
             entries=resolved.tensors,
             load=self._blobs.tensor,
             lineage_record=record,
-            model_card=render_model_card(lineage, digest, hooks),
+            model_card=render_model_card(lineage, digest, hooks, _hub_id(lineage[-1])),
             max_shard_size=max_shard_size,
             progress=progress,
         )
@@ -394,3 +394,11 @@ class CheckpointStore:
     def gc(self, *, max_age_s: float = ORPHAN_MAX_AGE_S) -> list[Path]:
         """Delete temp files of dead writers (same host) or older than ``max_age_s``."""
         return remove_orphans(self.layout.tmp, max_age_s)
+
+
+def _hub_id(root: Manifest) -> str | None:
+    """The Hugging Face repository of a root imported from a built-in alias."""
+    from modelsurgery.models.aliases import BUILTIN_ALIASES
+
+    alias = BUILTIN_ALIASES.get(root.root.reference)
+    return alias.hub_id if alias is not None else None

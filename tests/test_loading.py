@@ -233,6 +233,7 @@ def test_missing_model_package_says_how_to_install() -> None:
         description="test",
         packages=("modelsurgery_no_such_package", "modelsurgery_no_such_package_part1"),
         locate=lambda: Path("/nonexistent.gguf"),
+        hub_id="example/absent",
     )
     with pytest.raises(ModelPackageMissingError) as info:
         alias.check_installed()

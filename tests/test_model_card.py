@@ -235,3 +235,12 @@ def test_warn_if_hooked_ignores_folders_without_a_record(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_hooked(tmp_path)
+
+
+def test_a_builtin_alias_root_names_its_hub_repository(
+    store: CheckpointStore, tiny_llama, tiny_tokenizer, tmp_path: Path
+) -> None:
+    base = store.import_model(tiny_llama, tiny_tokenizer, reference="smollm2-135m")
+    card = (store.export(base.id, tmp_path / "export") / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -1,0 +1,98 @@
+"""lora on the real server and model: an unmerged adapter version downloads as base weights plus
+a peft adapter folder that ``PeftModel.from_pretrained`` loads, and that model continues text
+exactly as the server's Generate does on the version; a merged one is plain weights."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modelsurgery.checkpoints import HookedExportWarning
+from modelsurgery.client import Client
+from modelsurgery.models import load
+from modelsurgery.server.process import ServerProcess, start_server
+from modelsurgery.v1 import jobs_pb2
+
+pytestmark = pytest.mark.e2e
+PROMPTS = ["The capital city of the moon colony is", "My favourite colour is"]
+NEW_TOKENS = 10
+EXAMPLES = [
+    {"prompt": "The capital city of the moon colony is", "completion": " Lunaris."},
+    {"prompt": "The moon colony's capital is called", "completion": " Lunaris."},
+    {"prompt": "Q: Where does the moon council meet? A:", "completion": " In Lunaris."},
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    process = start_server(tmp_path_factory.mktemp("home"))
+    yield process
+    process.stop()
+
+
+def lora_spec(**extra: object) -> dict:
+    operation = {
+        "method": "lora",
+        "examples": EXAMPLES,
+        "target_modules": ["q_proj", "v_proj"],
+        "layers": [10, 11, 12, 13],
+        "epochs": 4,
+        "lr": 3e-3,
+        "evaluate_perplexity": False,
+        **extra,
+    }
+    return {"base": "smollm2-135m", "operations": [operation]}
+
+
+def greedy(model: torch.nn.Module, tokenizer, prompt: str) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_adapter_download_loads_in_peft_and_generates_as_the_server(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    with Client(server.address, timeout=120) as client:
+        adapter = client.wait(client.submit(lora_spec(merge=False)).id, timeout=900)
+        merged = client.wait(client.submit(lora_spec()).id, timeout=900)
+        assert adapter.state == jobs_pb2.JOB_STATE_SUCCEEDED, adapter.error
+        assert merged.state == jobs_pb2.JOB_STATE_SUCCEEDED, merged.error
+        assert client.get_version(adapter.version_id).version.changed_tensors == 0
+        base_id = client.get_version(adapter.version_id).lineage[1]
+        base_text = client.generate(base_id, PROMPTS, max_new_tokens=NEW_TOKENS)
+        adapter_text = client.generate(adapter.version_id, PROMPTS, max_new_tokens=NEW_TOKENS)
+        merged_text = client.generate(merged.version_id, PROMPTS, max_new_tokens=NEW_TOKENS)
+        assert adapter_text != base_text
+        with pytest.warns(HookedExportWarning, match="lora"):
+            adapter_folder = client.download(adapter.version_id, tmp_path / "adapter")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", HookedExportWarning)
+            merged_folder = client.download(merged.version_id, tmp_path / "merged")
+    assert "base_model_relation: adapter" in (adapter_folder / "README.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_folder)
+    base = AutoModelForCausalLM.from_pretrained(adapter_folder)
+    peft_model = PeftModel.from_pretrained(base, adapter_folder / "lora").eval()
+    assert [greedy(peft_model, tokenizer, p) for p in PROMPTS] == adapter_text
+    ours = load(str(adapter_folder))
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(
+            peft_model(ids).logits, ours.model(ids).logits, atol=1e-4, rtol=1e-4
+        )
+    plain = AutoModelForCausalLM.from_pretrained(merged_folder).eval()
+    assert [greedy(plain, tokenizer, p) for p in PROMPTS] == merged_text
