@@ -110,10 +110,18 @@ def test_merged_facts_edit_changes_only_the_targets_and_is_seeded(tmp_path: Path
     assert torch.equal(after[moved[0]], result.changed[moved[0]])
     assert result.metrics["final_loss"] < result.metrics["initial_loss"]
     assert result.suite["facts"][0]["target_new"] == "japanese"
-    assert result.resolved["lr"] == 5e-3 and "epochs" not in result.resolved
+    assert result.resolved["lr"] == 1e-3 and "epochs" not in result.resolved
     assert result.resolved["train_dtype"] in {"float32", "bfloat16"}
     again = run_lora(build_tiny_llama(), tmp_path, **fields)
     assert torch.equal(again.changed[moved[0]], result.changed[moved[0]])
+
+
+def test_fact_edits_default_to_the_mlp_outputs_of_the_memit_layers(tmp_path: Path) -> None:
+    result = run_lora(build_tiny_llama(), tmp_path, facts=[FACT], epochs=1)
+    assert result.resolved["target_modules"] == ["down_proj"]
+    assert result.resolved["layers"] == [0, 1]
+    assert sorted(result.changed) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
+    assert result.resolved["kl_factor"] == 5.0
 
 
 def test_kl_term_keeps_the_kl_prompts_closer_to_the_base(tmp_path: Path) -> None:

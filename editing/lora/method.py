@@ -12,7 +12,7 @@ from torch import nn
 from modelsurgery.editing.lora.adapter import adapter_artifacts
 from modelsurgery.editing.lora.config import LoraEditConfig
 from modelsurgery.editing.lora.data import training_data
-from modelsurgery.editing.lora.targets import target_paths
+from modelsurgery.editing.lora.targets import default_targets, target_paths
 from modelsurgery.editing.lora.train import TrainSettings, mean_nll, train
 from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
@@ -41,7 +41,15 @@ def _pad_id(tokenizer: Any) -> int:
 def run(
     model: nn.Module, tokenizer: Any, config: LoraEditConfig, context: MethodContext
 ) -> SurgeryResult:
-    paths = target_paths(model, config.target_modules, config.layers)
+    modules, layers = config.target_modules, config.layers
+    resolved: dict[str, Any] = {}
+    if config.objective == "facts":
+        default_modules, default_layers = default_targets(model)
+        if modules is None:
+            modules = resolved["target_modules"] = default_modules
+        if layers is None:
+            layers = resolved["layers"] = default_layers
+    paths = target_paths(model, modules, layers)
     data = training_data(config, tokenizer, context.data_roots)
     train_dtype = resolve_dtype(config.train_dtype, context.device)
     settings = TrainSettings(
@@ -49,7 +57,7 @@ def run(
         lr=config.setting("lr"),
         batch_size=config.setting("batch_size"),
         weight_decay=config.weight_decay,
-        kl_factor=config.kl_factor,
+        kl_factor=config.setting("kl_factor") if config.objective == "facts" else 0.0,
         seed=config.seed,
         pad_id=_pad_id(tokenizer),
         autocast=None if train_dtype == torch.float32 else train_dtype,
@@ -106,6 +114,7 @@ def run(
         artifacts=artifacts,
         suite=config.suite(),
         resolved={
+            **resolved,
             **config.resolved_settings(),
             "train_dtype": str(train_dtype).removeprefix("torch."),
         },

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from modelsurgery.editing.knowledge.config import layer_count
+from modelsurgery.editing.knowledge.config import depth_layer, family_defaults, layer_count
 from modelsurgery.models.adapters import FAMILIES, FamilyLayout, get_adapter
 
 
@@ -43,6 +43,14 @@ def check_targets(
     for i, layer in enumerate(layers or ()):
         if layer >= depth:
             raise ValueError(f"layers[{i}]: layer {layer} out of range (model has {depth} layers)")
+
+
+def default_targets(model: nn.Module) -> tuple[list[str], list[int]]:
+    """Where fact edits go by default: the MLP output projection of the family's MEMIT layers."""
+    adapter = get_adapter(model)
+    depth = len(adapter.layers())
+    first, last = (depth_layer(f, depth) for f in family_defaults(adapter.model_type).memit_layers)
+    return [leaf(adapter.layout.mlp_out)], list(range(first, last + 1))
 
 
 def target_paths(
