@@ -43,12 +43,14 @@ class TensorEntry(BaseModel):
 
 
 class RootRef(BaseModel):
-    """The base model a lineage started from."""
+    """The base model a lineage started from; ``revision`` is the commit a Hugging Face Hub
+    reference resolved to when it was imported."""
 
     model_config = ConfigDict(frozen=True)
 
     reference: str
     digest: str
+    revision: str | None = None
 
 
 class Manifest(BaseModel):

@@ -89,9 +89,11 @@ class CheckpointStore:
         tokenizer: Any,
         *,
         reference: str,
+        revision: str | None = None,
         progress: Progress | None = None,
     ) -> Manifest:
-        """Store a base version (no parent); the same model imported again is the same version."""
+        """Store a base version (no parent); the same model imported again is the same version.
+        ``revision``: the Hub commit the reference resolved to, recorded in the root."""
         tensors = persistent_state_dict(model)
         entries = {}
         for done, (name, tensor) in enumerate(tensors.items(), start=1):
@@ -104,7 +106,7 @@ class CheckpointStore:
         digest = digest_from_hashes({name: e.tensor_digest for name, e in entries.items()})
         return self._publish(
             parent=None,
-            root=RootRef(reference=reference, digest=digest),
+            root=RootRef(reference=reference, digest=digest, revision=revision),
             tensors=entries,
             files=hashes,
             operations=[],
@@ -397,8 +399,12 @@ class CheckpointStore:
 
 
 def _hub_id(root: Manifest) -> str | None:
-    """The Hugging Face repository of a root imported from a built-in alias."""
+    """The Hugging Face repository of a root imported from the Hub or a built-in alias."""
     from modelsurgery.models.aliases import BUILTIN_ALIASES
+    from modelsurgery.models.references import HUB_REFERENCE
 
     alias = BUILTIN_ALIASES.get(root.root.reference)
-    return alias.hub_id if alias is not None else None
+    if alias is not None:
+        return alias.hub_id
+    hub = HUB_REFERENCE.match(root.root.reference) if root.root.revision else None
+    return hub.group("repo") if hub is not None else None

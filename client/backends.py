@@ -92,7 +92,11 @@ class LocalBackend:
 
         loaded = load(reference)
         manifest = self.store.import_model(
-            loaded.model, loaded.tokenizer, reference=reference, progress=progress
+            loaded.model,
+            loaded.tokenizer,
+            reference=reference,
+            revision=loaded.revision,
+            progress=progress,
         )
         if alias:
             self.store.set_alias(alias, manifest.id)

@@ -2,7 +2,8 @@
 
 Dequantising takes seconds to minutes, so the dequantised model is kept once per file (path,
 size, mtime) as a plain safetensors folder under ``$MODELSURGERY_CACHE`` (default
-``~/.cache/modelsurgery``); later loads read that folder instead (about 20x faster).
+``$MODELSURGERY_HOME/cache/models``, beside the store, so a scratch home keeps it too); later
+loads read that folder instead (about 20x faster).
 
 The config is read from the GGUF metadata alone (transformers' gguf config reader, no tensors
 dequantised) and cached per file (path, size, mtime), because a server validates many specs
@@ -29,6 +30,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from modelsurgery.models.aliases import models_cache_dir
 
 try:  # transformers >= 5 keeps GGUF weights packed unless asked to dequantise
     from transformers import GgufConfig
@@ -86,7 +89,7 @@ CACHE_ENV = "MODELSURGERY_CACHE"
 
 def cache_root() -> Path:
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "modelsurgery"
+    return Path(env) if env else models_cache_dir()
 
 
 def dequantized_folder(path: Path) -> Path:

@@ -52,6 +52,8 @@ class LoadedModel:
     source_kind: SourceKind
     version_id: str | None = None
     path: Path | None = None
+    revision: str | None = None
+    """The commit a Hugging Face Hub reference resolved to."""
     hooks: Any = None
     """The attached hooks (``editing.attachments.AttachedHooks``: ReFT interventions, unbaked
     steering ...) when the checkpoint carries any, else None; ``hooks.remove()`` detaches
@@ -72,7 +74,8 @@ def load(
     progress: Progress | None = None,
     with_hooks: bool = True,
 ) -> LoadedModel:
-    """Load a folder, a GGUF file, a built-in alias or a stored version (see ``resolve_reference``).
+    """Load a folder, a GGUF file, a Hub repository (``org/name[@revision]`` from the local
+    Hugging Face cache), a built-in alias or a stored version (see ``resolve_reference``).
 
     ``dtype`` None keeps the checkpoint's own dtype (float32 for dequantised GGUF);
     ``allowed_roots`` restricts path references (the server passes its model folders).
@@ -100,6 +103,7 @@ def load(
         source_kind=resolved.kind,
         version_id=resolved.version_id,
         path=resolved.path,
+        revision=resolved.revision,
         hooks=hooks,
     )
 

@@ -1,13 +1,16 @@
 """Classify a model reference without loading weights, so a server can validate a job spec.
 
 Precedence: anything path-shaped (absolute, ``~``, ``.``, a separator, or a ``.gguf`` name) is a
-path and only a path; otherwise a built-in alias, then a stored version id / alias (when a store
-is given), then a bare relative path that exists.
+path, except ``org/name`` and ``org/name@revision`` that exist as no path: those are Hugging Face
+Hub repositories, resolved through the local Hub cache (``HF_HOME``; nothing is fetched when
+``HF_HUB_OFFLINE=1``). Otherwise a built-in alias, then a stored version id / alias (when a
+store is given), then a bare relative path that exists.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,6 +25,11 @@ from modelsurgery.models.errors import (
 )
 
 GGUF_MAGIC = b"GGUF"
+HUB_REFERENCE = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<revision>[\w./-]+))?$"
+)
+# What a causal LM's folder needs; a repository's other files (ONNX, GGUF, pickles) stay remote.
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 
 
 class SourceKind(StrEnum):
@@ -29,18 +37,22 @@ class SourceKind(StrEnum):
     GGUF = "gguf"
     ALIAS = "alias"
     STORE = "store"
+    HUB = "hub"
 
 
 @dataclass(frozen=True)
 class ResolvedReference:
     """What a reference names. ``path`` is the folder or GGUF file (for ``gemma3-270m`` the
-    cache path it is assembled into on first load); ``version_id`` is set for stored versions."""
+    cache path it is assembled into on first load; for a Hub repository its snapshot folder);
+    ``version_id`` is set for stored versions; ``revision`` is the commit a Hub reference
+    resolved to."""
 
     reference: str
     kind: SourceKind
     path: Path | None = None
     version_id: str | None = None
     alias: str | None = None
+    revision: str | None = None
 
     @property
     def is_gguf(self) -> bool:
@@ -54,8 +66,9 @@ class VersionResolver(Protocol):
 def accepted_kinds() -> str:
     aliases = ", ".join(sorted(BUILTIN_ALIASES))
     return (
-        "a local Hugging Face model folder (with config.json), a .gguf file, "
-        f"a built-in alias ({aliases}), or a stored version id or alias (with a checkpoint store)"
+        "a local Hugging Face model folder (with config.json), a .gguf file, a Hugging Face Hub "
+        f"repository (org/name or org/name@revision), a built-in alias ({aliases}), or a stored "
+        "version id or alias (with a checkpoint store)"
     )
 
 
@@ -80,6 +93,9 @@ def resolve_reference(
         return _resolve_path(os.fspath(reference), allowed_roots)
     if not isinstance(reference, str) or not reference.strip():
         raise unresolvable(str(reference), "empty reference")
+    hub = HUB_REFERENCE.match(reference)
+    if hub is not None and not Path(reference).expanduser().exists():
+        return _resolve_hub(reference, hub.group("repo"), hub.group("revision"))
     if _looks_like_path(reference):
         return _resolve_path(reference, allowed_roots)
     builtin = BUILTIN_ALIASES.get(reference)
@@ -118,6 +134,27 @@ def _resolve_stored(reference: str, store: VersionResolver | None) -> ResolvedRe
     except (KeyError, ValueError):
         return None
     return ResolvedReference(reference, SourceKind.STORE, version_id=version_id)
+
+
+def _resolve_hub(reference: str, repo_id: str, revision: str | None) -> ResolvedReference:
+    """A Hub repository's snapshot in the local cache (downloaded into it unless offline); the
+    snapshot folder's name is the commit the revision resolved to."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError as exc:
+        raise unresolvable(
+            reference,
+            "not in the local Hugging Face cache (HF_HOME) and the Hub cannot be reached "
+            f"or HF_HUB_OFFLINE is set ({exc.__class__.__name__})",
+        ) from None
+    except (HfHubHTTPError, ValueError, OSError) as exc:
+        raise unresolvable(reference, f"the Hugging Face Hub refused it: {exc}") from None
+    if not (folder / "config.json").is_file():
+        raise unresolvable(reference, f"Hub repository {repo_id} has no config.json")
+    return ResolvedReference(reference, SourceKind.HUB, folder, revision=folder.name)
 
 
 def _looks_like_path(reference: str) -> bool:

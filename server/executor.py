@@ -72,7 +72,9 @@ def load_base(
 
     def from_reference() -> CachedModel:
         loaded = load(reference, device=settings.device, allowed_roots=settings.model_roots)
-        manifest = store.import_model(loaded.model, loaded.tokenizer, reference=reference)
+        manifest = store.import_model(
+            loaded.model, loaded.tokenizer, reference=reference, revision=loaded.revision
+        )
         return CachedModel(
             loaded.model,
             loaded.tokenizer,

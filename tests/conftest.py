@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ from transformers import (
 )
 
 from modelsurgery.checkpoints import CheckpointStore
+
+# Every e2e server gets a scratch MODELSURGERY_HOME; the dequantised SmolLM2 is shared between
+# them (and test runs) instead of being rebuilt in each home.
+os.environ.setdefault("MODELSURGERY_CACHE", str(Path.home() / ".cache" / "modelsurgery-tests"))
 
 TINY_VOCAB_SIZE = 128
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
