@@ -222,7 +222,7 @@ def test_suffix_run_skips_prefix_layers() -> None:
     assert calls == [0, 1]
 
 
-def test_statistics_cached_per_digest_and_layer(tmp_path: Path, monkeypatch) -> None:
+def test_statistics_cached_per_key_digest_and_layer(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "data"))
     write_corpus(tmp_path / "data")
     model, tok = build_tiny_llama(), build_tiny_tokenizer()
@@ -243,9 +243,20 @@ def test_statistics_cached_per_digest_and_layer(tmp_path: Path, monkeypatch) -> 
     assert any(e["message"].endswith("cache hit") for e in events)
     torch.testing.assert_close(again[1], first[1])
 
-    other = MethodContext(model_digest="d2", cache_dir=tmp_path / "cache", report=events.append)
-    second_moments(model, tok, adapter, [1], other, settings)
-    assert [e for e in events if e["message"].endswith("computing")]
+    # An edit of layer 1's own output projection (ROME's, MEMIT's) leaves its keys, and so
+    # its statistics, as they were; an edit upstream of it (layer 0's) does not.
+    def computed_after(edit: str, layer: int) -> bool:
+        with torch.no_grad():
+            model.get_parameter(edit).mul_(1.5)
+        events.clear()
+        second_moments(model, tok, adapter, [layer], context, settings)
+        return any(e["message"].endswith("computing") for e in events)
+
+    assert not computed_after("model.layers.1.mlp.down_proj.weight", 1)
+    assert not computed_after("model.layers.1.self_attn.q_proj.weight", 0)
+    assert computed_after("model.layers.0.mlp.down_proj.weight", 1)
+    used = [e for e in events if e["message"].endswith("used")]
+    assert used and set(used[0]["statistics"]) == {"1"}
 
 
 def test_statistics_match_direct_computation(tmp_path: Path, monkeypatch) -> None:

@@ -1,10 +1,15 @@
 """Second-moment statistics C = E[k k^T] of an MLP down-projection's inputs (the "keys").
 
-Computed once per (model digest, layer, calibration settings) on WikiText-2 validation windows
-and cached on disk under ``cache_dir/mom2/<digest>/``; every later job on the same weights loads
-the file. Only the layers up to the deepest requested one run (the forward is stopped there).
-A file lock keeps two workers from computing the same statistics at once; files are written to
-a temporary name and renamed, so a reader never sees half a file.
+Computed once per (key digest, layer, calibration settings) on WikiText-2 validation windows
+and cached on disk under ``cache_dir/mom2/<key digest>/``. The key digest covers only the
+tensors a layer's keys depend on: everything upstream of that layer's MLP output projection (the
+embedding, the layers below, the layer's own attention, norms and MLP input projections), not
+the projection itself, the layers above or the head. An edit of the projection (ROME, MEMIT)
+leaves it unchanged, so a chain of edits computes the statistics once, as ROME and EasyEdit use
+the pretrained model's statistics for every sequential edit. Only the layers up to the deepest
+requested one run (the forward is stopped there). A file lock keeps two workers from computing
+the same statistics at once; files are written to a temporary name and renamed, so a reader
+never sees half a file.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.models.adapters import ArchitectureAdapter
+from modelsurgery.models.digest import digest_from_hashes, persistent_state_dict, tensor_sha256
 
 from .runner import capture_input, run_until_stopped
 
@@ -44,6 +50,27 @@ def stats_path(cache_dir: Path, digest: str, module_path: str, settings: StatsSe
     return cache_dir / "mom2" / digest / f"{module_path}.{settings.tag()}.safetensors"
 
 
+def key_digest(model: nn.Module, adapter: ArchitectureAdapter, layer: int) -> str:
+    """Digest of the tensors layer ``layer``'s keys (its MLP output projection's inputs) are
+    computed from."""
+    layers_prefix = f"{adapter.layout.layers}."
+    projection = f"{adapter.mlp_out_path(layer)}."
+    after = tuple(
+        f"{path}." for path in (adapter.layout.final_norm, adapter.layout.lm_head) if path
+    ) + ((f"{adapter.layout.project_out}.",) if adapter.layout.project_out else ())
+
+    def upstream(name: str) -> bool:
+        if name.startswith(layers_prefix):
+            index = int(name[len(layers_prefix) :].split(".", 1)[0])
+            return index < layer or (index == layer and not name.startswith(projection))
+        return not name.startswith(after)
+
+    tensors = persistent_state_dict(model)
+    return digest_from_hashes(
+        {name: tensor_sha256(t) for name, t in tensors.items() if upstream(name)}
+    )
+
+
 def second_moments(
     model: nn.Module,
     tokenizer: Any,
@@ -52,24 +79,30 @@ def second_moments(
     context: MethodContext,
     settings: StatsSettings,
 ) -> dict[int, torch.Tensor]:
-    """C (float64, [in, in]) for each layer's down projection, from cache or computed."""
+    """C (float64, [in, in]) for each layer's down projection, from cache or computed; the
+    progress events name each layer's key digest (which statistics the edit used)."""
+    digests = {layer: key_digest(model, adapter, layer) for layer in layers}
     paths = {
-        layer: stats_path(
-            context.cache_dir, context.model_digest, adapter.mlp_out_path(layer), settings
-        )
+        layer: stats_path(context.cache_dir, digests[layer], adapter.mlp_out_path(layer), settings)
         for layer in layers
     }
-    lock_path = context.cache_dir / "mom2" / context.model_digest / ".lock"
+    lock_path = context.cache_dir / "mom2" / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_path)):
         missing = [layer for layer in layers if not paths[layer].exists()]
         if missing:
             computed = _compute(model, tokenizer, adapter, missing, context, settings)
             for layer, (moment, count) in computed.items():
+                paths[layer].parent.mkdir(parents=True, exist_ok=True)
                 _save(paths[layer], moment, count)
         hits = [layer for layer in layers if layer not in missing]
         if hits:
             context.progress("second-moment statistics: cache hit", layers=hits)
+        context.progress(
+            "second-moment statistics: used",
+            statistics={str(layer): digests[layer] for layer in layers},
+            calibration=settings.tag(),
+        )
         return {layer: load_file(str(paths[layer]))["mom2"] for layer in layers}
 
 
