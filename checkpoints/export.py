@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 
 from modelsurgery.checkpoints.hf import CONFIG_FILE, json_file_bytes
 from modelsurgery.checkpoints.manifest import TensorEntry
+from modelsurgery.proto.export_record import LINEAGE_FILE
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-LINEAGE_FILE = "modelsurgery.json"
 MODEL_CARD_FILE = "README.md"
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 RESERVED_NAMES = frozenset(

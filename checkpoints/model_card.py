@@ -8,24 +8,21 @@ how to load it and exporting or downloading it warns (:func:`warn_if_hooked`).
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from modelsurgery.checkpoints.export import LINEAGE_FILE
 from modelsurgery.checkpoints.manifest import Manifest
+from modelsurgery.proto.export_record import (
+    HOOKS_KEY,
+    LINEAGE_FILE,
+    HookedExportWarning,
+    warn_if_hooked,
+)
 
-HOOKS_KEY = "hooks"
 LIBRARY_TAG = "modelsurgery"
-LOAD_HINT = "load it with modelsurgery.models.load(folder) (see 'How to load' in its README.md)"
-
-
-class HookedExportWarning(UserWarning):
-    """An exported folder whose edit is in hooks: ``from_pretrained`` loads the unedited base."""
+__all__ = ["HOOKS_KEY", "LIBRARY_TAG", "HookedExportWarning", "render_model_card", "warn_if_hooked"]
 
 
 def render_model_card(
@@ -132,24 +129,3 @@ def _metrics(metrics: Mapping[str, float]) -> str:
         return "## Metrics\n\nNone recorded for this version."
     rows = [f"| {name} | {value:.6g} |" for name, value in sorted(metrics.items())]
     return "\n".join(["## Metrics", "", "| metric | value |", "|---|---|", *rows])
-
-
-def warn_if_hooked(folder: Path | str) -> None:
-    """Warn (HookedExportWarning) when an exported folder's lineage record names hook methods;
-    called by every export and download, so the warning names the caller's line."""
-    record_path = Path(folder) / LINEAGE_FILE
-    try:
-        record = json.loads(record_path.read_text())
-    except (FileNotFoundError, ValueError):
-        return
-    hooks = record.get(HOOKS_KEY) or []
-    if not hooks:
-        return
-    version_id = record.get("manifest", {}).get("id", "?")
-    warnings.warn(
-        f"version {version_id} carries {', '.join(hooks)} hooks, which plain "
-        f"AutoModelForCausalLM.from_pretrained does not apply (it loads the unedited base): "
-        f"{LOAD_HINT}",
-        HookedExportWarning,
-        stacklevel=3,
-    )

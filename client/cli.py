@@ -1,9 +1,15 @@
-"""The ``modelsurgery`` command line: serve, apply, jobs, versions, alias, import, generate."""
+"""The ``modelsurgery`` command line: serve, apply, jobs, versions, alias, import, generate.
+
+Only the client is imported at start (no torch): commands that run models in this process
+import the ML stack inside.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
@@ -43,7 +49,7 @@ from modelsurgery.client.cli_versions import register_version_commands
 from modelsurgery.client.connection import STATE_NAMES, as_spec
 from modelsurgery.client.junit import ApplyReport, Problem
 from modelsurgery.client.sdk import Client
-from modelsurgery.proto.spec import SpecError
+from modelsurgery.proto.spec import SpecError, spec_json_schema
 from modelsurgery.v1 import jobs_pb2
 
 app = typer.Typer(
@@ -56,6 +62,30 @@ jobs_app = typer.Typer(help="Jobs on a server.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 register_version_commands(app)
 register_eval_command(app)
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"modelsurgery {metadata.version('modelsurgery')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Surgery on Hugging Face causal LMs: knowledge edits, ReFT, head masking, pruning."""
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of job spec files (an editor validates and completes them)."""
+    typer.echo(json.dumps(spec_json_schema(), indent=2))
 
 
 @app.command()
@@ -95,8 +125,9 @@ def serve(
     text_logs: Annotated[bool, typer.Option(help="Plain text logs instead of JSON.")] = False,
 ) -> None:
     """Run the gRPC server (embedded Ray unless --ray-address / RAY_ADDRESS)."""
-    from modelsurgery.checkpoints import default_root
-    from modelsurgery.server.app import ServerSettings, run
+    with reported_errors(False):
+        from modelsurgery.checkpoints import default_root
+        from modelsurgery.server.app import ServerSettings, run
 
     settings = ServerSettings(
         host=host,

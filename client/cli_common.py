@@ -23,6 +23,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from modelsurgery.client.connection import SERVER_ENV, TOKEN_ENV
 from modelsurgery.client.errors import JobFailed, ModelSurgeryError, WaitTimeout
 from modelsurgery.client.sdk import Client
+from modelsurgery.proto.export_record import HookedExportWarning
+from modelsurgery.proto.spec import SpecError
 
 console = Console(stderr=True)
 out = Console(highlight=False)
@@ -43,6 +45,26 @@ INFRASTRUCTURE_CODES = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
+# Top-level modules of the ``server`` extra. Commands that run the ML stack in this process
+# (serve, apply --local, the local store, heads plot) import it inside; without the extra they
+# end with the install line instead of a traceback.
+SERVER_MODULES = frozenset(
+    {
+        "torch",
+        "transformers",
+        "safetensors",
+        "gguf",
+        "peft",
+        "accelerate",
+        "ray",
+        "filelock",
+        "prometheus_client",
+        "matplotlib",
+        "grpc_health",
+        "grpc_reflection",
+    }
+)
+SERVER_EXTRA = "pip install 'modelsurgery[server]'"
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 ServerOption = Annotated[
@@ -94,7 +116,7 @@ def fail(message: str, exit_code: int = 1, *, as_json: bool = False, **fields: A
     if as_json:
         emit_json({"error": message, **fields})
     else:
-        console.print(f"[red]error:[/red] {message}")
+        console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(exit_code)
 
 
@@ -110,9 +132,12 @@ class Reported:
 
 def classify(exc: Exception) -> Reported | None:
     """How an exception ends a command (None: not an error commands report, e.g. a bug)."""
-    from modelsurgery.checkpoints import AliasConflictError, VersionNotFoundError
-    from modelsurgery.proto.spec import SpecError
-
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in SERVER_MODULES:
+        return Reported(
+            EXIT_INVALID,
+            f"this command runs models in this process and needs the server extra (no module "
+            f"named {exc.name!r}): {SERVER_EXTRA}; commands given --server need only the client",
+        )
     if isinstance(exc, WaitTimeout):
         return Reported(EXIT_TIMEOUT, exc.message, exc.code.name, exc.field)
     if isinstance(exc, ModelSurgeryError):
@@ -120,12 +145,19 @@ def classify(exc: Exception) -> Reported | None:
         return Reported(exit_code, exc.message, exc.code.name, exc.field)
     if isinstance(exc, SpecError):
         return Reported(EXIT_INVALID, str(exc), grpc.StatusCode.INVALID_ARGUMENT.name, exc.field)
-    if isinstance(exc, VersionNotFoundError | AliasConflictError | FileNotFoundError | ValueError):
+    if isinstance(exc, (*_store_errors(), FileNotFoundError, ValueError)):
         return Reported(EXIT_INVALID, str(exc.args[0] if exc.args else exc))
     if isinstance(exc, JobFailed):
         cancelled = exc.state == "JOB_STATE_CANCELLED"
         return Reported(EXIT_CANCELLED if cancelled else EXIT_FAILED, str(exc))
     return None
+
+
+def _store_errors() -> tuple[type[Exception], ...]:
+    """The local store's lookup and alias errors; only a command that imported the store (and
+    with it the ML stack) can raise them, so they are not imported for the others."""
+    store = sys.modules.get("modelsurgery.checkpoints")
+    return (store.VersionNotFoundError, store.AliasConflictError) if store else ()
 
 
 @contextmanager
@@ -155,8 +187,6 @@ def warn(message: str) -> None:
 def export_warnings() -> Iterator[None]:
     """An exported or downloaded version whose edit lives in hooks is reported as one
     ``warning:`` line on stderr rather than a Python warning dump; other warnings pass on."""
-    from modelsurgery.checkpoints.model_card import HookedExportWarning
-
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:

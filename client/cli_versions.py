@@ -314,9 +314,9 @@ def heads_plot(
     store: StoreOption = None,
 ) -> None:
     """Plot a version's head bias scores as a layer x head heat map (chosen heads boxed)."""
-    from modelsurgery.editing.bias import plot_head_scores
-
     with backend(server, token, tls_ca, store, as_json) as b:
+        from modelsurgery.editing.bias.plot import plot_head_scores
+
         table = b.artifact(ref, HEAD_SCORES)
         plot_head_scores(table, output, key=key)
     if as_json:

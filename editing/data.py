@@ -1,4 +1,6 @@
-"""Paths to the shared data sets and calibration text, with clear errors when they are absent."""
+"""Paths to the shared data sets and calibration text, with clear errors when they are absent.
+
+Torch is imported by the two window builders alone: the thin client's configs resolve paths."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DATA_ENV = "MODELSURGERY_DATA"
 
@@ -41,6 +45,8 @@ def calibration_windows(
 ) -> torch.Tensor:
     """``num_windows`` random token windows of length ``window`` from WikiText-2 validation
     text (calibration data; never the text perplexity is reported on). Shape [n, window]."""
+    import torch
+
     text = (path or shared_data_path("wikitext-2/valid.tokens")).read_text(encoding="utf-8")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() <= window:
@@ -99,6 +105,8 @@ def text_windows(
 ) -> torch.Tensor:
     """``num_windows`` seeded random token windows of a user's text, shape [n, window];
     shorter text gives shorter windows."""
+    import torch
+
     ids = tokenizer(text, return_tensors="pt").input_ids[0]  # type: ignore[operator]
     if ids.numel() < 2:
         raise ValueError(f"{field}: the text has fewer than 2 tokens")

@@ -1,6 +1,6 @@
 """Prompt/completion training examples (ReFT, LoRA): reading them (inline or JSONL under a data
 root) and tokenising them into prompt + completion sequences whose loss covers the completion
-only."""
+only. Torch is imported by ``collate`` alone: configs take ``Example`` on the thin client."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelsurgery.editing.data import resolve_data_file
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 
@@ -88,6 +90,8 @@ def tokenize_examples(
 
 def collate(items: Sequence[TokenizedExample], pad_id: int) -> Batch:
     """Right-padded batch; labels are -100 on prompt and padding."""
+    import torch
+
     width = max(len(item.input_ids) for item in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)

@@ -1,25 +1,33 @@
-"""The method registry: method name -> (pydantic config, run function, attachment).
+"""The method registry: method name -> pydantic config, and on the server its run function and
+attachment.
 
 A surgery method never imports the server. It is a config class plus one function
-``run(model, tokenizer, config, context) -> SurgeryResult``; the server looks both up here,
-validates the config before queueing a job, and stores what the result says changed. A method
-that leaves hooks instead of weights (ReFT, unbaked steering) also registers an ``Attachment``:
-which artifact files it stores, how they attach to a loaded model, and its lineage rule. The
-loader, the worker and submit validation go through ``editing.attachments``, never a method.
+``run(model, tokenizer, config, context) -> SurgeryResult``. Each method folder registers on
+import with its config class and a function that imports its implementation: configs are plain
+pydantic, so the client validates a spec through ``config_class`` without torch, and the server
+imports ``run`` only when ``get_method`` asks for it. A method that leaves hooks instead of
+weights (ReFT, unbaked steering) also declares an ``Attachment``: which artifact files it
+stores, how they attach to a loaded model, and its lineage rule. The loader, the worker and
+submit validation go through ``editing.attachments``, never a method.
+
+This module imports no torch (it appears in annotations only): the thin client imports it.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
-BUILTIN_METHOD_MODULES = (
+if TYPE_CHECKING:
+    import torch
+
+BUILTIN_METHOD_PACKAGES = (
     "modelsurgery.editing.mask_heads",
     "modelsurgery.editing.reft",
     "modelsurgery.editing.bias",
@@ -29,11 +37,13 @@ BUILTIN_METHOD_MODULES = (
     "modelsurgery.editing.iti",
     "modelsurgery.editing.steer",
     "modelsurgery.editing.lora",
-    "modelsurgery.pruning.prune",
+    "modelsurgery.pruning",
 )
 
 
 PERPLEXITY_FIGURES = frozenset({"perplexity_before", "perplexity_after", "perplexity_ratio"})
+# A config's dtype field: ``auto`` is resolved on the device (``models.hardware.resolve_dtype``).
+DtypeSetting = Literal["auto", "float32", "bfloat16"]
 
 
 class MethodConfig(BaseModel):
@@ -52,7 +62,8 @@ class MethodConfig(BaseModel):
 
     def check_against(self, model_config: Any) -> None:
         """Validate indices and sizes against the base model's HF config (raise ValueError
-        naming the field). Called before a job is queued, without loading weights."""
+        naming the field). Called on the server before a job is queued, without loading
+        weights; what it needs from the ML stack it imports inside."""
 
     def leaves_hooks(self, model_config: Any) -> bool:
         """Whether ``run`` with this config on this model returns hook artifacts (its method's
@@ -64,6 +75,12 @@ class JobCancelled(Exception):
     """Raised inside a method when the job was cancelled; nothing is published."""
 
 
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
+
+
 @dataclass
 class MethodContext:
     """What a running method may use besides the model: progress, cancellation, data, caches."""
@@ -71,7 +88,7 @@ class MethodContext:
     model_digest: str
     cache_dir: Path
     data_roots: tuple[Path, ...] = ()
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=_cpu)
     report: Callable[[dict[str, Any]], None] = lambda event: None
     is_cancelled: Callable[[], bool] = lambda: False
 
@@ -150,6 +167,14 @@ class Attachment:
 
 
 @dataclass(frozen=True)
+class Implementation:
+    """The server half of a method, returned by the loader its folder registers."""
+
+    run: RunFunction
+    attachment: Attachment | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config_class: type[MethodConfig]
@@ -157,19 +182,62 @@ class Method:
     attachment: Attachment | None = None
 
 
+_CONFIGS: dict[str, type[MethodConfig]] = {}
+_LOADERS: dict[str, Callable[[], Implementation]] = {}
 _METHODS: dict[str, Method] = {}
+_LOADING = threading.RLock()
 
 
 def register_method(
-    name: str,
-    config_class: type[MethodConfig],
-    run: RunFunction,
-    attachment: Attachment | None = None,
+    name: str, config_class: type[MethodConfig], implementation: Callable[[], Implementation]
 ) -> None:
-    """Register a surgery method; called once, at import time, by the method's package. A
-    name or an artifact file name registered twice is an error."""
-    if name in _METHODS:
+    """Register a surgery method; called once, at import time, by the method's folder.
+    ``implementation`` imports and returns its run function (and attachment) when the server
+    first needs them. A name registered twice is an error."""
+    if name in _CONFIGS:
         raise ValueError(f"method {name!r} is already registered")
+    _CONFIGS[name] = config_class
+    _LOADERS[name] = implementation
+
+
+def load_builtin_methods() -> None:
+    """Import every built-in method folder: configs only, no implementation."""
+    for package in BUILTIN_METHOD_PACKAGES:
+        importlib.import_module(package)
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The config class of a method (torch-free: what spec validation uses)."""
+    load_builtin_methods()
+    try:
+        return _CONFIGS[name]
+    except KeyError:
+        known = ", ".join(sorted(_CONFIGS))
+        raise KeyError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def method_configs() -> dict[str, type[MethodConfig]]:
+    """Every registered method's config class, by name."""
+    load_builtin_methods()
+    return {name: _CONFIGS[name] for name in sorted(_CONFIGS)}
+
+
+def method_names() -> list[str]:
+    return list(method_configs())
+
+
+def get_method(name: str) -> Method:
+    """A method with its implementation, imported on first use (the server side)."""
+    config = config_class(name)
+    with _LOADING:
+        if name not in _METHODS:
+            _METHODS[name] = _load(name, config)
+        return _METHODS[name]
+
+
+def _load(name: str, config: type[MethodConfig]) -> Method:
+    implementation = _LOADERS[name]()
+    attachment = implementation.attachment
     if attachment is not None:
         if not attachment.artifacts:
             raise ValueError(f"method {name!r}: an attachment names at least one artifact")
@@ -181,29 +249,11 @@ def register_method(
                 raise ValueError(
                     f"method {name!r}: artifacts {sorted(taken)} belong to {other.name!r}"
                 )
-    _METHODS[name] = Method(name, config_class, run, attachment)
-
-
-def load_builtin_methods() -> None:
-    for module in BUILTIN_METHOD_MODULES:
-        importlib.import_module(module)
-
-
-def get_method(name: str) -> Method:
-    load_builtin_methods()
-    try:
-        return _METHODS[name]
-    except KeyError:
-        known = ", ".join(sorted(_METHODS))
-        raise KeyError(f"unknown method {name!r}; known methods: {known}") from None
-
-
-def method_names() -> list[str]:
-    load_builtin_methods()
-    return sorted(_METHODS)
+    return Method(name, config, implementation.run, attachment)
 
 
 def hook_methods() -> list[Method]:
-    """The registered methods that declare an ``Attachment``, by name."""
-    load_builtin_methods()
-    return [_METHODS[name] for name in sorted(_METHODS) if _METHODS[name].attachment is not None]
+    """The registered methods that declare an ``Attachment``, by name (imports every
+    implementation)."""
+    loaded = [get_method(name) for name in method_names()]
+    return [method for method in loaded if method.attachment is not None]

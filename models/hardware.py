@@ -11,11 +11,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-DtypeSetting = Literal["auto", "float32", "bfloat16"]
+from modelsurgery.editing.registry import DtypeSetting
 
 
 @dataclass(frozen=True)

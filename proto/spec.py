@@ -1,25 +1,27 @@
 """The job spec: one pydantic schema for the SDK, the CLI's YAML files and the gRPC API.
 
 Versioned with the API (``api_version: v1``). Operations are validated against the method
-registry, so an unknown method or an unknown key is an error naming the field, before any job
-is queued.
+registry's config classes, so an unknown method or an unknown key is an error naming the field,
+before any job is queued. Configs are plain pydantic: parsing imports no ML stack, and
+``spec_json_schema`` describes every method's operation for editors (``modelsurgery schema``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import operator
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from google.protobuf import json_format, struct_pb2
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from modelsurgery.editing.registry import MethodConfig, get_method
+from modelsurgery.editing.registry import MethodConfig, config_class, method_configs
 from modelsurgery.evaluation.metrics import gate_problem
 from modelsurgery.v1 import jobs_pb2
 
@@ -155,11 +157,11 @@ def _parse_operation(index: int, raw: Any) -> MethodConfig:
     if not isinstance(name, str) or not name:
         raise SpecError(f"{where}.method", "missing method name")
     try:
-        method = get_method(name)
+        config = config_class(name)
     except KeyError as exc:
         raise SpecError(f"{where}.method", str(exc.args[0])) from None
     try:
-        return method.config_class.model_validate(raw)
+        return config.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise SpecError(_error_field(where, first), first["msg"]) from None
@@ -228,6 +230,25 @@ def spec_from_proto(message: jobs_pb2.JobSpec) -> JobSpec:
     if message.alias:
         data["alias"] = message.alias
     return parse_spec(data)
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of a spec file: ``operations`` items are a union of every
+    registered method's config, told apart by ``method``, each with its own fields only."""
+    configs = list(method_configs().values())
+    operation = Annotated[functools.reduce(operator.or_, configs), Field(discriminator="method")]
+    described = create_model(
+        "JobSpec",
+        __base__=JobSpec,
+        __doc__=JobSpec.__doc__,
+        operations=(list[operation], Field(min_length=1)),  # type: ignore[valid-type]
+    )
+    schema = described.model_json_schema()
+    for config in configs:
+        required = schema["$defs"][config.__name__].setdefault("required", [])
+        if "method" not in required:
+            required.insert(0, "method")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def load_spec_file(path: str | Path) -> JobSpec:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
-from modelsurgery.models.adapters import FAMILIES, FamilyLayout
-from modelsurgery.models.hardware import DtypeSetting
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
+
+if TYPE_CHECKING:
+    from modelsurgery.models.adapters import FamilyLayout
 
 
 class PruneConfig(MethodConfig):
@@ -205,6 +206,8 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelDims:
+        from modelsurgery.models.adapters import FAMILIES
+
         model_type = getattr(config, "model_type", "") or ""
         layout = FAMILIES.get(model_type)
         if layout is None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from modelsurgery.editing.perplexity import wikitext_perplexity
-from modelsurgery.editing.registry import MethodContext, SurgeryResult, register_method
+from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import ArchitectureAdapter, Projection, get_adapter
 from modelsurgery.models.hardware import resolve_dtype
 from modelsurgery.pruning.calibration import (
@@ -282,6 +282,3 @@ def run(
             perplexity_before=before, perplexity_after=after, perplexity_ratio=after / before
         )
     return result
-
-
-register_method("prune", PruneConfig, run)

@@ -47,16 +47,26 @@ def test_hook_methods_declare_their_files() -> None:
 
 def test_a_name_or_an_artifact_registered_twice_is_an_error(monkeypatch) -> None:
     registry.load_builtin_methods()
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    for table in ("_CONFIGS", "_LOADERS", "_METHODS"):
+        monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
     reft_method = registry.get_method("reft")
     with pytest.raises(ValueError, match="'reft' is already registered"):
-        registry.register_method("reft", ReftConfig, reft_method.run)
-    with pytest.raises(ValueError, match="belong to 'reft'"):
-        registry.register_method("reft2", ReftConfig, reft_method.run, reft_method.attachment)
-    with pytest.raises(ValueError, match="at least one artifact"):
         registry.register_method(
-            "empty", ReftConfig, reft_method.run, registry.Attachment((), lambda m, a: None)
+            "reft", ReftConfig, lambda: registry.Implementation(reft_method.run)
         )
+    registry.register_method(
+        "reft2",
+        ReftConfig,
+        lambda: registry.Implementation(reft_method.run, reft_method.attachment),
+    )
+    with pytest.raises(ValueError, match="belong to 'reft'"):
+        registry.get_method("reft2")
+    empty = registry.Attachment((), lambda m, a: None)
+    registry.register_method(
+        "empty", ReftConfig, lambda: registry.Implementation(reft_method.run, empty)
+    )
+    with pytest.raises(ValueError, match="at least one artifact"):
+        registry.get_method("empty")
 
 
 def test_versions_carrying_leaf_hooks_are_no_base() -> None:

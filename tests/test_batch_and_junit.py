@@ -14,7 +14,7 @@ from junitparser import Error, Failure, TestSuite
 from modelsurgery.client.batch import over_bases, over_fact_sets, read_facts, request_id
 from modelsurgery.client.junit import ApplyReport, Problem
 from modelsurgery.editing import registry
-from modelsurgery.editing.registry import Method, MethodConfig, load_builtin_methods
+from modelsurgery.editing.registry import MethodConfig, load_builtin_methods
 from modelsurgery.proto.spec import SpecError, parse_spec
 from modelsurgery.v1 import jobs_pb2
 
@@ -28,7 +28,7 @@ class FactsConfig(MethodConfig):
 def facts_method(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in method taking ``facts``, registered for one test only."""
     load_builtin_methods()
-    monkeypatch.setitem(registry._METHODS, "facts_probe", Method("facts_probe", FactsConfig, None))
+    monkeypatch.setitem(registry._CONFIGS, "facts_probe", FactsConfig)
 
 
 MASK = {"base": "a", "operations": [{"method": "mask_heads", "heads": ["0.1"]}]}

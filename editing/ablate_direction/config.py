@@ -6,15 +6,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from modelsurgery.editing.ablate_direction.mean_fill import Fill
-from modelsurgery.editing.ablate_direction.orthogonalize import unsupported_reason
 from modelsurgery.editing.contrast import PairsSource, TextPair
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.evaluation.metrics import PAIRS
-from modelsurgery.models.output_bias import bias_overrides
 
 Dataset = Literal["winogender", "crows-pairs-gender"]
+# What the stream's component along the direction becomes (``mean_fill``).
+Fill = Literal["zero", "mean"]
 # Read depth as a fraction of the layers when ``layer`` is not given: layer 14 of SmolLM2's 30.
 DEFAULT_DEPTH = 0.48
 
@@ -129,6 +128,9 @@ class AblateDirectionConfig(MethodConfig):
         return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
 
     def check_against(self, model_config: Any) -> None:
+        from modelsurgery.editing.ablate_direction.orthogonalize import unsupported_reason
+        from modelsurgery.models.output_bias import bias_overrides
+
         reason = unsupported_reason(model_config)
         if reason is not None:
             raise ValueError(f"method: ablate_direction cannot orthogonalise {reason}")

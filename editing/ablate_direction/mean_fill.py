@@ -24,19 +24,18 @@ of every embedding row, and impossible through OPT's ``project_in``, which has n
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from modelsurgery.editing.ablate_direction.config import Fill
 from modelsurgery.editing.ablate_direction.orthogonalize import (
     Orthogonalised,
     orthogonalise_in_place,
 )
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.output_bias import enable_output_bias
-
-Fill = Literal["zero", "mean"]
 
 
 @torch.no_grad()

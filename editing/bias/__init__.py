@@ -1,16 +1,18 @@
-"""Biased attention heads: per-head scores, the ``mask_biased_heads`` method (registered on
-import) and a score heat map. The pairs and metrics it measures with are the shared
-``editing.stereotypes`` library."""
+"""Biased attention heads as the ``mask_biased_heads`` method (registered on import): per-head
+scores (``editing.bias.scoring``), masking the top heads, and a score heat map
+(``editing.bias.plot``). The pairs and metrics it measures with are the shared
+``editing.stereotypes`` library. The config is torch-free; the rest is imported on first use."""
 
-from modelsurgery.editing.bias.method import MaskBiasedHeadsConfig
-from modelsurgery.editing.bias.plot import plot_head_scores
-from modelsurgery.editing.bias.scoring import HeadMask, HeadScores, score_heads, select_heads
+from modelsurgery.editing.bias.config import MaskBiasedHeadsConfig
+from modelsurgery.editing.registry import Implementation, register_method
 
-__all__ = [
-    "HeadMask",
-    "HeadScores",
-    "MaskBiasedHeadsConfig",
-    "plot_head_scores",
-    "score_heads",
-    "select_heads",
-]
+
+def _implementation() -> Implementation:
+    from modelsurgery.editing.bias.method import run
+
+    return Implementation(run)
+
+
+register_method("mask_biased_heads", MaskBiasedHeadsConfig, _implementation)
+
+__all__ = ["MaskBiasedHeadsConfig"]

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelsurgery.editing.contrast import PairsSource, TextPair
-from modelsurgery.editing.iti.records import QARecord
 from modelsurgery.editing.knowledge.config import check_layer
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
-from modelsurgery.models.output_bias import bias_overrides
 
 # Tuned on the fit-dev part of TruthfulQA dev with SmolLM2-135M-Instruct
 # (benchmarks/iti_truthfulqa.py); the figures are in ItiConfig's docstring.
@@ -19,6 +17,42 @@ DEFAULT_TOP_K = 16
 DEFAULT_ALPHA = 1.0
 
 _SOURCES = ("pairs", "pairs_file", "records", "records_file")
+# The prompt of a question record (``editing.iti.records``: fitting and scoring share it).
+PROMPT = "Q: {question}\nA:"
+
+
+class QARecord(BaseModel):
+    """A question with its true and false answers (a string is one answer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    question: str = Field(min_length=1)
+    true: list[str] = Field(min_length=1)
+    false: list[str] = Field(min_length=1)
+
+    @field_validator(
+        "true",
+        "false",
+        mode="before",
+        json_schema_input_type=str | Annotated[list[str], Field(min_length=1)],
+    )
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("true", "false")
+    @classmethod
+    def _non_empty_answers(cls, value: list[str]) -> list[str]:
+        if any(not answer.strip() for answer in value):
+            raise ValueError("an answer is empty")
+        return value
+
+    def prompt(self) -> str:
+        return PROMPT.format(question=self.question)
+
+    def text(self, answer: str) -> str:
+        """The contrast text of one answer: the prompt with the answer appended."""
+        return f"{self.prompt()} {answer}"
 
 
 class ItiConfig(MethodConfig):
@@ -121,6 +155,8 @@ class ItiConfig(MethodConfig):
         return sorted(self.layers) if self.layers is not None else list(range(num_layers))
 
     def check_against(self, model_config: Any) -> None:
+        from modelsurgery.models.output_bias import bias_overrides
+
         if bias_overrides(model_config, "attn_out") is None:
             raise ValueError(
                 f"method: iti bakes head shifts into the attention output projection's bias, "

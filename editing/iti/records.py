@@ -18,38 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PROMPT = "Q: {question}\nA:"
-
-
-class QARecord(BaseModel):
-    """A question with its true and false answers (a string is one answer)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    question: str = Field(min_length=1)
-    true: list[str] = Field(min_length=1)
-    false: list[str] = Field(min_length=1)
-
-    @field_validator("true", "false", mode="before")
-    @classmethod
-    def _as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("true", "false")
-    @classmethod
-    def _non_empty_answers(cls, value: list[str]) -> list[str]:
-        if any(not answer.strip() for answer in value):
-            raise ValueError("an answer is empty")
-        return value
-
-    def prompt(self) -> str:
-        return PROMPT.format(question=self.question)
-
-    def text(self, answer: str) -> str:
-        """The contrast text of one answer: the prompt with the answer appended."""
-        return f"{self.prompt()} {answer}"
+from modelsurgery.editing.iti.config import QARecord
 
 
 def read_records_jsonl(path: Path) -> list[QARecord]:

@@ -1,23 +1,20 @@
 """Shared pieces of the knowledge editors (ROME, MEMIT): facts, templates, token bookkeeping,
-prefix-cached forward passes, v* optimisation, second-moment statistics, CounterFact metrics."""
+prefix-cached forward passes, v* optimisation, second-moment statistics, CounterFact metrics.
+The facts and config are torch-free (the client validates specs with them); the torch parts
+(``stats``, ``vstar``, ``evaluate`` ...) are imported from their modules when used."""
+
+from modelsurgery.editing.lazy import lazy_exports
 
 from .config import FAMILY_DEFAULTS, FamilyDefaults, KnowledgeEditConfig
-from .evaluate import EditEvaluation, edit_metrics, score_facts
 from .facts import Fact
-from .stats import StatsSettings, second_moments
-from .vstar import VStarParams, VStarResult, optimize_deltas
+
+__getattr__, __dir__ = lazy_exports(__name__, {".stats": ("StatsSettings", "second_moments")})
 
 __all__ = [
     "FAMILY_DEFAULTS",
-    "EditEvaluation",
     "Fact",
     "FamilyDefaults",
     "KnowledgeEditConfig",
     "StatsSettings",
-    "VStarParams",
-    "VStarResult",
-    "edit_metrics",
-    "optimize_deltas",
-    "score_facts",
     "second_moments",
 ]

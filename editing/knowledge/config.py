@@ -9,17 +9,20 @@ see ``benchmarks/counterfact.py`` and the ROME/MEMIT config docstrings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.evaluation.metrics import FACT_METRICS, FACTS
 
+from .easyedit import from_easyedit, is_easyedit
 from .facts import Fact
-from .stats import StatsSettings
 from .templates import DEFAULT_CONTEXT_TEMPLATES
-from .vstar import VStarParams
+
+if TYPE_CHECKING:
+    from .stats import StatsSettings
+    from .vstar import VStarParams
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ def check_layer(field: str, layer: int, num_layers: int) -> None:
 
 class KnowledgeEditConfig(MethodConfig):
     """Fields shared by ``rome`` and ``memit`` (hyperparameters: None = family default).
+    EasyEdit hparams keys (``layers``, ``v_num_grad_steps``, ``clamp_norm_factor``,
+    ``mom2_update_weight`` ...) are accepted too and become these fields (``easyedit``).
 
     facts: CounterFact-style records (see ``Fact``).
     v_steps, v_lr: Adam steps and learning rate of the v* optimisation.
@@ -120,6 +125,15 @@ class KnowledgeEditConfig(MethodConfig):
 
     carries: ClassVar[frozenset[str]] = frozenset({FACTS})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _easyedit_hparams(cls, values: Any) -> Any:
+        """An operation written with EasyEdit's hparams keys becomes our fields."""
+        if not isinstance(values, dict):
+            return values
+        method = values.get("method") or cls.model_fields["method"].default
+        return from_easyedit(method, values) if is_easyedit(method, values) else values
+
     def suite(self) -> dict[str, list[dict[str, Any]]]:
         """The facts, for the job-level evaluation and every later lineage check."""
         return {FACTS: [f.model_dump(mode="json", exclude_none=True) for f in self.facts]}
@@ -144,9 +158,13 @@ class KnowledgeEditConfig(MethodConfig):
         return tuple(self.context_templates or DEFAULT_CONTEXT_TEMPLATES)
 
     def stats_settings(self) -> StatsSettings:
+        from .stats import StatsSettings
+
         return StatsSettings(self.stats_samples, self.stats_window, self.stats_seed)
 
     def vstar_params(self, defaults: FamilyDefaults, clamp: float) -> VStarParams:
+        from .vstar import VStarParams
+
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 

@@ -8,9 +8,8 @@ from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.examples import Example
 from modelsurgery.editing.knowledge.facts import Fact
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
 from modelsurgery.evaluation.metrics import FACTS
-from modelsurgery.models.hardware import DtypeSetting
 
 Objective = Literal["facts", "examples", "text"]
 

@@ -9,19 +9,14 @@ Lineage: a ReFT version is a leaf. Its interventions were trained on the hidden 
 exact weights; a later weight edit changes those states and silently invalidates them, and a
 second ReFT on top would need the first one's hooks live while training. So ``reft`` runs last
 in its job and no job builds on its version: edit the weights first, then run ReFT.
+
+The config is torch-free (registered on import); the rest is imported on first use.
 """
 
 from modelsurgery.editing.examples import Example
-from modelsurgery.editing.reft.artifacts import (
-    CONFIG_ARTIFACT,
-    TENSORS_ARTIFACT,
-    attach_from_folder,
-    attach_interventions,
-)
+from modelsurgery.editing.lazy import lazy_exports
 from modelsurgery.editing.reft.config import ReftConfig
-from modelsurgery.editing.reft.hooks import InterventionHandle
-from modelsurgery.editing.reft.method import run
-from modelsurgery.editing.registry import Attachment, register_method
+from modelsurgery.editing.registry import Attachment, Implementation, register_method
 
 LOADING = (
     "ReFT interventions (`reft/config.json`, `reft/interventions.safetensors`) act on hidden "
@@ -32,15 +27,33 @@ LOADING = (
     "with `modelsurgery.editing.reft.attach_from_folder(model, folder)`."
 )
 
-register_method(
-    "reft",
-    ReftConfig,
-    run,
-    Attachment(
-        artifacts=(CONFIG_ARTIFACT, TENSORS_ARTIFACT),
-        attach=attach_interventions,
-        loading=LOADING,
-    ),
+
+def _implementation() -> Implementation:
+    from modelsurgery.editing.reft.artifacts import (
+        CONFIG_ARTIFACT,
+        TENSORS_ARTIFACT,
+        attach_interventions,
+    )
+    from modelsurgery.editing.reft.method import run
+
+    attachment = Attachment(
+        artifacts=(CONFIG_ARTIFACT, TENSORS_ARTIFACT), attach=attach_interventions, loading=LOADING
+    )
+    return Implementation(run, attachment)
+
+
+register_method("reft", ReftConfig, _implementation)
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".artifacts": (
+            "CONFIG_ARTIFACT",
+            "TENSORS_ARTIFACT",
+            "attach_from_folder",
+            "attach_interventions",
+        ),
+    },
 )
 
 __all__ = [
@@ -48,9 +61,7 @@ __all__ = [
     "LOADING",
     "TENSORS_ARTIFACT",
     "Example",
-    "InterventionHandle",
     "ReftConfig",
     "attach_from_folder",
     "attach_interventions",
-    "run",
 ]

@@ -4,17 +4,13 @@ A baked steer version is plain weights (MLP output biases). A hook-mode one (``b
 ``positions: generated``, families without that bias) stores its vectors as artifacts that
 attach through the registry's seam; it is a leaf: a later weight edit would move the
 activations the vectors were fitted to, so nothing builds on it.
+
+The config is torch-free (registered on import); the rest is imported on first use.
 """
 
-from modelsurgery.editing.registry import Attachment, register_method
-from modelsurgery.editing.steer.artifacts import (
-    CONFIG_ARTIFACT,
-    VECTORS_ARTIFACT,
-    attach_steering,
-)
+from modelsurgery.editing.lazy import lazy_exports
+from modelsurgery.editing.registry import Attachment, Implementation, register_method
 from modelsurgery.editing.steer.config import SteerConfig
-from modelsurgery.editing.steer.method import run
-from modelsurgery.editing.steer.vectors import SteeringVectors
 
 LOADING = (
     "The steering vectors (`steer/config.json`, `steer/vectors.safetensors`) are added to the "
@@ -25,13 +21,29 @@ LOADING = (
     "baked into it."
 )
 
-register_method(
-    "steer",
-    SteerConfig,
-    run,
-    Attachment(
+
+def _implementation() -> Implementation:
+    from modelsurgery.editing.steer.artifacts import (
+        CONFIG_ARTIFACT,
+        VECTORS_ARTIFACT,
+        attach_steering,
+    )
+    from modelsurgery.editing.steer.method import run
+
+    attachment = Attachment(
         artifacts=(CONFIG_ARTIFACT, VECTORS_ARTIFACT), attach=attach_steering, loading=LOADING
-    ),
+    )
+    return Implementation(run, attachment)
+
+
+register_method("steer", SteerConfig, _implementation)
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        ".artifacts": ("CONFIG_ARTIFACT", "VECTORS_ARTIFACT"),
+        ".vectors": ("SteeringVectors",),
+    },
 )
 
 __all__ = [
@@ -40,6 +52,4 @@ __all__ = [
     "VECTORS_ARTIFACT",
     "SteerConfig",
     "SteeringVectors",
-    "attach_steering",
-    "run",
 ]

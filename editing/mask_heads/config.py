@@ -1,10 +1,5 @@
-"""Attention-head masking: zero chosen heads' columns of the attention output projection.
-
-A head's contribution to the residual stream is ``W_o[:, cols(h)] @ z_h``; zeroing those columns
-removes it exactly, for every input, and the result is an ordinary checkpoint (plain weights, no
-hooks). With grouped-query attention the o_proj input is still laid out per *query* head, so a
-single query head can be masked while the KV head it shares stays intact.
-"""
+"""The ``mask_heads`` job config, and the ``"layer.head"`` names and model sizes every
+head-level method validates with."""
 
 from __future__ import annotations
 
@@ -12,18 +7,9 @@ import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, field_validator
 
-from modelsurgery.editing.perplexity import wikitext_perplexity
-from modelsurgery.editing.registry import (
-    PERPLEXITY_FIGURES,
-    MethodConfig,
-    MethodContext,
-    SurgeryResult,
-    register_method,
-)
-from modelsurgery.models.adapters import get_adapter
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 
 _HEAD_RE = re.compile(r"^\s*(\d+)\s*\.\s*(\d+)\s*$")
 
@@ -69,26 +55,6 @@ def check_heads_in_range(
             )
 
 
-@torch.no_grad()
-def mask_heads_in_place(
-    model: torch.nn.Module, heads: Iterable[tuple[int, int]]
-) -> dict[str, torch.Tensor]:
-    """Zero each (layer, head)'s o_proj input columns; return the changed weights by
-    state-dict name (the stored tensor, so Conv1D weights keep their [in, out] layout)."""
-    adapter = get_adapter(model)
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    changed: dict[str, torch.Tensor] = {}
-    for layer, layer_heads in sorted(by_layer.items()):
-        projection = adapter.attn_out(layer)
-        for head in layer_heads:
-            projection.weight[:, adapter.head_columns(head)] = 0
-        name = f"{adapter.attn_out_path(layer)}.weight"
-        changed[name] = projection.module.weight.detach().clone()
-    return changed
-
-
 class MaskHeadsConfig(MethodConfig):
     """Mask attention heads by zeroing their o_proj input columns.
 
@@ -124,25 +90,3 @@ class MaskHeadsConfig(MethodConfig):
 
     def check_against(self, model_config: Any) -> None:
         check_heads_in_range(self.parsed_heads(), model_config)
-
-
-def run(
-    model: torch.nn.Module, tokenizer: Any, config: MaskHeadsConfig, context: MethodContext
-) -> SurgeryResult:
-    metrics: dict[str, float] = {}
-    if config.evaluate_perplexity:
-        context.progress("perplexity before masking")
-        metrics["perplexity_before"] = wikitext_perplexity(model, tokenizer)
-    context.check_cancelled()
-    changed = mask_heads_in_place(model, config.parsed_heads())
-    context.progress(f"masked {len(config.heads)} heads", step=1, total=1)
-    metrics["heads_masked"] = float(len(config.heads))
-    if config.evaluate_perplexity:
-        context.check_cancelled()
-        context.progress("perplexity after masking")
-        metrics["perplexity_after"] = wikitext_perplexity(model, tokenizer)
-        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
-    return SurgeryResult(changed=changed, metrics=metrics)
-
-
-register_method("mask_heads", MaskHeadsConfig, run)
