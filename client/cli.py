@@ -40,6 +40,8 @@ from modelsurgery.client.cli_common import (
     console,
     count_progress,
     emit_json,
+    emit_json_line,
+    id_column,
     out,
     reported_errors,
     to_data,
@@ -385,7 +387,7 @@ def batch(
     if as_json:
         emit_json([vars(r) for r in results])
     else:
-        table = Table("item", "job", "state", "version", "metrics")
+        table = Table("item", id_column("job"), "state", id_column("version"), "metrics")
         for r in results:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())[:4])
             table.add_row(r.label, r.job_id, r.state, r.version_id or "-", shown or r.error[:60])
@@ -409,7 +411,7 @@ def jobs_list(
         if as_json:
             emit_json([_job_summary(j) for j in jobs])
             return
-        table = Table("job", "state", "methods", "version", "error")
+        table = Table(id_column("job"), "state", "methods", id_column("version"), "error")
         for job in jobs:
             methods = ",".join(op.method for op in job.spec.operations)
             table.add_row(job.id, STATE_NAMES[job.state], methods, job.version_id, job.error[:60])
@@ -446,7 +448,7 @@ def jobs_watch(
     with reported_errors(as_json), connect(server, token, tls_ca) as client:
         for event in client.watch(job_id, after_seq=after):
             if as_json:
-                emit_json(event)
+                emit_json_line(event)
             else:
                 _print_event(event)
 

@@ -19,8 +19,9 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
 
-from modelsurgery.client.connection import SERVER_ENV, TOKEN_ENV
+from modelsurgery.client.connection import SERVER_ENV, STATE_PREFIX, TOKEN_ENV
 from modelsurgery.client.errors import JobFailed, ModelSurgeryError, WaitTimeout
 from modelsurgery.client.sdk import Client
 from modelsurgery.proto.export_record import HookedExportWarning
@@ -91,11 +92,32 @@ StoreOption = Annotated[
 ]
 
 
+# Version ids ("v" + 20 hex) and job ids ("job-" + 16 hex): a table column never cuts them.
+ID_WIDTH = 21
+
+
+def id_column(header: str) -> Column:
+    return Column(header, no_wrap=True, min_width=ID_WIDTH)
+
+
+def _short_states(value: Any) -> Any:
+    """Job states spelled as everywhere else in the CLI (``QUEUED``, not ``JOB_STATE_QUEUED``)."""
+    if isinstance(value, dict):
+        return {k: _short_states(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_short_states(v) for v in value]
+    if isinstance(value, str) and value.startswith(STATE_PREFIX):
+        return value.removeprefix(STATE_PREFIX)
+    return value
+
+
 def to_data(value: Any) -> Any:
     """Protobuf messages, pydantic models and dataclasses as plain JSON data."""
     if isinstance(value, Message):
-        return json_format.MessageToDict(
-            value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        return _short_states(
+            json_format.MessageToDict(
+                value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
         )
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
@@ -110,6 +132,12 @@ def to_data(value: Any) -> Any:
 
 def emit_json(value: Any) -> None:
     out.print_json(json.dumps(to_data(value), default=str))
+
+
+def emit_json_line(value: Any) -> None:
+    """One compact JSON object per line (JSON Lines), for streams a reader parses line by line."""
+    sys.stdout.write(json.dumps(to_data(value), default=str, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
 
 
 def fail(message: str, exit_code: int = 1, *, as_json: bool = False, **fields: Any) -> NoReturn:
@@ -148,7 +176,7 @@ def classify(exc: Exception) -> Reported | None:
     if isinstance(exc, (*_store_errors(), FileNotFoundError, ValueError)):
         return Reported(EXIT_INVALID, str(exc.args[0] if exc.args else exc))
     if isinstance(exc, JobFailed):
-        cancelled = exc.state == "JOB_STATE_CANCELLED"
+        cancelled = exc.state.removeprefix(STATE_PREFIX) == "CANCELLED"
         return Reported(EXIT_CANCELLED if cancelled else EXIT_FAILED, str(exc))
     return None
 

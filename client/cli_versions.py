@@ -23,6 +23,7 @@ from modelsurgery.client.cli_common import (
     emit_json,
     export_warnings,
     fail,
+    id_column,
     local_store,
     out,
     reported_errors,
@@ -48,7 +49,7 @@ def backend(
 
 
 def _version_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("version", "parent", "base", "methods", "created")
+    table = Table(id_column("version"), id_column("parent"), "base", "methods", "created")
     for row in rows:
         table.add_row(
             row["id"],

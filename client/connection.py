@@ -58,7 +58,8 @@ SERVICE_CONFIG = json.dumps(
 TERMINAL_STATES = frozenset(
     {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 )
-STATE_NAMES = {value: name.removeprefix("JOB_STATE_") for name, value in jobs_pb2.JobState.items()}
+STATE_PREFIX = "JOB_STATE_"
+STATE_NAMES = {value: name.removeprefix(STATE_PREFIX) for name, value in jobs_pb2.JobState.items()}
 UNSET: Any = ...
 
 

@@ -107,3 +107,41 @@ def test_artifact_and_heads_plot(env: dict[str, Path]) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = CliRunner().invoke(app, ["heads", "plot", base, "--json"])
     assert missing.exit_code == 2 and "head_scores.json" in json.loads(missing.stdout)["error"]
+
+
+def test_ids_are_never_cut_in_an_80_column_table(
+    env: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = run("import", str(env["model"]))["id"]
+    store = CheckpointStore(env["store"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    operations = [{"method": "rome"}, {"method": "mask_heads"}, {"method": "prune"}]
+    child = store.commit(base, {name: store.tensor(base, name) * 2}, operations=operations).id
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(app, ["versions", "list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert base in result.stdout and child in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_json_states_use_the_cli_spelling() -> None:
+    from modelsurgery.client.cli_common import to_data
+    from modelsurgery.v1 import jobs_pb2
+
+    job = jobs_pb2.Job(id="job-1", state=jobs_pb2.JOB_STATE_QUEUED)
+    assert to_data(job)["state"] == "QUEUED"
+
+
+def test_watch_json_is_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from google.protobuf import struct_pb2
+
+    from modelsurgery.client.cli_common import emit_json_line
+    from modelsurgery.v1 import jobs_pb2
+
+    fields = struct_pb2.Struct()
+    fields.update({"step": 3, "loss": 0.5, "nested": {"a": [1, 2]}})
+    for seq in (1, 2):
+        emit_json_line(jobs_pb2.JobEvent(seq=seq, message="training", fields=fields))
+    lines = capsys.readouterr().out.splitlines()
+    events = [json.loads(line) for line in lines]
+    assert len(events) == 2 and events[1]["fields"]["nested"] == {"a": [1, 2]}
