@@ -28,6 +28,7 @@ from modelsurgery.client.connection import (
     submit_request,
 )
 from modelsurgery.client.errors import JobFailed, from_rpc_error
+from modelsurgery.proto.export_record import warn_if_hooked
 from modelsurgery.proto.spec import JobSpec
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -215,28 +216,56 @@ class AsyncClient:
         return list(response.completions)
 
     async def download(
-        self, ref: str, folder: str | Path, *, chunk_size: int = 1 << 20, max_retries: int = 5
+        self,
+        ref: str,
+        folder: str | Path,
+        *,
+        chunk_size: int = 0,
+        streams: int = 4,
+        max_retries: int = 5,
     ) -> Path:
-        """As ``Client.download``, hooked-version warning included."""
-        from modelsurgery.checkpoints.model_card import warn_if_hooked
+        """As ``Client.download`` (ranges on ``streams`` concurrent streams, every byte
+        checked), hooked-version warning included."""
+        from modelsurgery.client import download as ranged
 
-        writer = DownloadWriter(Path(folder))
+        call = self._channel.unary_stream(
+            ranged.METHOD, request_serializer=ranged.encode, response_deserializer=ranged.decode
+        )
+        metadata = self.settings.metadata()
+        settings = {"chunk_size": chunk_size, "max_retries": max_retries}
+        with ranged.Transfer(Path(folder), ref, streams=streams, **settings) as transfer:
+            listing = await ranged.fetch_listing_async(call, transfer, metadata)
+            if listing is None:
+                path = await self._download_stream(call, ref, Path(folder), **settings)
+            else:
+                await asyncio.to_thread(transfer.start, listing)
+                await ranged.fetch_segments_async(call, transfer, metadata)
+                path = transfer.verify()
+        warn_if_hooked(path)
+        return path
+
+    async def _download_stream(
+        self,
+        call: grpc.aio.UnaryStreamMultiCallable,
+        ref: str,
+        folder: Path,
+        *,
+        chunk_size: int,
+        max_retries: int,
+    ) -> Path:
+        """The whole folder on one stream, from a server without ranges."""
+        writer = DownloadWriter(folder)
         writer.folder.mkdir(parents=True, exist_ok=True)
         retries = 0
         while True:
-            stream = self._checkpoints.DownloadVersion(
-                writer.request(ref, chunk_size), metadata=self.settings.metadata()
-            )
+            stream = call(writer.request(ref, chunk_size), metadata=self.settings.metadata())
             try:
                 async for message in stream:
                     writer.write(message)
-                path = writer.verify()
+                return writer.verify()
             except grpc.RpcError as error:
                 writer.interrupted()
                 if error.code() not in RECONNECT_CODES or retries >= max_retries:
                     raise from_rpc_error(error) from None
                 retries += 1
                 await asyncio.sleep(0.5 * retries)
-            else:
-                warn_if_hooked(path)
-                return path

@@ -115,6 +115,14 @@ def serve(
         typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster instead of embedding one."),
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray.")] = None,
+    worker_cpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPUs each worker asks Ray for (default: the cluster's CPUs shared among "
+            "the workers, at most what the smallest node has).",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Worker actors (jobs run in parallel).")] = 1,
     max_attempts: Annotated[int, typer.Option(help="Attempts per job if a worker dies.")] = 2,
     max_queued: Annotated[int, typer.Option(help="Queued+running jobs per caller.")] = 100,
@@ -143,6 +151,7 @@ def serve(
         data_roots=tuple(data_root or ()),
         ray_address=ray_address,
         num_cpus=num_cpus,
+        worker_cpus=worker_cpus,
         workers=workers,
         max_attempts=max_attempts,
         max_queued_per_caller=max_queued,

@@ -31,6 +31,7 @@ from modelsurgery.client.connection import (
     submit_request,
 )
 from modelsurgery.client.errors import JobFailed, NotFound, from_rpc_error
+from modelsurgery.proto.export_record import warn_if_hooked
 from modelsurgery.proto.spec import JobSpec
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -251,35 +252,61 @@ class Client:
         ref: str,
         folder: str | Path,
         *,
-        chunk_size: int = 1 << 20,
+        chunk_size: int = 0,
+        streams: int = 4,
         max_retries: int = 5,
         progress: Callable[[int], None] | None = None,
     ) -> Path:
-        """Download an exported version into ``folder`` (resuming after disconnects) and check
-        every file's sha256. The folder loads with ``AutoModelForCausalLM.from_pretrained``;
-        a version whose edit lives in hooks warns (HookedExportWarning) that it then loads as
+        """Download an exported version into ``folder``, checking every byte against the
+        listing's sha256s: ranges of the files on ``streams`` concurrent streams, each resumed
+        at its first unchecked piece after a disconnect. ``chunk_size`` 0 lets the server
+        choose; ``progress`` gets the size of each chunk written, one call at a time, from the
+        download threads. The folder loads with ``AutoModelForCausalLM.from_pretrained``; a
+        version whose edit lives in hooks warns (HookedExportWarning) that it then loads as
         the unedited base (``modelsurgery.models.load(folder)`` attaches them)."""
-        from modelsurgery.checkpoints.model_card import warn_if_hooked
+        from modelsurgery.client import download as ranged
 
-        writer = DownloadWriter(Path(folder))
+        call = self._channel.unary_stream(
+            ranged.METHOD, request_serializer=ranged.encode, response_deserializer=ranged.decode
+        )
+        metadata = self.settings.metadata()
+        settings = {"chunk_size": chunk_size, "max_retries": max_retries, "progress": progress}
+        with ranged.Transfer(Path(folder), ref, streams=streams, **settings) as transfer:
+            listing = ranged.fetch_listing(call, transfer, metadata)
+            if listing is None:
+                path = self._download_stream(call, ref, Path(folder), **settings)
+            else:
+                transfer.start(listing)
+                ranged.fetch_segments(call, transfer, metadata)
+                path = transfer.verify()
+        warn_if_hooked(path)
+        return path
+
+    def _download_stream(
+        self,
+        call: grpc.UnaryStreamMultiCallable,
+        ref: str,
+        folder: Path,
+        *,
+        chunk_size: int,
+        max_retries: int,
+        progress: Callable[[int], None] | None,
+    ) -> Path:
+        """The whole folder on one stream, from a server without ranges."""
+        writer = DownloadWriter(folder)
         writer.folder.mkdir(parents=True, exist_ok=True)
         retries = 0
         while True:
-            stream = self._checkpoints.DownloadVersion(
-                writer.request(ref, chunk_size), metadata=self.settings.metadata()
-            )
+            stream = call(writer.request(ref, chunk_size), metadata=self.settings.metadata())
             try:
                 for message in stream:
                     writer.write(message)
                     if progress is not None and message.data:
                         progress(len(message.data))
-                path = writer.verify()
+                return writer.verify()
             except grpc.RpcError as error:
                 writer.interrupted()
                 if error.code() not in RECONNECT_CODES or retries >= max_retries:
                     raise from_rpc_error(error) from None
                 retries += 1
                 time.sleep(0.5 * retries)
-            else:
-                warn_if_hooked(path)
-                return path

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from modelsurgery.checkpoints import CheckpointStore, default_root
 from modelsurgery.server.auth import BearerTokenInterceptor, load_tokens
@@ -21,8 +20,9 @@ from modelsurgery.server.engine import EngineSettings, JobEngine
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.job_service import JobService
 from modelsurgery.server.job_table import JobTable
-from modelsurgery.server.logs import configure_logging
+from modelsurgery.server.logs import configure_logging, relay_output
 from modelsurgery.server.metrics import ServerMetrics
+from modelsurgery.server.reflection import enable_server_reflection
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger("modelsurgery.server")
@@ -43,12 +43,16 @@ class ServerSettings:
     data_roots: tuple[Path, ...] = ()
     ray_address: str | None = None
     num_cpus: int | None = None
+    worker_cpus: int | None = None
     workers: int = 1
     max_attempts: int = 2
     max_queued_per_caller: int = 100
     max_request_bytes: int = MAX_MESSAGE_BYTES
     max_cache_bytes: int = 8 << 30
     metrics_port: int | None = None
+    # On stop, health reads NOT_SERVING this long before the port closes, so that a balancer
+    # polling Check stops sending calls; Watch streams are told at once.
+    drain_seconds: float = 0.0
 
     @property
     def home(self) -> Path:
@@ -64,6 +68,8 @@ class ModelSurgeryServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self.metrics: ServerMetrics | None = None
         self.table: JobTable | None = None
         self.engine: JobEngine | None = None
 
@@ -92,7 +98,7 @@ class ModelSurgeryServer:
             log.warning("no bearer tokens configured: serving loopback only, unauthenticated")
         store = CheckpointStore(s.store_root)
         self.table = JobTable(s.home / "jobs.sqlite3")
-        metrics = ServerMetrics()
+        self.metrics = metrics = ServerMetrics(self.table)
         worker = WorkerSettings(
             store_root=s.store_root,
             cache_dir=s.home / "cache",
@@ -106,12 +112,15 @@ class ModelSurgeryServer:
                 worker=worker,
                 ray_address=s.ray_address,
                 num_cpus=s.num_cpus,
+                worker_cpus=s.worker_cpus,
                 workers=s.workers,
                 max_attempts=s.max_attempts,
             ),
             metrics,
         )
-        interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [metrics.grpc_interceptor()]
+        if tokens:
+            interceptors.append(BearerTokenInterceptor(tokens))
         options = [
             ("grpc.max_receive_message_length", s.max_request_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -131,15 +140,14 @@ class ModelSurgeryServer:
         checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointService(store, self.engine, exports, model_roots=s.model_roots), server
         )
-        health_servicer = health.aio.HealthServicer()
+        self._health = health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = (
             jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
             checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name,
             health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(services, server)
+        enable_server_reflection(services, server)
         address = f"{s.host}:{s.port}"
         credentials = self._credentials()
         if credentials is None:
@@ -166,10 +174,17 @@ class ModelSurgeryServer:
         return self.port
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Drain: every service's health turns NOT_SERVING, then calls in flight get ``grace``
+        seconds to finish while new ones are refused."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+            await asyncio.sleep(self.settings.drain_seconds)
         if self._server is not None:
             await self._server.stop(grace)
         if self.engine is not None:
             await self.engine.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.table is not None:
             self.table.close()
 
@@ -198,5 +213,12 @@ async def serve_forever(settings: ServerSettings, ready_file: Path | None = None
 
 
 def run(settings: ServerSettings, ready_file: Path | None = None, json_logs: bool = True) -> None:
-    configure_logging(json_logs)
-    asyncio.run(serve_forever(settings, ready_file))
+    """Serve until a signal; with ``json_logs`` every line on stdout/stderr is a JSON object,
+    native output included (see ``logs.relay_output``)."""
+    with relay_output() if json_logs else contextlib.nullcontext():
+        configure_logging(json_logs)
+        try:
+            asyncio.run(serve_forever(settings, ready_file))
+        except Exception:
+            log.critical("server stopped by an error", exc_info=True)
+            raise SystemExit(1) from None

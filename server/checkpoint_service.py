@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import math
-import shutil
-import threading
-import uuid
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,52 +26,50 @@ from modelsurgery.models.stored import stored_artifact_names
 from modelsurgery.server.convert import PAGE_TOKEN, version_to_proto
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
+from modelsurgery.server.exports import ExportCache
 from modelsurgery.server.generation import EmptyPromptError
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 
-DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 3 << 20
+DEFAULT_CHUNK = MAX_CHUNK
 MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 512
 MAX_SUITE_BYTES = 3 << 20
 
 
-class ExportCache:
-    """Exported folders of immutable versions, built once (temp folder + rename) and reused."""
+async def read_ahead(
+    path: Path, begin: int, end: int, chunk: int
+) -> AsyncIterator[tuple[int, bytes]]:
+    """``(offset, bytes)`` of ``path`` from ``begin`` to ``end`` in chunks of ``chunk`` bytes;
+    each read runs in a thread while the chunk before it is being sent."""
+    loop = asyncio.get_running_loop()
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
 
-    def __init__(self, root: Path, store: CheckpointStore) -> None:
-        self.root = root
-        self.store = store
-        self._lock = threading.Lock()
+    def read(offset: int) -> asyncio.Future[bytes] | None:
+        if offset >= end:
+            return None
+        return loop.run_in_executor(None, os.pread, fd, min(chunk, end - offset), offset)
 
-    def folder(self, version_id: str) -> Path:
-        target = self.root / version_id
-        with self._lock:
-            if not target.exists():
-                partial = self.root / f".partial-{version_id}-{uuid.uuid4().hex[:8]}"
-                try:
-                    self.store.export(version_id, partial)
-                    partial.rename(target)
-                finally:
-                    shutil.rmtree(partial, ignore_errors=True)
-        return target
+    def close(future: asyncio.Future[bytes] | None = None) -> None:
+        if future is not None:
+            future.exception()  # retrieved, so an abandoned read logs nothing
+        os.close(fd)
 
-    @staticmethod
-    def listing(folder: Path) -> list[checkpoints_pb2.ExportedFile]:
-        files = []
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda h=handle: h.read(1 << 22), b""):
-                    digest.update(block)
-            files.append(
-                checkpoints_pb2.ExportedFile(
-                    path=path.relative_to(folder).as_posix(),
-                    size=path.stat().st_size,
-                    sha256=digest.hexdigest(),
-                )
-            )
-        return files
+    offset, pending = begin, read(begin)
+    try:
+        while pending is not None:
+            # Shielded: a cancelled stream leaves the read to finish, then closes the file.
+            data = await asyncio.shield(pending)
+            if not data:
+                raise OSError(f"{path.name} ended {end - offset} bytes early")
+            pending = read(offset + len(data))
+            yield offset, data
+            offset += len(data)
+    finally:
+        if pending is None:
+            close()
+        else:
+            pending.add_done_callback(close)
 
 
 class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
@@ -89,7 +85,6 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         self.engine = engine
         self.exports = exports
         self.model_roots = model_roots
-        self._listings: dict[str, list[checkpoints_pb2.ExportedFile]] = {}
 
     async def _manifest(
         self, ref: str, context: grpc.aio.ServicerContext, field: str = "ref"
@@ -207,12 +202,12 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
                 f"must be between 1 and {MAX_CHUNK} bytes",
                 "chunk_size",
             )
-        if request.offset < 0:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "must be >= 0", "offset")
-        folder = await asyncio.to_thread(self.exports.folder, manifest.id)
-        if manifest.id not in self._listings:
-            self._listings[manifest.id] = await asyncio.to_thread(self.exports.listing, folder)
-        files = self._listings[manifest.id]
+        for name in ("offset", "length"):
+            if getattr(request, name) < 0:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "must be >= 0", name)
+        files = self.exports.cached(manifest.id)
+        if files is None:
+            files = await asyncio.to_thread(self.exports.listing, manifest.id)
         paths = [f.path for f in files]
         start = 0
         if request.start_path:
@@ -226,18 +221,31 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             start = paths.index(request.start_path)
             if request.offset > files[start].size:
                 await abort(context, grpc.StatusCode.OUT_OF_RANGE, "past end of file", "offset")
-        elif request.offset:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "needs start_path", "offset")
-        yield checkpoints_pb2.DownloadVersionResponse(files=files)
-        for index in range(start, len(files)):
-            offset = request.offset if index == start else 0
-            with (folder / files[index].path).open("rb") as handle:
-                handle.seek(offset)
-                while data := await asyncio.to_thread(handle.read, chunk):
+            if request.offset + request.length > files[start].size:
+                await abort(context, grpc.StatusCode.OUT_OF_RANGE, "past end of file", "length")
+        elif request.offset or request.length:
+            field = "offset" if request.offset else "length"
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "needs start_path", field)
+        yield checkpoints_pb2.DownloadVersionResponse(files=files, version_id=manifest.id)
+        if request.files_only:
+            return
+        first = files[start]
+        if request.length:
+            ranges = [(first, request.offset, request.offset + request.length)]
+        else:
+            ranges = [
+                (first, request.offset, first.size),
+                *((f, 0, f.size) for f in files[start + 1 :]),
+            ]
+        folder = self.exports.root / manifest.id
+        for entry, begin, end in ranges:
+            async with contextlib.aclosing(
+                read_ahead(folder / entry.path, begin, end, chunk)
+            ) as chunks:
+                async for offset, data in chunks:
                     yield checkpoints_pb2.DownloadVersionResponse(
-                        path=files[index].path, offset=offset, data=data
+                        path=entry.path, offset=offset, data=data
                     )
-                    offset += len(data)
 
     async def GetArtifact(
         self, request: checkpoints_pb2.GetArtifactRequest, context: grpc.aio.ServicerContext

@@ -3,6 +3,9 @@
 Embedded Ray by default (``ray.init(address="local", num_cpus=...)`` in the server process,
 dashboard off: a fresh cluster of its own even when ``ray start`` left one on the machine), or an
 existing cluster only when ``ray_address`` names one (``--ray-address`` / ``RAY_ADDRESS``).
+Each worker asks for CPUs one node can give (``worker_cpus``, by default what the smallest node
+has, or less so that all workers fit), workers spread over the nodes, and what they print
+reaches the server's log (``log_to_driver``).
 A job whose worker dies is retried while attempts remain, else failed with the reason; it is
 never left RUNNING.
 """
@@ -23,6 +26,7 @@ from ray.exceptions import RayActorError, WorkerCrashedError
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.metrics import ServerMetrics
+from modelsurgery.server.shared_data import report_missing_data
 from modelsurgery.server.worker import SurgeryWorker
 
 GCS_PORT_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
@@ -39,6 +43,23 @@ class EngineSettings:
     workers: int = 1
     max_attempts: int = 2
     gpus_per_worker: float = 1.0
+    # CPUs each worker asks Ray for (and its torch threads); None: worker_cpus(...) below.
+    worker_cpus: int | None = None
+
+
+def node_cpus() -> list[int]:
+    """CPUs of each alive Ray node that has any (a head started with --num-cpus=0 has none)."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return [c for c in cpus if c > 0]
+
+
+def worker_cpus(nodes: list[int], workers: int) -> int:
+    """CPUs per worker when not given: the cluster's CPUs shared among the workers, but never
+    more than the smallest node has, since an actor's CPUs come from one node (asking for the
+    whole cluster's leaves it pending for ever on two or more nodes)."""
+    if not nodes:
+        return 1
+    return max(1, min(min(nodes), sum(nodes) // max(1, workers)))
 
 
 class JobEngine:
@@ -61,7 +82,7 @@ class JobEngine:
         if ray.is_initialized():
             return
         if self.settings.ray_address:
-            ray.init(address=self.settings.ray_address, log_to_driver=False)
+            ray.init(address=self.settings.ray_address, log_to_driver=True)
         else:
             # Ray waits 30 s for its GCS to publish a port; a loaded CI machine (two cores, a
             # server just stopped beside it) has taken longer. The operator's value wins.
@@ -70,7 +91,7 @@ class JobEngine:
                 address="local",
                 num_cpus=self.settings.num_cpus,
                 include_dashboard=False,
-                log_to_driver=False,
+                log_to_driver=True,
                 configure_logging=False,
             )
 
@@ -78,10 +99,17 @@ class JobEngine:
         await asyncio.to_thread(self.start_ray)
         resources = ray.cluster_resources()
         use_gpu = resources.get("GPU", 0) >= self.settings.gpus_per_worker
-        cpus = max(1, int(resources.get("CPU", 1)) // max(1, self.settings.workers))
+        nodes = node_cpus()
+        cpus = self.settings.worker_cpus or worker_cpus(nodes, self.settings.workers)
+        if nodes and cpus > max(nodes):
+            log.warning(
+                "no Ray node has the CPUs a worker asks for: workers stay pending",
+                extra={"cpus_per_worker": cpus, "largest_node_cpus": max(nodes)},
+            )
         actor_class = ray.remote(SurgeryWorker).options(
             num_cpus=cpus,
             num_gpus=self.settings.gpus_per_worker if use_gpu else 0,
+            scheduling_strategy="SPREAD",
             max_concurrency=8,
             max_restarts=-1,
             max_task_retries=0,
@@ -92,8 +120,14 @@ class JobEngine:
             self._idle.put_nowait(actor)
         log.info(
             "job engine started",
-            extra={"workers": self.settings.workers, "cpus_per_worker": cpus, "gpu": use_gpu},
+            extra={
+                "workers": self.settings.workers,
+                "cpus_per_worker": cpus,
+                "gpu": use_gpu,
+                "nodes": len(nodes),
+            },
         )
+        report_missing_data()
         for job in self.table.recover_after_restart(self.settings.max_attempts):
             log.warning("recovered job after restart", extra={"job_id": job.id, "state": job.state})
         self._loop_task = asyncio.create_task(self._dispatch_loop())

@@ -359,6 +359,21 @@ class JobTable:
             for r in rows
         ]
 
+    def event_counts_after(self, rowid: int) -> tuple[dict[tuple[str, str], int], int]:
+        """Counts of the events stored after ``rowid`` by (kind, state), and the last rowid.
+
+        Events are append-only, so a reader keeps running totals by asking only for new rows
+        (a range of the rowid b-tree) instead of counting the whole table on every call.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, state, COUNT(*), MAX(rowid) FROM events WHERE rowid > ?"
+                " GROUP BY kind, state",
+                (rowid,),
+            ).fetchall()
+        counts = {(kind, state): n for kind, state, n, _ in rows}
+        return counts, max((last for *_, last in rows), default=rowid)
+
     def recover_after_restart(self, max_attempts: int) -> list[JobRecord]:
         """Jobs left RUNNING by a dead server: re-queue them, or fail them once out of attempts."""
         recovered = []

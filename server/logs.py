@@ -1,42 +1,151 @@
-"""Structured logs: one JSON object per line, with the record's extra fields."""
+"""Structured logs: one JSON object per line on stderr, whatever wrote the line.
+
+Python logging from every library (modelsurgery, ray, grpc, warnings) goes through one root
+handler with python-json-logger's formatter. Native code writes to file descriptors 1 and 2
+directly: gRPC's C core (absl format), Ray's C++ core (spdlog format). ``relay_output`` points
+both descriptors at a pipe read by a small relay process that passes JSON lines through and
+turns every other line into a JSON record. A separate process, not a thread, so that what a
+crashing server wrote last (a fatal check in native code) still reaches the log.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
+import signal
+import subprocess
 import sys
-import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+from pythonjsonlogger.json import JsonFormatter as LibraryJsonFormatter
+
+# Loggers that configure themselves on import (a handler of their own, propagate off).
+THIRD_PARTY = ("ray", "grpc")
+NATIVE_LOGGER = {"absl": "grpc.core", "ray": "ray.core"}
+_ABSL = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]\s]+)\] ?(.*)$")
+_SPDLOG = re.compile(r"^\[[\d\- :,]+ ([DIWEC]) \d+ \d+\] ([^\s:]+:\d+): ?(.*)$")
+_LEVELS = {
+    "D": logging.DEBUG,
+    "I": logging.INFO,
+    "W": logging.WARNING,
+    "E": logging.ERROR,
+    "F": logging.CRITICAL,
+    "C": logging.CRITICAL,
+}
+RELAY_WAIT_S = 10
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        payload = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        payload.update(
-            {
-                k: v
-                for k, v in record.__dict__.items()
-                if k not in _STANDARD and not k.startswith("_")
-            }
-        )
-        if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+class JsonFormatter(LibraryJsonFormatter):
+    """``time`` (UTC, ms), ``level``, ``logger``, ``message``, then the record's extra fields;
+    ``exception`` holds a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("{message}", style="{", rename_fields={"exc_info": "exception"})
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        created = datetime.fromtimestamp(record.created, UTC)
+        log_data["time"] = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        log_data["level"] = record.levelname.lower()
+        log_data["logger"] = record.name
+        super().add_fields(log_data, record, message_dict)
 
 
 def configure_logging(json_logs: bool = True, level: int = logging.INFO) -> None:
+    """One stderr handler on the root logger; ray's and grpc's loggers propagate to it."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s %(message)s")
     )
-    root = logging.getLogger("modelsurgery")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    ours = logging.getLogger("modelsurgery")
+    ours.handlers.clear()
+    ours.setLevel(level)
+    ours.propagate = True
+    for name in THIRD_PARTY:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.captureWarnings(True)
+
+
+def native_record(line: str) -> tuple[str, int, str, dict[str, str]]:
+    """(logger, level, message, extra) for a line that native code wrote to stdout/stderr."""
+    for kind, pattern in (("absl", _ABSL), ("ray", _SPDLOG)):
+        match = pattern.match(line)
+        if match:
+            code, source, message = match.groups()
+            return NATIVE_LOGGER[kind], _LEVELS[code], message, {"source": source}
+    return "stdio", logging.WARNING, line, {}
+
+
+def native_threshold(environ: Mapping[str, str]) -> int:
+    """gRPC's C core logs INFO until absl is initialised, whatever GRPC_VERBOSITY says later in
+    the process; those lines are dropped unless GRPC_VERBOSITY or GRPC_TRACE asks for them."""
+    verbose = environ.get("GRPC_VERBOSITY") or environ.get("GRPC_TRACE")
+    return logging.DEBUG if verbose else logging.WARNING
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _relay() -> None:
+    """Relay process: stdin lines to JSON lines on stderr, until every writer has closed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(json_logs=True)
+    logging.getLogger("grpc.core").setLevel(native_threshold(os.environ))
+    out = sys.stderr
+    for raw in sys.stdin.buffer:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line.strip():
+            continue
+        if _is_json_object(line):
+            out.write(line + "\n")
+            out.flush()
+            continue
+        name, level, message, extra = native_record(line)
+        logging.getLogger(name).log(level, message, extra=extra)
+
+
+@contextlib.contextmanager
+def relay_output() -> Iterator[None]:
+    """While open, file descriptors 1 and 2 of this process feed the JSON relay."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "modelsurgery.server.logs"],
+        stdin=subprocess.PIPE,
+        stdout=sys.stderr.fileno(),
+    )
+    assert relay.stdin is not None
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        for fd in saved:
+            os.dup2(relay.stdin.fileno(), fd)
+        relay.stdin.close()
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, original in saved.items():
+            os.dup2(original, fd)
+            os.close(original)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            relay.wait(timeout=RELAY_WAIT_S)
+
+
+if __name__ == "__main__":
+    _relay()

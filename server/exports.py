@@ -1,0 +1,169 @@
+"""Exported folders of immutable versions, as DownloadVersion serves them.
+
+A folder is built once (temp folder + rename) and reused. The sha256 of every file, and of every
+``PIECE_SIZE`` piece of it, is computed when the folder is built, in the building thread (never
+on the event loop), and kept in ``<version id>.files.json`` beside the folder, so a download
+starts streaming at once and a restarted server does not hash the folder again. Piece digests
+let a client fetch ranges of a file in parallel and check each as it completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.v1 import checkpoints_pb2
+
+PIECE_SIZE = 16 << 20
+LISTING_SUFFIX = ".files.json"
+_HASH_BLOCK = 4 << 20
+
+
+def sha256_range(path: Path, offset: int, length: int) -> str:
+    """sha256 of ``length`` bytes of ``path`` from ``offset``, read into one reused buffer."""
+    digest = hashlib.sha256()
+    view = memoryview(bytearray(max(1, min(_HASH_BLOCK, length))))
+    with path.open("rb", buffering=0) as handle:
+        handle.seek(offset)
+        while length:
+            count = handle.readinto(view[: min(len(view), length)])
+            if not count:
+                raise OSError(f"{path.name} is shorter than expected")
+            digest.update(view[:count])
+            length -= count
+    return digest.hexdigest()
+
+
+def digest_files(folder: Path, piece_size: int = PIECE_SIZE) -> list[checkpoints_pb2.ExportedFile]:
+    """The listing of ``folder``: path, size, sha256 and piece digests of every file, hashed on
+    a thread pool (hashlib releases the GIL): each file's whole digest is one task, each of its
+    pieces another, so a large file is hashed twice but not in twice the time."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1) + 1) as pool:
+        tasks: list[tuple[Path, int, Future[str], list[Future[str]]]] = []
+        for path in paths:
+            size = path.stat().st_size
+            whole = pool.submit(sha256_range, path, 0, size)
+            pieces = (
+                [
+                    pool.submit(sha256_range, path, start, min(piece_size, size - start))
+                    for start in range(0, size, piece_size)
+                ]
+                if size > piece_size
+                else []
+            )
+            tasks.append((path, size, whole, pieces))
+        listing = []
+        for path, size, whole, pieces in tasks:
+            digest = whole.result()
+            listing.append(
+                checkpoints_pb2.ExportedFile(
+                    path=path.relative_to(folder).as_posix(),
+                    size=size,
+                    sha256=digest,
+                    piece_size=piece_size,
+                    piece_sha256=[p.result() for p in pieces] or ([digest] if size else []),
+                )
+            )
+    return listing
+
+
+def _to_json(files: list[checkpoints_pb2.ExportedFile]) -> str:
+    return json.dumps(
+        [
+            {
+                "path": f.path,
+                "size": f.size,
+                "sha256": f.sha256,
+                "piece_size": f.piece_size,
+                "piece_sha256": list(f.piece_sha256),
+            }
+            for f in files
+        ]
+    )
+
+
+class ExportCache:
+    """Exported folders and their listings, each built once; safe to call from threads."""
+
+    def __init__(self, root: Path, store: CheckpointStore, piece_size: int = PIECE_SIZE) -> None:
+        self.root = root
+        self.store = store
+        self.piece_size = piece_size
+        self._lock = threading.Lock()
+        self._listings: dict[str, list[checkpoints_pb2.ExportedFile]] = {}
+
+    def folder(self, version_id: str) -> Path:
+        self.listing(version_id)
+        return self.root / version_id
+
+    def cached(self, version_id: str) -> list[checkpoints_pb2.ExportedFile] | None:
+        """The listing if this process has it and the folder is still there (no hashing)."""
+        files = self._listings.get(version_id)
+        return files if files is not None and (self.root / version_id).is_dir() else None
+
+    def listing(self, version_id: str) -> list[checkpoints_pb2.ExportedFile]:
+        """The folder's listing, building the folder and its digests the first time (this
+        blocks: call it in a thread)."""
+        with self._lock:
+            files = self.cached(version_id)
+            if files is None:
+                files = self._load_or_build(version_id)
+                self._listings[version_id] = files
+            return files
+
+    def _load_or_build(self, version_id: str) -> list[checkpoints_pb2.ExportedFile]:
+        target = self.root / version_id
+        if target.is_dir():
+            files = self._read_listing(version_id)
+            if files is None:
+                files = digest_files(target, self.piece_size)
+                self._write_listing(version_id, files)
+            return files
+        partial = self.root / f".partial-{version_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.store.export(version_id, partial)
+            files = digest_files(partial, self.piece_size)
+            # Listing first, folder rename last: a folder that exists has its listing (a crash
+            # in between leaves a listing without a folder, rebuilt with it next time).
+            self._write_listing(version_id, files)
+            partial.rename(target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return files
+
+    def _listing_path(self, version_id: str) -> Path:
+        return self.root / f"{version_id}{LISTING_SUFFIX}"
+
+    def _write_listing(self, version_id: str, files: list[checkpoints_pb2.ExportedFile]) -> None:
+        path = self._listing_path(version_id)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        partial.write_text(_to_json(files), encoding="utf-8")
+        partial.replace(path)
+
+    def _read_listing(self, version_id: str) -> list[checkpoints_pb2.ExportedFile] | None:
+        """The stored listing if it still describes the folder's files and sizes (a folder of
+        an older server, or one changed by hand, is hashed again)."""
+        try:
+            records = json.loads(self._listing_path(version_id).read_text(encoding="utf-8"))
+            files = [checkpoints_pb2.ExportedFile(**record) for record in records]
+        except (OSError, ValueError, TypeError):
+            return None
+        folder = self.root / version_id
+        on_disk = {
+            p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in folder.rglob("*")
+            if p.is_file()
+        }
+        if on_disk != {f.path: f.size for f in files} or any(
+            f.piece_size != self.piece_size for f in files
+        ):
+            return None
+        return files
