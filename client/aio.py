@@ -16,6 +16,7 @@ import grpc
 
 from modelsurgery.client.connection import (
     RECONNECT_CODES,
+    STATE_NAMES,
     UNSET,
     WATCH_SEGMENT_S,
     ConnectionSettings,
@@ -144,7 +145,7 @@ class AsyncClient:
                 progress(event)
         job = await self._reach(deadline)
         if raise_on_failure and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-            raise JobFailed(job, jobs_pb2.JobState.Name(job.state), job.error)
+            raise JobFailed(job, STATE_NAMES[job.state], job.error)
         return job
 
     async def get_version(self, ref: str) -> checkpoints_pb2.GetVersionResponse:

@@ -18,6 +18,7 @@ import grpc
 
 from modelsurgery.client.connection import (
     RECONNECT_CODES,
+    STATE_NAMES,
     UNSET,
     WATCH_SEGMENT_S,
     ConnectionSettings,
@@ -163,7 +164,7 @@ class Client:
                 progress(event)
         job = self._reach(deadline)
         if raise_on_failure and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-            raise JobFailed(job, jobs_pb2.JobState.Name(job.state), job.error)
+            raise JobFailed(job, STATE_NAMES[job.state], job.error)
         return job
 
     # --- versions ------------------------------------------------------------------------

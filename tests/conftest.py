@@ -105,6 +105,22 @@ def build_tiny_gpt2(seed: int = 0, **overrides: object) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+def greedy_text(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Greedy continuation of ``prompt``, as the server's Generate decodes by default."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+
+
 def read_junit(path: Path) -> TestSuite:
     """The one suite of a JUnit XML file, read the way CI systems read it (junitparser)."""
     (suite,) = JUnitXml.fromfile(str(path))

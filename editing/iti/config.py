@@ -10,6 +10,7 @@ from modelsurgery.editing.contrast import PairsSource, TextPair
 from modelsurgery.editing.knowledge.config import check_layer
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.validators import unique_layers
 
 # Tuned on the fit-dev part of TruthfulQA dev with SmolLM2-135M-Instruct
 # (benchmarks/iti_truthfulqa.py); the figures are in ItiConfig's docstring.
@@ -121,15 +122,7 @@ class ItiConfig(MethodConfig):
             names |= {"mc1_before", "mc1_after"}
         return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
 
-    @field_validator("layers")
-    @classmethod
-    def _unique_layers(cls, value: list[int] | None) -> list[int] | None:
-        for i, layer in enumerate(value or []):
-            if layer < 0:
-                raise ValueError(f"layers[{i}]: layer {layer} is negative")
-            if value is not None and value.index(layer) != i:
-                raise ValueError(f"layers[{i}]: layer {layer} is listed twice")
-        return value
+    _unique_layers = field_validator("layers")(unique_layers)
 
     @model_validator(mode="after")
     def _one_source(self) -> ItiConfig:

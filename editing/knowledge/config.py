@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.validators import one_slot_templates
 from modelsurgery.evaluation.metrics import FACT_METRICS, FACTS
 
 from .easyedit import from_easyedit, is_easyedit
@@ -146,13 +147,7 @@ class KnowledgeEditConfig(MethodConfig):
             names |= PERPLEXITY_FIGURES
         return names
 
-    @field_validator("context_templates")
-    @classmethod
-    def _one_slot(cls, value: list[str] | None) -> list[str] | None:
-        for i, template in enumerate(value or []):
-            if template.count("{}") != 1:
-                raise ValueError(f"context_templates[{i}]: needs exactly one '{{}}': {template!r}")
-        return value
+    _one_slot = field_validator("context_templates")(one_slot_templates)
 
     def templates(self) -> tuple[str, ...]:
         return tuple(self.context_templates or DEFAULT_CONTEXT_TEMPLATES)

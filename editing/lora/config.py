@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from modelsurgery.editing.examples import Example
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
+from modelsurgery.editing.validators import one_slot_templates, unique_layers
 from modelsurgery.evaluation.metrics import FACTS
 
 Objective = Literal["facts", "examples", "text"]
@@ -121,23 +122,9 @@ class LoraEditConfig(MethodConfig):
                     raise ValueError(f"{name}: only used with 'facts'")
         return self
 
-    @field_validator("layers")
-    @classmethod
-    def _unique_layers(cls, value: list[int] | None) -> list[int] | None:
-        for i, layer in enumerate(value or []):
-            if layer < 0:
-                raise ValueError(f"layers[{i}]: layer {layer} is negative")
-            if value is not None and value.index(layer) != i:
-                raise ValueError(f"layers[{i}]: layer {layer} is listed twice")
-        return value
+    _unique_layers = field_validator("layers")(unique_layers)
 
-    @field_validator("context_templates")
-    @classmethod
-    def _one_slot(cls, value: list[str] | None) -> list[str] | None:
-        for i, template in enumerate(value or []):
-            if template.count("{}") != 1:
-                raise ValueError(f"context_templates[{i}]: needs exactly one '{{}}': {template!r}")
-        return value
+    _one_slot = field_validator("context_templates")(one_slot_templates)
 
     @property
     def objective(self) -> Objective:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy_text
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,18 +51,7 @@ def lora_spec(**extra: object) -> dict:
 
 
 def greedy(model: torch.nn.Module, tokenizer, prompt: str) -> str:
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **ids,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+    return greedy_text(model, tokenizer, prompt, NEW_TOKENS)
 
 
 def test_adapter_download_loads_in_peft_and_generates_as_the_server(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelsurgery.client import Client, InvalidArgument
@@ -39,18 +40,7 @@ def steer_spec(**extra: object) -> dict:
 
 
 def greedy(model: torch.nn.Module, tokenizer, prompt: str) -> str:
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **ids,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+    return greedy_text(model, tokenizer, prompt, NEW_TOKENS)
 
 
 def test_baked_and_hooked_steering_match_their_downloads(
