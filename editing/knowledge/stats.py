@@ -50,9 +50,9 @@ def stats_path(cache_dir: Path, digest: str, module_path: str, settings: StatsSe
     return cache_dir / "mom2" / digest / f"{module_path}.{settings.tag()}.safetensors"
 
 
-def key_digest(model: nn.Module, adapter: ArchitectureAdapter, layer: int) -> str:
+def key_digest(adapter: ArchitectureAdapter, tensor_hashes: dict[str, str], layer: int) -> str:
     """Digest of the tensors layer ``layer``'s keys (its MLP output projection's inputs) are
-    computed from."""
+    computed from, out of the model's per-tensor hashes."""
     layers_prefix = f"{adapter.layout.layers}."
     projection = f"{adapter.mlp_out_path(layer)}."
     after = tuple(
@@ -65,10 +65,7 @@ def key_digest(model: nn.Module, adapter: ArchitectureAdapter, layer: int) -> st
             return index < layer or (index == layer and not name.startswith(projection))
         return not name.startswith(after)
 
-    tensors = persistent_state_dict(model)
-    return digest_from_hashes(
-        {name: tensor_sha256(t) for name, t in tensors.items() if upstream(name)}
-    )
+    return digest_from_hashes({n: h for n, h in tensor_hashes.items() if upstream(n)})
 
 
 def second_moments(
@@ -81,7 +78,9 @@ def second_moments(
 ) -> dict[int, torch.Tensor]:
     """C (float64, [in, in]) for each layer's down projection, from cache or computed; the
     progress events name each layer's key digest (which statistics the edit used)."""
-    digests = {layer: key_digest(model, adapter, layer) for layer in layers}
+    # Hash every tensor once; each layer's key digest is a subset of these.
+    hashes = {name: tensor_sha256(t) for name, t in persistent_state_dict(model).items()}
+    digests = {layer: key_digest(adapter, hashes, layer) for layer in layers}
     paths = {
         layer: stats_path(context.cache_dir, digests[layer], adapter.mlp_out_path(layer), settings)
         for layer in layers

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from modelsurgery.editing.knowledge import tokens as tk
 from modelsurgery.editing.lora.adapter import adapter_artifacts
 from modelsurgery.editing.lora.config import LoraEditConfig
 from modelsurgery.editing.lora.data import training_data
@@ -29,13 +30,6 @@ def peft_config(model: nn.Module, config: LoraEditConfig, paths: list[str]) -> L
         fan_in_fan_out=get_adapter(model).layout.conv1d,
         bias="none",
     )
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def run(
@@ -59,7 +53,7 @@ def run(
         weight_decay=config.weight_decay,
         kl_factor=config.setting("kl_factor") if config.objective == "facts" else 0.0,
         seed=config.seed,
-        pad_id=_pad_id(tokenizer),
+        pad_id=tk.pad_id_of(tokenizer),
         autocast=None if train_dtype == torch.float32 else train_dtype,
     )
     metrics: dict[str, float] = {}

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelsurgery.editing.examples import IGNORE_INDEX, Batch, TokenizedExample, collate
+from modelsurgery.editing.knowledge import tokens as tk
 from modelsurgery.editing.lora.data import TrainingData
 from modelsurgery.editing.registry import MethodContext
 
@@ -62,16 +63,6 @@ def nll(model: nn.Module, batch: Batch, autocast: torch.dtype | None = None) -> 
     )
 
 
-def _padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-        mask[row, : len(prompt)] = 1
-    return ids, mask
-
-
 def next_token_logprobs(
     model: nn.Module,
     prompts: Sequence[list[int]],
@@ -79,7 +70,7 @@ def next_token_logprobs(
     autocast: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities at every real position of right-padded prompts, and the mask."""
-    ids, mask = _padded(prompts, pad_id)
+    ids, mask = tk.pad_batch([tk.Sequence(ids=prompt) for prompt in prompts], pad_id)
     device = _device(model)
     with _autocast(model, autocast):
         logits = model(
