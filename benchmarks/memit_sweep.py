@@ -3,10 +3,12 @@ are optimised once (they depend only on the last edited layer and the v* setting
 (first layer, lambda) pair is applied to the fresh weights and scored.
 
     python benchmarks/memit_sweep.py --n 200 --offset 1000 --last 8 --grid 2:5000 2:7500 3:15000
-    python benchmarks/memit_sweep.py --n 200 --offset 1000 --last 8 --grid 2:10 --null-space 0.01
+    python benchmarks/memit_sweep.py --n 100 --offset 9000 --grid 2:5000 --null-space 1 --ridge 1 10
 
-``--null-space T`` replaces MEMIT's lambda * C regulariser by an AlphaEdit-style projection
-onto the eigenvectors of C with eigenvalue below T (lambda is then AlphaEdit's L2 weight).
+``--null-space T ...`` adds ``projection: null_space`` settings (``knowledge.nullspace``) for each
+T and ``--ridge`` value, on the first grid entry's layers: the update restricted to the
+eigenvectors of C with eigenvalue below T times C's median eigenvalue, with that ridge
+(``nullspace_l2``, same unit).
 Prints one JSON line per setting: efficacy, paraphrase, locality, probability gain, the mean
 distance left between the last layer's output and z, and the update time.
 """
@@ -25,7 +27,8 @@ from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import edit_metrics, score_facts
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
-from modelsurgery.editing.knowledge.stats import second_moments
+from modelsurgery.editing.knowledge.nullspace import null_space, projected_update
+from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.knowledge.vstar import optimize_deltas
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit.method import memit_update
@@ -35,18 +38,6 @@ from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
 
 
-def null_space_update(
-    keys: torch.Tensor, residuals: torch.Tensor, mom2: torch.Tensor, weight: float, threshold: float
-) -> torch.Tensor:
-    """[out, in] update (P K K^T + weight I)^-1 P K R, P = projector on C's small directions."""
-    values, vectors = torch.linalg.eigh(mom2.double())
-    small = vectors[:, values < threshold]
-    projector = small @ small.T
-    k = keys.double().T
-    system = projector @ (k @ k.T) + weight * torch.eye(k.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(system, projector @ k @ residuals.double()).T.float()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
@@ -54,7 +45,8 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=8, help="last edited layer (z lives here)")
     parser.add_argument("--clamp", type=float, default=4.0)
     parser.add_argument("--grid", nargs="+", default=["2:5000"], help="FIRST_LAYER:LAMBDA ...")
-    parser.add_argument("--null-space", type=float, help="AlphaEdit-style eigenvalue threshold")
+    parser.add_argument("--null-space", type=float, nargs="*", default=[], help="cuts (x median)")
+    parser.add_argument("--ridge", type=float, nargs="+", default=[10.0], help="nullspace_l2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()
@@ -90,10 +82,12 @@ def main() -> None:
     z = torch.cat(targets)
     print(f"v* targets for {len(facts)} facts: {time.perf_counter() - start:.1f} s", flush=True)
 
-    for item in args.grid:
-        first, weight = int(item.split(":")[0]), float(item.split(":")[1])
+    settings = [(int(i.split(":")[0]), float(i.split(":")[1]), None) for i in args.grid]
+    first_layer = settings[0][0]
+    settings += [(first_layer, r, t) for t in args.null_space for r in args.ridge]
+    for first, weight, threshold in settings:
         layers = list(range(first, args.last + 1))
-        mom2 = second_moments(model, tok, adapter, layers, context, config.stats_settings())
+        stats = layer_statistics(model, tok, adapter, layers, context, config.stats_settings())
         original = {layer: adapter.mlp_out(layer).weight.detach().clone() for layer in layers}
         start = time.perf_counter()
         for i, layer in enumerate(layers):
@@ -107,10 +101,11 @@ def main() -> None:
                 templates=config.templates(),
             )
             residuals = (z - current) / (len(layers) - i)
-            if args.null_space is None:
-                update = memit_update(keys, residuals, mom2[layer], weight)
+            if threshold is None:
+                update = memit_update(keys, residuals, stats[layer].mom2, weight)
             else:
-                update = null_space_update(keys, residuals, mom2[layer], weight, args.null_space)
+                space = null_space(stats[layer], threshold)
+                update = projected_update(keys, residuals, space, None, weight)
             with torch.no_grad():
                 adapter.mlp_out(layer).weight.add_(update.to(adapter.mlp_out(layer).weight))
         seconds = time.perf_counter() - start
@@ -127,7 +122,7 @@ def main() -> None:
         line = {
             "layers": f"{first}-{args.last}",
             "lambda": weight,
-            "null_space": args.null_space,
+            "null_space": threshold,
             **{k: round(v, 3) for k, v in metrics.items()},
             "z_distance_left": round(float((z - final).norm(dim=1).mean()), 3),
             "update_s": round(seconds, 1),

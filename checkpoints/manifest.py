@@ -72,6 +72,10 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict)
     config_overrides: dict[str, Any] = Field(default_factory=dict)
+    # The job whose publish wrote this manifest: publishing is a job's commit point, so a
+    # server restarted between the publish and the job's record finds its version here.
+    # Not part of the id (a re-run of the same edit is the same version).
+    job_id: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json_bytes(self) -> bytes:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from modelsurgery.checkpoints.aliases import ALIAS_RE, AliasTable, Expected
+from modelsurgery.checkpoints.aliases import ALIAS_RE, AliasTable, Authorize, Expected
 from modelsurgery.checkpoints.atomic import atomic_write, remove_orphans
 from modelsurgery.checkpoints.blobs import BlobStore
 from modelsurgery.checkpoints.diff import TensorChange, diff_entries
@@ -122,8 +122,10 @@ class CheckpointStore:
         config_overrides: dict | None = None,
         artifacts: dict[str, bytes] | None = None,
         removed: list[str] | None = None,
+        job_id: str | None = None,
     ) -> Manifest:
-        """A child of ``parent`` holding only the tensors and artifacts that differ from it."""
+        """A child of ``parent`` holding only the tensors and artifacts that differ from it;
+        ``job_id`` names the job publishing it (see ``version_of_job``)."""
         base = self._resolve_version(self.resolve(parent))
         artifacts = artifacts or {}
         removed = sorted(set(removed or []))
@@ -147,6 +149,7 @@ class CheckpointStore:
             config_overrides=normalize_json(config_overrides or {}, "config_overrides"),
             operations=normalize_json(operations, "operations"),
             metrics={name: float(value) for name, value in (metrics or {}).items()},
+            job_id=job_id,
         )
 
     @staticmethod
@@ -212,6 +215,7 @@ class CheckpointStore:
         artifacts: dict[str, str] | None = None,
         config_overrides: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
+        job_id: str | None = None,
     ) -> Manifest:
         """Write the manifest (blobs are already durable); an identical version is returned."""
         content = {
@@ -236,6 +240,7 @@ class CheckpointStore:
                 metrics=metrics or {},
                 library_versions=_library_versions(),
                 created=_now(),
+                job_id=job_id,
                 **content,
             )
             atomic_write(path, manifest.to_json_bytes(), self.layout.tmp)
@@ -275,6 +280,10 @@ class CheckpointStore:
 
     def get(self, ref: str) -> Manifest:
         return self._manifest(self.resolve(ref))
+
+    def version_of_job(self, job_id: str) -> Manifest | None:
+        """The version job ``job_id`` published, if any (a scan: used when recovering)."""
+        return next((m for m in self.list_versions() if m.job_id == job_id), None)
 
     def list_versions(self) -> list[Manifest]:
         """Every version, newest first."""
@@ -374,13 +383,29 @@ class CheckpointStore:
         return written
 
     # --- aliases ---------------------------------------------------------------------------
-    def set_alias(self, name: str, version_id: str, *, expected: Expected = ...) -> None:
+    def set_alias(
+        self,
+        name: str,
+        version_id: str,
+        *,
+        expected: Expected = ...,
+        owner: str = "",
+        authorize: Authorize | None = None,
+    ) -> None:
         """Point ``name`` at a version; with ``expected`` (None: must not exist) this is a
-        compare-and-swap that raises AliasConflictError when the current target differs."""
-        self._aliases.set(name, self.resolve(version_id), expected)
+        compare-and-swap that raises AliasConflictError when the current target differs.
+        A new alias records ``owner``; moving an existing one first asks ``authorize`` (with
+        its owner, ``""`` if unknown), under the store lock."""
+        self._aliases.set(
+            name, self.resolve(version_id), expected, owner=owner, authorize=authorize
+        )
 
     def get_alias(self, name: str) -> str | None:
         return self._aliases.get(name)
+
+    def alias_owner(self, name: str) -> str | None:
+        """Who created alias ``name`` (``""`` if unknown); None when it does not exist."""
+        return self._aliases.owner(name)
 
     def list_aliases(self) -> dict[str, str]:
         return self._aliases.read()

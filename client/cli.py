@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from modelsurgery.client.batch import (
     BatchResult,
@@ -43,6 +45,7 @@ from modelsurgery.client.cli_common import (
     emit_json_line,
     id_column,
     out,
+    plain_row,
     reported_errors,
     to_data,
 )
@@ -51,6 +54,7 @@ from modelsurgery.client.cli_versions import register_version_commands
 from modelsurgery.client.connection import STATE_NAMES, as_spec
 from modelsurgery.client.junit import ApplyReport, Problem
 from modelsurgery.client.sdk import Client
+from modelsurgery.proto import limits
 from modelsurgery.proto.spec import SpecError, spec_json_schema
 from modelsurgery.v1 import jobs_pb2
 
@@ -105,10 +109,25 @@ def serve(
     ] = None,
     model_root: Annotated[
         list[Path] | None,
-        typer.Option(help="Folders model paths must lie under (repeatable); default: any."),
+        typer.Option(
+            help="Folders model paths must lie under (repeatable); default: "
+            "$MODELSURGERY_HOME/models (built-in aliases, Hub repositories and stored "
+            "versions need none)."
+        ),
     ] = None,
     data_root: Annotated[
-        list[Path] | None, typer.Option(help="Folders user data files may be read from.")
+        list[Path] | None,
+        typer.Option(
+            help="Folders user data files may be read from (repeatable); default: "
+            "$MODELSURGERY_HOME/data (shared data sets need none)."
+        ),
+    ] = None,
+    shared_alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Aliases any writer may move (fnmatch pattern, repeatable); others only "
+            "their creator or an admin."
+        ),
     ] = None,
     ray_address: Annotated[
         str | None,
@@ -126,6 +145,24 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker actors (jobs run in parallel).")] = 1,
     max_attempts: Annotated[int, typer.Option(help="Attempts per job if a worker dies.")] = 2,
     max_queued: Annotated[int, typer.Option(help="Queued+running jobs per caller.")] = 100,
+    max_job_seconds: Annotated[
+        float,
+        typer.Option(min=1, help="Longest a job may run; a spec's timeout_s may ask for less."),
+    ] = limits.DEFAULT_MAX_JOB_SECONDS,
+    max_export_bytes: Annotated[
+        int,
+        typer.Option(min=0, help="Bytes of exported folders kept for downloads (LRU beyond)."),
+    ] = limits.DEFAULT_MAX_EXPORT_BYTES,
+    job_retention_days: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Delete finished jobs and their events after this many days (0: keep them)."
+        ),
+    ] = 30.0,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(min=0, help="On SIGTERM, report NOT_SERVING this long before closing."),
+    ] = 0.0,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on this port.")
     ] = None,
@@ -138,23 +175,33 @@ def serve(
     with reported_errors(False):
         from modelsurgery.checkpoints import default_root
         from modelsurgery.server.app import ServerSettings, run
+        from modelsurgery.server.auth import load_tokens, take_env_tokens
+
+        env_tokens = take_env_tokens()
+        load_tokens(tokens_file, env_tokens)  # a bad token line ends here, naming the line
 
     settings = ServerSettings(
         host=host,
         port=port,
         store_root=store or default_root(),
         tokens_file=tokens_file,
+        env_tokens=env_tokens,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         model_roots=tuple(model_root) if model_root else None,
         data_roots=tuple(data_root or ()),
+        shared_aliases=tuple(shared_alias or ()),
         ray_address=ray_address,
         num_cpus=num_cpus,
         worker_cpus=worker_cpus,
         workers=workers,
         max_attempts=max_attempts,
         max_queued_per_caller=max_queued,
+        max_job_seconds=max_job_seconds,
+        max_export_bytes=max_export_bytes,
+        job_retention_seconds=job_retention_days * 86400 or None,
+        drain_seconds=drain_seconds,
         metrics_port=metrics_port,
     )
     run(settings, ready_file=ready_file, json_logs=not text_logs)
@@ -165,7 +212,7 @@ def _print_event(event: jobs_pb2.JobEvent) -> None:
     extra = " ".join(
         f"{k}={int(v) if isinstance(v, float) and v.is_integer() else v}" for k, v in fields.items()
     )
-    console.print(f"[dim]{event.seq:>4}[/dim] {event.message} [dim]{extra}[/dim]")
+    console.print(f"[dim]{event.seq:>4}[/dim] {escape(event.message)} [dim]{escape(extra)}[/dim]")
 
 
 def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
@@ -192,24 +239,25 @@ def _print_job(job: jobs_pb2.Job) -> None:
     color = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(
         STATE_NAMES[job.state], "cyan"
     )
-    out.print(f"job {job.id}: [{color}]{STATE_NAMES[job.state]}[/{color}]")
+    out.print(f"job {escape(job.id)}: [{color}]{STATE_NAMES[job.state]}[/{color}]")
     if job.version_id:
-        out.print(f"version {job.version_id}")
+        out.print(f"version {escape(job.version_id)}")
     if job.error:
-        out.print(f"[red]{job.error}[/red]")
+        out.print(Text(job.error, style="red"))
     if job.metrics:
         table = Table("metric", "value")
         for name, value in sorted(job.metrics.items()):
-            table.add_row(name, f"{value:.6g}")
+            plain_row(table, name, f"{value:.6g}")
         out.print(table)
     if job.gates:
         table = Table("gate", "condition", "value", "result")
         for gate in job.gates:
-            table.add_row(
+            plain_row(
+                table,
                 gate.metric,
                 gate.condition,
                 f"{gate.value:.6g}" if gate.has_value else "not measured",
-                "[green]pass[/green]" if gate.passed else "[red]FAIL[/red]",
+                Text("pass", style="green") if gate.passed else Text("FAIL", style="red"),
             )
         out.print(table)
 
@@ -238,7 +286,7 @@ def _apply(
     )
     if not as_json:
         again = f" (re-runs {job.previous_attempt})" if job.previous_attempt else ""
-        out.print(f"job {job.id} submitted{again}")
+        out.print(escape(f"job {job.id} submitted{again}"))
     if not wait:
         if as_json:
             emit_json(_job_summary(job))
@@ -324,16 +372,16 @@ def apply(
         with reported_errors(as_json, on_error=record):
             if local:
                 from modelsurgery.checkpoints import default_root
-                from modelsurgery.server.app import ServerSettings
-                from modelsurgery.server.embedded import EmbeddedServer
+                from modelsurgery.server.embedded import EmbeddedServer, local_settings
 
                 root = store or (
                     Path(os.environ["MODELSURGERY_HOME"]) / "store"
                     if os.environ.get("MODELSURGERY_HOME")
                     else default_root()
                 )
+                settings = local_settings(root, spec, as_spec(spec).base if spec.is_file() else "")
                 with (
-                    EmbeddedServer(ServerSettings(store_root=root)) as embedded,
+                    EmbeddedServer(settings) as embedded,
                     Client(embedded.address, timeout=600) as client,
                 ):
                     code = _apply(client, spec, True, as_json, request_id, timeout, report)
@@ -399,7 +447,7 @@ def batch(
         table = Table("item", id_column("job"), "state", id_column("version"), "metrics")
         for r in results:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())[:4])
-            table.add_row(r.label, r.job_id, r.state, r.version_id or "-", shown or r.error[:60])
+            plain_row(table, r.label, r.job_id, r.state, r.version_id or "-", shown or r.error[:60])
         out.print(table)
     raise typer.Exit(EXIT_OK if all_succeeded(results) else EXIT_FAILED)
 
@@ -423,7 +471,9 @@ def jobs_list(
         table = Table(id_column("job"), "state", "methods", id_column("version"), "error")
         for job in jobs:
             methods = ",".join(op.method for op in job.spec.operations)
-            table.add_row(job.id, STATE_NAMES[job.state], methods, job.version_id, job.error[:60])
+            plain_row(
+                table, job.id, STATE_NAMES[job.state], methods, job.version_id, job.error[:60]
+            )
         out.print(table)
 
 
@@ -476,7 +526,7 @@ def jobs_cancel(
         if as_json:
             emit_json(_job_summary(job))
         else:
-            out.print(f"job {job.id}: {STATE_NAMES[job.state]} (cancel requested)")
+            out.print(escape(f"job {job.id}: {STATE_NAMES[job.state]} (cancel requested)"))
 
 
 def main() -> None:

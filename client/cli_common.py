@@ -19,7 +19,8 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Column
+from rich.table import Column, Table
+from rich.text import Text
 
 from modelsurgery.client.connection import SERVER_ENV, STATE_PREFIX, TOKEN_ENV
 from modelsurgery.client.errors import JobFailed, ModelSurgeryError, WaitTimeout
@@ -27,8 +28,10 @@ from modelsurgery.client.sdk import Client
 from modelsurgery.proto.export_record import HookedExportWarning
 from modelsurgery.proto.spec import SpecError
 
-console = Console(stderr=True)
-out = Console(highlight=False)
+# Text from servers and users is printed through ``escape``, ``Text`` or ``plain_row``, never
+# as markup; emoji codes (``:warning:``) in it stay as written too.
+console = Console(stderr=True, emoji=False)
+out = Console(highlight=False, emoji=False)
 
 # Exit codes, the contract CI pipelines rely on (README "Using it", `apply --help`).
 EXIT_OK = 0
@@ -98,6 +101,12 @@ ID_WIDTH = 21
 
 def id_column(header: str) -> Column:
     return Column(header, no_wrap=True, min_width=ID_WIDTH)
+
+
+def plain_row(table: Table, *cells: str | Text) -> None:
+    """A row whose text cells print as written: a job, gate or metric name such as ``[/oops]``
+    is not read as rich markup (a plain ``add_row`` would, and fail on it)."""
+    table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in cells))
 
 
 def _short_states(value: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from modelsurgery.client.cli_common import (
     CaOption,
@@ -18,6 +19,7 @@ from modelsurgery.client.cli_common import (
     connect,
     emit_json,
     out,
+    plain_row,
     reported_errors,
 )
 
@@ -69,7 +71,8 @@ def register_eval_command(app: typer.Typer) -> None:
                 {"version_id": result.version_id, "against": result.against, "metrics": metrics}
             )
             return
-        table = Table("metric", "value", title=f"{result.version_id} against {result.against}")
+        title = Text(f"{result.version_id} against {result.against}")
+        table = Table("metric", "value", title=title)
         for name, value in metrics.items():
-            table.add_row(name, f"{value:.6g}")
+            plain_row(table, name, f"{value:.6g}")
         out.print(table)

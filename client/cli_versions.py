@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from modelsurgery.client.backends import LocalBackend, RemoteBackend, VersionBackend
 from modelsurgery.client.cli_common import (
@@ -26,6 +28,7 @@ from modelsurgery.client.cli_common import (
     id_column,
     local_store,
     out,
+    plain_row,
     reported_errors,
 )
 from modelsurgery.client.connection import UNSET
@@ -51,7 +54,8 @@ def backend(
 def _version_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(id_column("version"), id_column("parent"), "base", "methods", "created")
     for row in rows:
-        table.add_row(
+        plain_row(
+            table,
             row["id"],
             row["parent"] or "-",
             row["root_reference"],
@@ -93,14 +97,14 @@ def versions_show(
         if as_json:
             emit_json(info)
             return
-        out.print(f"version {info['id']}  (base {info['root_reference']})")
-        out.print("lineage: " + " <- ".join(info["lineage"]))
+        out.print(escape(f"version {info['id']}  (base {info['root_reference']})"))
+        out.print(escape("lineage: " + " <- ".join(info["lineage"])))
         if info["aliases"]:
-            out.print("aliases: " + ", ".join(info["aliases"]))
+            out.print(escape("aliases: " + ", ".join(info["aliases"])))
         for op in info["manifest"].get("operations", []):
-            out.print(f"operation: {op}")
+            out.print(escape(f"operation: {op}"))
         for name, value in sorted(info["metrics"].items()):
-            out.print(f"  {name} = {value:.6g}")
+            out.print(escape(f"  {name} = {value:.6g}"))
         out.print(f"tensors stored in this version: {len(info['manifest'].get('tensors', {}))}")
 
 
@@ -123,7 +127,7 @@ def versions_diff(
         table = Table("tensor", "status", "relative change")
         for c in changes:
             norm = c["relative_norm"]
-            table.add_row(c["name"], c["status"], "-" if norm is None else f"{norm:.4g}")
+            plain_row(table, c["name"], c["status"], "-" if norm is None else f"{norm:.4g}")
         out.print(table)
 
 
@@ -149,7 +153,7 @@ def versions_export(
         if as_json:
             emit_json({"ref": ref, "folder": str(path)})
         else:
-            out.print(f"exported {ref} to {path}")
+            out.print(escape(f"exported {ref} to {path}"))
 
 
 @versions_app.command("revert")
@@ -167,7 +171,7 @@ def versions_revert(
         if as_json:
             emit_json(row)
         else:
-            out.print(f"version {row['id']} reverts {ref}")
+            out.print(escape(f"version {row['id']} reverts {ref}"))
 
 
 @versions_app.command("verify")
@@ -181,7 +185,7 @@ def versions_verify(as_json: JsonOption = False, store: StoreOption = None) -> N
         out.print("[green]store verified: no problems[/green]")
     else:
         for problem in report.problems:
-            out.print(f"[red]{problem}[/red]")
+            out.print(Text(problem, style="red"))
     if not report.ok:
         raise typer.Exit(1)
 
@@ -207,7 +211,7 @@ def alias_set(
         if as_json:
             emit_json({"name": name, "version_id": target})
         else:
-            out.print(f"{name} -> {target}")
+            out.print(escape(f"{name} -> {target}"))
 
 
 @alias_app.command("get")
@@ -227,7 +231,7 @@ def alias_get(
         if as_json:
             emit_json({"name": name, "version_id": target})
         else:
-            out.print(target)
+            out.print(escape(target))
 
 
 def import_model(
@@ -248,7 +252,7 @@ def import_model(
         if as_json:
             emit_json(row)
         else:
-            out.print(f"imported {model} as version {row['id']}")
+            out.print(escape(f"imported {model} as version {row['id']}"))
 
 
 def generate(
@@ -281,7 +285,7 @@ def generate(
             emit_json({"version": version, "prompts": prompt, "completions": completions})
             return
         for p, completion in zip(prompt, completions, strict=True):
-            out.print(f"[bold]{p}[/bold]{completion}")
+            out.print(f"[bold]{escape(p)}[/bold]{escape(completion)}")
 
 
 @versions_app.command("artifact")
@@ -323,7 +327,7 @@ def heads_plot(
     if as_json:
         emit_json({"ref": ref, "png": str(output)})
     else:
-        out.print(f"wrote {output}")
+        out.print(escape(f"wrote {output}"))
 
 
 def register_version_commands(app: typer.Typer) -> None:

@@ -20,6 +20,8 @@ from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 SERVER_ENV = "MODELSURGERY_SERVER"
 TOKEN_ENV = "MODELSURGERY_TOKEN"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# A server on a Unix domain socket (``apply --local``): ``unix:/absolute/path/to/socket``.
+UNIX_PREFIX = "unix:"
 DEFAULT_TIMEOUT = 60.0
 # How long a wait keeps trying to reach a server that went away before it gives up with
 # Unavailable; with WATCH_SEGMENT_S (each watch stream's own deadline, after which the wait
@@ -87,8 +89,15 @@ class ConnectionSettings:
         timeout: float = DEFAULT_TIMEOUT,
         reconnect_budget: float = RECONNECT_BUDGET_S,
     ) -> ConnectionSettings:
+        """``address`` is ``host:port`` or ``unix:/absolute/socket/path``."""
+        address = address or os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS
+        if address.startswith(UNIX_PREFIX) and not address[len(UNIX_PREFIX) :].startswith("/"):
+            raise ValueError(
+                f"server address {address!r}: a unix: address names an absolute socket path, "
+                "e.g. unix:/run/modelsurgery/server.sock"
+            )
         return cls(
-            address=address or os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS,
+            address=address,
             token=token or os.environ.get(TOKEN_ENV) or None,
             root_certificates=root_certificates.read_bytes() if root_certificates else None,
             client_cert=client_cert.read_bytes() if client_cert else None,

@@ -33,6 +33,10 @@ class Unauthenticated(ModelSurgeryError):
     pass
 
 
+class PermissionDenied(ModelSurgeryError):
+    """The caller's role, or ownership (another caller's job, a protected alias), forbids it."""
+
+
 class ResourceExhausted(ModelSurgeryError):
     pass
 
@@ -73,6 +77,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ModelSurgeryError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -12,6 +13,15 @@ from typing import Literal
 
 from modelsurgery.client.connection import STATE_NAMES, TERMINAL_STATES
 from modelsurgery.v1 import jobs_pb2
+
+# What XML 1.0 cannot hold, not even escaped (ANSI colour codes, NUL ...): ElementTree writes
+# it as it is and a CI system's parser then rejects the whole report.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(value: str) -> str:
+    """``value`` with each character XML cannot carry replaced by U+FFFD."""
+    return _NOT_XML.sub("\ufffd", value)
 
 
 @dataclass(frozen=True)
@@ -50,13 +60,17 @@ def job_report(
             ("previous_attempt", job.previous_attempt),
         ):
             if value:
-                ET.SubElement(properties, "property", name=name, value=value)
+                ET.SubElement(properties, "property", name=name, value=xml_text(value))
         for gate in job.gates:
             case = ET.SubElement(
-                suite, "testcase", classname=suite_name, name=f"gate {gate.metric}", time="0"
+                suite,
+                "testcase",
+                classname=suite_name,
+                name=xml_text(f"gate {gate.metric}"),
+                time="0",
             )
             value = f"{gate.value:.6g}" if gate.has_value else "not measured"
-            text = f"{gate.metric} = {value}, needs {gate.condition}"
+            text = xml_text(f"{gate.metric} = {value}, needs {gate.condition}")
             ET.SubElement(case, "system-out").text = text
             if not gate.passed:
                 ET.SubElement(case, "failure", message=text, type="gate")
@@ -68,10 +82,10 @@ def job_report(
             f", version {job.version_id}" if job.version_id else ""
         )
     if problem is not None:
-        ET.SubElement(job_case, problem.kind, message=problem.message, type=problem.type)
+        ET.SubElement(job_case, problem.kind, message=xml_text(problem.message), type=problem.type)
     elif job is not None and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
         state = STATE_NAMES[job.state]
-        message = f"job ended {state}" + (f": {job.error}" if job.error else "")
+        message = xml_text(f"job ended {state}" + (f": {job.error}" if job.error else ""))
         ET.SubElement(job_case, "failure", message=message, type=state)
     cases = list(suite.iter("testcase"))
     suite.set("tests", str(len(cases)))

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from pydantic import ValidationError
 
 DATA_ENV = "MODELSURGERY_DATA"
 
@@ -28,9 +29,10 @@ def shared_data_dir() -> Path:
 def shared_data_path(relative: str) -> Path:
     path = shared_data_dir() / relative
     if not path.exists():
+        # The folder itself is not named: a remote caller must not learn server paths.
         raise FileNotFoundError(
-            f"data file {relative!r} not found under {shared_data_dir()}; "
-            f"set {DATA_ENV} to the folder that holds counterfact/, wikitext-2/, crows-pairs/"
+            f"data file {relative!r} is not in the shared data folder; set {DATA_ENV} to the "
+            "folder that holds counterfact/, wikitext-2/, crows-pairs/"
         )
     return path
 
@@ -84,19 +86,52 @@ def resolve_text_source(value: str, data_roots: Sequence[Path], field: str) -> P
         ) from None
 
 
+def read_utf8(path: Path, field: str) -> str:
+    """A user file's text; one that is not UTF-8 is named by its file name and byte offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{field}: {path.name} is not UTF-8 text (byte {exc.start})") from None
+
+
+def read_jsonl(path: Path, field: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a user's JSONL file. A line that
+    is not JSON is named by number and file name, never quoted: the file may hold secrets."""
+    for number, line in enumerate(read_utf8(path, field).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{field}: line {number} of {path.name}: not valid JSON "
+                f"({exc.msg.lower()} at column {exc.colno})"
+            ) from None
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """A pydantic error as ``where: what`` for each problem, without the input values (its
+    ``str`` quotes them) or the name of an unexpected key (which is data too)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in error["loc"]]
+        if error["type"] == "extra_forbidden":
+            loc, what = loc[:-1], "unexpected field"
+        else:
+            what = error["msg"]
+        problems.append(f"{'.'.join(loc)}: {what}" if loc else what)
+    return "; ".join(problems)
+
+
 def read_text(path: Path, field: str) -> str:
     """A plain text file, or the ``text`` fields of a JSONL file joined by blank lines."""
     if path.suffix != ".jsonl":
-        return path.read_text(encoding="utf-8")
+        return read_utf8(path, field)
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{field}: line {number} has no string field 'text'")
-            texts.append(record["text"])
+    for number, record in read_jsonl(path, field):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{field}: line {number} of {path.name} has no string field 'text'")
+        texts.append(record["text"])
     return "\n\n".join(texts)
 
 

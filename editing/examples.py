@@ -4,7 +4,6 @@ only. Torch is imported by ``collate`` alone: configs take ``Example`` on the th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelsurgery.editing.data import resolve_data_file
+from modelsurgery.editing.data import read_jsonl, resolve_data_file, validation_problem
 
 if TYPE_CHECKING:
     import torch
@@ -54,13 +53,14 @@ def load_examples(
         raise ValueError("examples_file: this server allows no data files (no data roots)")
     path = resolve_data_file(examples_file, data_roots, "examples_file")
     loaded = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path, "examples_file"):
         try:
-            loaded.append(Example.model_validate(json.loads(line)))
-        except (json.JSONDecodeError, ValidationError) as error:
-            raise ValueError(f"examples_file: line {number}: {error}") from None
+            loaded.append(Example.model_validate(record))
+        except ValidationError as error:
+            # The problem without the line's values: a data file may hold secrets.
+            raise ValueError(
+                f"examples_file: line {number} of {path.name}: {validation_problem(error)}"
+            ) from None
     if not loaded:
         raise ValueError(f"examples_file: {examples_file!r} holds no examples")
     return loaded

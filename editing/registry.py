@@ -91,6 +91,10 @@ class MethodContext:
     device: torch.device = field(default_factory=_cpu)
     report: Callable[[dict[str, Any]], None] = lambda event: None
     is_cancelled: Callable[[], bool] = lambda: False
+    # A file the model being edited carries (None when it has none): written by an earlier
+    # operation of this job, else by the job's base version or an ancestor. How a method
+    # hands state to the next edit of the same lineage (knowledge editing's preserved keys).
+    read_artifact: Callable[[str], bytes | None] = lambda name: None
 
     def progress(self, message: str, **fields: Any) -> None:
         """Emit a progress event (step, loss, metric ...) to the job's watchers."""

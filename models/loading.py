@@ -27,6 +27,7 @@ from transformers import (
 from modelsurgery.models.aliases import BUILTIN_ALIASES
 from modelsurgery.models.build import build_model, has_layer_widths, read_folder_state_dict
 from modelsurgery.models.digest import model_digest
+from modelsurgery.models.errors import ModelReferenceError
 from modelsurgery.models.gguf import load_gguf, load_gguf_config
 from modelsurgery.models.references import ResolvedReference, SourceKind, resolve_reference
 from modelsurgery.models.stored import (
@@ -161,21 +162,36 @@ def _load_weights(
         assert store is not None and resolved.version_id is not None
         model = load_stored_model(store, resolved.version_id, dtype)
         return model, load_stored_tokenizer(store, resolved.version_id)
-    if resolved.is_gguf:
-        return load_gguf(_gguf_file(resolved), dtype)
     assert resolved.path is not None
-    model = _load_folder_model(resolved.path, dtype)
-    return model, AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
+    try:
+        if resolved.is_gguf:
+            return load_gguf(_gguf_file(resolved), dtype)
+        model = _load_folder_model(resolved.path, dtype, resolved.reference)
+        return model, AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
+    except ModelReferenceError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _does_not_load(resolved, exc) from exc
 
 
-def _load_folder_model(folder: Path, dtype: torch.dtype | None) -> PreTrainedModel:
+def _does_not_load(resolved: ResolvedReference, exc: Exception) -> ModelReferenceError:
+    """The loader's complaint in the caller's own words: the reference they gave stands in for
+    the path it resolved to (a symlink's target or a root the caller was never told)."""
+    assert resolved.path is not None
+    complaint = str(exc).replace(str(resolved.path), resolved.reference)
+    return ModelReferenceError(
+        f"model reference {resolved.reference!r} does not load: {type(exc).__name__}: {complaint}"
+    )
+
+
+def _load_folder_model(folder: Path, dtype: torch.dtype | None, reference: str) -> PreTrainedModel:
     """``from_pretrained``, except for non-uniformly pruned exports, which it cannot build."""
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if has_layer_widths(config):
         state = read_folder_state_dict(folder)
         if dtype is None:
             dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-        model = build_model(config, state, dtype or torch.float32, f"folder {folder}")
+        model = build_model(config, state, dtype or torch.float32, f"model {reference!r}")
         if (folder / GENERATION_CONFIG_FILE).is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         return model

@@ -86,15 +86,17 @@ def resolve_reference(
 ) -> ResolvedReference:
     """Classify ``reference`` (cheap: no weights, no package imports).
 
-    ``allowed_roots`` restricts path references to those folders, checked after resolving
-    symlinks and ``..``; built-in aliases and stored versions are not paths and always allowed.
+    ``allowed_roots`` restricts path references to those folders: the path as written (``..``
+    folded) is checked before the file system is touched, then again with symlinks resolved,
+    and a path outside gets one message whatever exists there. Built-in aliases, Hub
+    repositories and stored versions are not paths and always allowed.
     """
     if isinstance(reference, os.PathLike):
         return _resolve_path(os.fspath(reference), allowed_roots)
     if not isinstance(reference, str) or not reference.strip():
         raise unresolvable(str(reference), "empty reference")
     hub = HUB_REFERENCE.match(reference)
-    if hub is not None and not Path(reference).expanduser().exists():
+    if hub is not None and not _exists(reference, allowed_roots):
         return _resolve_hub(reference, hub.group("repo"), hub.group("revision"))
     if _looks_like_path(reference):
         return _resolve_path(reference, allowed_roots)
@@ -112,13 +114,13 @@ def resolve_reference(
         try:
             version_id = store.resolve(reference)
         except (KeyError, ValueError) as exc:
-            if Path(reference).exists():
+            if _exists(reference, allowed_roots):
                 return _resolve_path(reference, allowed_roots)
             raise unresolvable(
                 reference, f"not a path, built-in alias or stored version ({exc})"
             ) from exc
         return ResolvedReference(reference, SourceKind.STORE, version_id=version_id)
-    if Path(reference).exists():
+    if _exists(reference, allowed_roots):
         return _resolve_path(reference, allowed_roots)
     raise unresolvable(
         reference, "not an existing path or built-in alias, and no checkpoint store was given"
@@ -166,33 +168,58 @@ def _looks_like_path(reference: str) -> bool:
     )
 
 
+def _roots(allowed_roots: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Each root as written (absolute) and with its own symlinks resolved."""
+    roots: list[Path] = []
+    for root in allowed_roots:
+        given = Path(os.path.abspath(Path(root).expanduser()))
+        roots.extend(dict.fromkeys((given, given.resolve())))
+    return roots
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _lexical(reference: str) -> Path:
+    """The absolute path as written, ``..`` folded, without touching the file system."""
+    return Path(os.path.abspath(Path(reference).expanduser()))
+
+
+def _exists(reference: str, allowed_roots: Sequence[str | os.PathLike[str]] | None) -> bool:
+    """Whether ``reference`` names an existing path; with roots, only paths under them are
+    looked at, so the answer says nothing about the rest of the file system."""
+    if allowed_roots is not None and not _inside(_lexical(reference), _roots(allowed_roots)):
+        return False
+    return Path(reference).expanduser().exists()
+
+
+def outside_roots(reference: str, detail: str = "") -> ReferenceNotAllowedError:
+    return ReferenceNotAllowedError(
+        f"model reference {reference!r} is outside the server's model roots{detail}"
+    )
+
+
 def _resolve_path(
     reference: str, allowed_roots: Sequence[str | os.PathLike[str]] | None
 ) -> ResolvedReference:
+    roots = None if allowed_roots is None else _roots(allowed_roots)
+    if roots is not None and not _inside(_lexical(reference), roots):
+        raise outside_roots(reference)
     path = Path(reference).expanduser().resolve()
-    if allowed_roots is not None:
-        _check_allowed(reference, path, allowed_roots)
+    if roots is not None and not _inside(path, roots):
+        raise outside_roots(reference, " (it is a link that leads out of them)")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise unresolvable(reference, f"folder {path} has no config.json")
-        if allowed_roots is not None:
+            raise unresolvable(reference, "the folder has no config.json")
+        if roots is not None:
             for child in path.iterdir():
-                _check_allowed(reference, child.resolve(), allowed_roots)
+                if not _inside(child.resolve(), roots):
+                    raise outside_roots(reference, f" (its {child.name} links out of them)")
         return ResolvedReference(reference, SourceKind.FOLDER, path)
     if path.is_file():
         with path.open("rb") as f:
             if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-                raise unresolvable(reference, f"{path} is a file but not a GGUF file")
+                raise unresolvable(reference, "it is a file but not a GGUF file")
         return ResolvedReference(reference, SourceKind.GGUF, path)
-    raise unresolvable(reference, f"no such file or folder: {path}")
-
-
-def _check_allowed(
-    reference: str, path: Path, allowed_roots: Sequence[str | os.PathLike[str]]
-) -> None:
-    roots = [Path(root).expanduser().resolve() for root in allowed_roots]
-    if not any(path.is_relative_to(root) for root in roots):
-        raise ReferenceNotAllowedError(
-            f"model reference {reference!r} resolves to {path}, outside the allowed roots "
-            f"({', '.join(str(r) for r in roots) or 'none'})"
-        )
+    raise unresolvable(reference, "no such file or folder")

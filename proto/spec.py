@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from modelsurgery.editing.registry import MethodConfig, config_class, method_configs
 from modelsurgery.evaluation.metrics import gate_problem
+from modelsurgery.proto import limits
 from modelsurgery.v1 import jobs_pb2
 
 API_VERSION = "v1"
@@ -47,6 +48,10 @@ class SpecError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class SpecTooLarge(SpecError):
+    """A spec over a size bound (bytes): the server answers RESOURCE_EXHAUSTED."""
 
 
 class Gate(BaseModel):
@@ -83,12 +88,21 @@ class JobSpec(BaseModel):
     operations: list[MethodConfig]
     gates: dict[str, str] = {}
     alias: str | None = None
+    timeout_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Deadline of the job in seconds once it runs; 0 = the server's maximum "
+        "(serve --max-job-seconds), which is also the most it may ask for.",
+    )
 
     @field_validator("base")
     @classmethod
     def _base_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a model reference, version id or alias")
+        if len(value) > limits.MAX_REFERENCE_CHARS:
+            raise ValueError(f"at most {limits.MAX_REFERENCE_CHARS} characters")
         return value.strip()
 
     @field_validator("alias")
@@ -110,6 +124,8 @@ class JobSpec(BaseModel):
         }
         if self.alias:
             data["alias"] = self.alias
+        if self.timeout_s:
+            data["timeout_s"] = self.timeout_s
         return data
 
     def fingerprint(self) -> str:
@@ -118,19 +134,26 @@ class JobSpec(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_proto(self) -> jobs_pb2.JobSpec:
-        operations = []
-        for op in self.operations:
-            params = struct_pb2.Struct()
-            fields = op.model_dump(mode="json", exclude={"method"})
-            params.update(fields)
-            operations.append(jobs_pb2.Operation(method=op.method, params=params))
-        return jobs_pb2.JobSpec(
-            api_version=self.api_version,
-            base=self.base,
-            operations=operations,
-            gates=dict(self.gates),
-            alias=self.alias or "",
-        )
+        return stored_spec_to_proto(self.to_dict())
+
+
+def stored_spec_to_proto(data: dict[str, Any]) -> jobs_pb2.JobSpec:
+    """A spec as ``JobSpec.to_dict`` wrote it, as the API message, without validating it
+    again: showing a stored job costs no parse, and a row stored before a bound existed is
+    still shown."""
+    operations = []
+    for op in data.get("operations", []):
+        params = struct_pb2.Struct()
+        params.update({name: value for name, value in op.items() if name != "method"})
+        operations.append(jobs_pb2.Operation(method=op.get("method", ""), params=params))
+    return jobs_pb2.JobSpec(
+        api_version=data.get("api_version", API_VERSION),
+        base=data.get("base", ""),
+        operations=operations,
+        gates=dict(data.get("gates", {})),
+        alias=data.get("alias") or "",
+        timeout_s=data.get("timeout_s", 0.0),
+    )
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -167,6 +190,33 @@ def _parse_operation(index: int, raw: Any) -> MethodConfig:
         raise SpecError(_error_field(where, first), first["msg"]) from None
 
 
+def check_spec_size(data: dict[str, Any]) -> None:
+    """The counts and sizes a spec may have (``limits``), checked before anything is parsed,
+    so an oversized spec costs the server one pass over it and is never stored."""
+    raw_ops, gates = data.get("operations"), data.get("gates")
+    if isinstance(raw_ops, list) and len(raw_ops) > limits.MAX_OPERATIONS:
+        raise SpecError(
+            "operations", f"at most {limits.MAX_OPERATIONS} operations (got {len(raw_ops)})"
+        )
+    if isinstance(gates, dict):
+        if len(gates) > limits.MAX_GATES:
+            raise SpecError("gates", f"at most {limits.MAX_GATES} gates (got {len(gates)})")
+        for name, condition in gates.items():
+            if len(str(name)) > limits.MAX_GATE_NAME_CHARS:
+                raise SpecError(
+                    "gates", f"a gate name has at most {limits.MAX_GATE_NAME_CHARS} characters"
+                )
+            if len(str(condition)) > limits.MAX_GATE_CONDITION_CHARS:
+                raise SpecError(
+                    f"gates.{name}", f"at most {limits.MAX_GATE_CONDITION_CHARS} characters"
+                )
+    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+    if size > limits.MAX_SPEC_BYTES:
+        raise SpecTooLarge(
+            "spec", f"is {size} bytes as JSON; at most {limits.MAX_SPEC_BYTES} bytes"
+        )
+
+
 def parse_spec(data: Any) -> JobSpec:
     """Validate a spec given as plain data (from YAML, JSON or the SDK); raises SpecError."""
     if not isinstance(data, dict):
@@ -174,6 +224,7 @@ def parse_spec(data: Any) -> JobSpec:
     unknown = set(data) - set(JobSpec.model_fields)
     if unknown:
         raise SpecError(sorted(unknown)[0], "unknown field")
+    check_spec_size(data)
     raw_ops = data.get("operations")
     if not isinstance(raw_ops, list) or not raw_ops:
         raise SpecError("operations", "must be a non-empty list")
@@ -218,6 +269,19 @@ def _params_to_dict(index: int, params: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def spec_from_proto(message: jobs_pb2.JobSpec) -> JobSpec:
+    # A cheap first bound before any conversion: a spec's protobuf is at most a few times its
+    # JSON (a number is 9 bytes there); parse_spec then bounds the JSON itself.
+    if message.ByteSize() > 4 * limits.MAX_SPEC_BYTES:
+        raise SpecTooLarge(
+            "spec",
+            f"is {message.ByteSize()} bytes on the wire; a spec may be at most "
+            f"{limits.MAX_SPEC_BYTES} bytes as JSON",
+        )
+    if len(message.operations) > limits.MAX_OPERATIONS:
+        raise SpecError(
+            "operations",
+            f"at most {limits.MAX_OPERATIONS} operations (got {len(message.operations)})",
+        )
     data: dict[str, Any] = {
         "api_version": message.api_version or API_VERSION,
         "base": message.base,
@@ -229,6 +293,8 @@ def spec_from_proto(message: jobs_pb2.JobSpec) -> JobSpec:
     }
     if message.alias:
         data["alias"] = message.alias
+    if message.timeout_s:
+        data["timeout_s"] = message.timeout_s
     return parse_spec(data)
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
+from modelsurgery.proto import limits
 
 if TYPE_CHECKING:
     from modelsurgery.models.adapters import FamilyLayout
@@ -62,14 +63,14 @@ class PruneConfig(MethodConfig):
     layers: list[int] | None = None
     uniform_widths: bool = True
     bias_compensation: bool = False
-    calibration_samples: int = Field(default=128, ge=1)
-    calibration_seqlen: int = Field(default=512, ge=2)
-    calibration_batch_size: int = Field(default=8, ge=1)
+    calibration_samples: int = Field(default=128, ge=1, le=limits.MAX_CALIBRATION_SAMPLES)
+    calibration_seqlen: int = Field(default=512, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
+    calibration_batch_size: int = Field(default=8, ge=1, le=limits.MAX_BATCH_SIZE)
     calibration_data: str | None = None
     calibration_dtype: DtypeSetting = "auto"
     evaluate_perplexity: bool = True
-    perplexity_tokens: int = Field(default=4096, ge=2)
-    perplexity_window: int = Field(default=512, ge=2)
+    perplexity_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
+    perplexity_window: int = Field(default=512, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
     measure_latency: bool = True
     seed: int = 0
 

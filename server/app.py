@@ -14,14 +14,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelsurgery.checkpoints import CheckpointStore, default_root
-from modelsurgery.server.auth import BearerTokenInterceptor, load_tokens
+from modelsurgery.proto.limits import DEFAULT_MAX_EXPORT_BYTES, DEFAULT_MAX_JOB_SECONDS
+from modelsurgery.server.auth import BearerTokenInterceptor, load_tokens, take_env_tokens
 from modelsurgery.server.checkpoint_service import CheckpointService, ExportCache
 from modelsurgery.server.engine import EngineSettings, JobEngine
 from modelsurgery.server.executor import WorkerSettings
+from modelsurgery.server.failures import FailureInterceptor
 from modelsurgery.server.job_service import JobService
 from modelsurgery.server.job_table import JobTable
 from modelsurgery.server.logs import configure_logging, relay_output
 from modelsurgery.server.metrics import ServerMetrics
+from modelsurgery.server.permissions import AliasPolicy
 from modelsurgery.server.reflection import enable_server_reflection
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -36,11 +39,20 @@ class ServerSettings:
     port: int = 50051
     store_root: Path = field(default_factory=default_root)
     tokens_file: Path | None = None
+    # The value of MODELSURGERY_TOKENS, moved here out of the environment at start so that no
+    # child process inherits it (None: not read yet).
+    env_tokens: str | None = field(default=None, repr=False)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Folders model paths and data files must lie under; None / () mean the home's models/
+    # and data/ folders (built-in aliases, Hub repositories and stored versions need none).
     model_roots: tuple[Path, ...] | None = None
     data_roots: tuple[Path, ...] = ()
+    # fnmatch patterns of aliases any writer may move (others: their creator or an admin).
+    shared_aliases: tuple[str, ...] = ()
+    # Listen on this Unix domain socket (made 0600) instead of host:port.
+    unix_socket: Path | None = None
     ray_address: str | None = None
     num_cpus: int | None = None
     worker_cpus: int | None = None
@@ -49,6 +61,12 @@ class ServerSettings:
     max_queued_per_caller: int = 100
     max_request_bytes: int = MAX_MESSAGE_BYTES
     max_cache_bytes: int = 8 << 30
+    # The longest a job may run (its spec's timeout_s may ask for less, never more).
+    max_job_seconds: float = DEFAULT_MAX_JOB_SECONDS
+    # Exported folders kept for downloads, least recently used out beyond this.
+    max_export_bytes: int = DEFAULT_MAX_EXPORT_BYTES
+    # Finished jobs and their events are deleted this long after they ended (None: kept).
+    job_retention_seconds: float | None = 30 * 24 * 3600.0
     metrics_port: int | None = None
     # On stop, health reads NOT_SERVING this long before the port closes, so that a balancer
     # polling Check stops sending calls; Watch streams are told at once.
@@ -59,6 +77,25 @@ class ServerSettings:
         """Server state beside the store: job database, exports, statistics caches."""
         return self.store_root.parent
 
+    @property
+    def model_folders(self) -> tuple[Path, ...]:
+        return self.model_roots or (self.home / "models",)
+
+    @property
+    def data_folders(self) -> tuple[Path, ...]:
+        return self.data_roots or (self.home / "data",)
+
+    def default_folders(self) -> list[Path]:
+        """The home's models/ and data/ where they serve as roots (created at start)."""
+        return [
+            folders[0]
+            for given, folders in (
+                (self.model_roots, self.model_folders),
+                (self.data_roots, self.data_folders),
+            )
+            if not given
+        ]
+
 
 class ModelSurgeryServer:
     """One running server; ``start`` returns once it accepts calls on ``self.port``."""
@@ -66,6 +103,7 @@ class ModelSurgeryServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.port: int | None = None
+        self.address = ""
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -88,22 +126,27 @@ class ModelSurgeryServer:
 
     async def start(self) -> int:
         s = self.settings
-        tokens = load_tokens(s.tokens_file)
+        if s.env_tokens is None:
+            s.env_tokens = take_env_tokens()
+        tokens = load_tokens(s.tokens_file, s.env_tokens)
         if not tokens and s.host not in LOOPBACK:
             log.warning(
                 "no bearer tokens configured: binding to loopback only instead of %s", s.host
             )
             s.host = "127.0.0.1"
-        elif not tokens:
+        elif not tokens and s.unix_socket is None:
             log.warning("no bearer tokens configured: serving loopback only, unauthenticated")
+        for folder in s.default_folders():
+            folder.mkdir(parents=True, exist_ok=True)
+        aliases = AliasPolicy(s.shared_aliases)
         store = CheckpointStore(s.store_root)
         self.table = JobTable(s.home / "jobs.sqlite3")
         self.metrics = metrics = ServerMetrics(self.table)
         worker = WorkerSettings(
             store_root=s.store_root,
             cache_dir=s.home / "cache",
-            data_roots=s.data_roots,
-            model_roots=s.model_roots,
+            data_roots=s.data_folders,
+            model_roots=s.model_folders,
             max_cache_bytes=s.max_cache_bytes,
         )
         self.engine = JobEngine(
@@ -115,12 +158,15 @@ class ModelSurgeryServer:
                 worker_cpus=s.worker_cpus,
                 workers=s.workers,
                 max_attempts=s.max_attempts,
+                max_job_seconds=s.max_job_seconds,
+                retention_seconds=s.job_retention_seconds,
             ),
             metrics,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = [metrics.grpc_interceptor()]
         if tokens:
             interceptors.append(BearerTokenInterceptor(tokens))
+        interceptors.append(FailureInterceptor(s))  # innermost: sees the servicer's errors
         options = [
             ("grpc.max_receive_message_length", s.max_request_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -131,14 +177,19 @@ class ModelSurgeryServer:
                 self.table,
                 self.engine,
                 store,
-                model_roots=s.model_roots,
+                model_roots=s.model_folders,
                 max_queued_per_caller=s.max_queued_per_caller,
+                max_job_seconds=s.max_job_seconds,
+                alias_policy=aliases,
             ),
             server,
         )
-        exports = ExportCache(s.home / "exports", store)
+        exports = ExportCache(s.home / "exports", store, max_bytes=s.max_export_bytes)
         checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
-            CheckpointService(store, self.engine, exports, model_roots=s.model_roots), server
+            CheckpointService(
+                store, self.engine, exports, model_roots=s.model_folders, alias_policy=aliases
+            ),
+            server,
         )
         self._health = health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -148,12 +199,8 @@ class ModelSurgeryServer:
             health.SERVICE_NAME,
         )
         enable_server_reflection(services, server)
-        address = f"{s.host}:{s.port}"
         credentials = self._credentials()
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        self.port = self._bind(server, credentials)
         await self.engine.start()
         await server.start()
         self._server = server
@@ -164,7 +211,7 @@ class ModelSurgeryServer:
         log.info(
             "serving",
             extra={
-                "address": f"{s.host}:{self.port}",
+                "address": self.address,
                 "tls": credentials is not None,
                 "auth": bool(tokens),
                 "store": str(s.store_root),
@@ -172,6 +219,21 @@ class ModelSurgeryServer:
             },
         )
         return self.port
+
+    def _bind(self, server: grpc.aio.Server, credentials: grpc.ServerCredentials | None) -> int:
+        """Open the listening address (``self.address``); the TCP port, 0 on a Unix socket."""
+        s = self.settings
+        target = f"unix:{s.unix_socket}" if s.unix_socket is not None else f"{s.host}:{s.port}"
+        if credentials is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
+        if s.unix_socket is not None:
+            s.unix_socket.chmod(0o600)
+            self.address = target
+            return 0
+        self.address = f"{s.host}:{port}"
+        return port
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: every service's health turns NOT_SERVING, then calls in flight get ``grace``
@@ -198,7 +260,7 @@ async def serve_forever(settings: ServerSettings, ready_file: Path | None = None
     server = ModelSurgeryServer(settings)
     port = await server.start()
     if ready_file is not None:
-        ready = {"port": port, "metrics_port": server.metrics_port}
+        ready = {"port": port, "address": server.address, "metrics_port": server.metrics_port}
         partial = ready_file.with_name(ready_file.name + ".partial")
         partial.write_text(json.dumps(ready), encoding="utf-8")
         partial.replace(ready_file)
@@ -215,6 +277,8 @@ async def serve_forever(settings: ServerSettings, ready_file: Path | None = None
 def run(settings: ServerSettings, ready_file: Path | None = None, json_logs: bool = True) -> None:
     """Serve until a signal; with ``json_logs`` every line on stdout/stderr is a JSON object,
     native output included (see ``logs.relay_output``)."""
+    if settings.env_tokens is None:  # before the log relay starts: it must not inherit them
+        settings.env_tokens = take_env_tokens()
     with relay_output() if json_logs else contextlib.nullcontext():
         configure_logging(json_logs)
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import ray
 from pydantic import ValidationError
 
 from modelsurgery.checkpoints import (
@@ -23,17 +24,20 @@ from modelsurgery.checkpoints import (
 from modelsurgery.evaluation.suite import Suite
 from modelsurgery.models import ModelReferenceError, resolve_reference
 from modelsurgery.models.stored import stored_artifact_names
+from modelsurgery.proto import limits
+from modelsurgery.server.auth import current_identity
 from modelsurgery.server.convert import PAGE_TOKEN, version_to_proto
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
 from modelsurgery.server.exports import ExportCache
-from modelsurgery.server.generation import EmptyPromptError
+from modelsurgery.server.generation import GenerationStopped, PromptError
+from modelsurgery.server.permissions import AliasPolicy, PermissionDenied
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 
 MAX_CHUNK = 3 << 20
 DEFAULT_CHUNK = MAX_CHUNK
-MAX_PROMPTS = 16
-MAX_NEW_TOKENS = 512
+MAX_PROMPTS = limits.MAX_PROMPTS
+MAX_NEW_TOKENS = limits.MAX_NEW_TOKENS
 MAX_SUITE_BYTES = 3 << 20
 
 
@@ -72,6 +76,17 @@ async def read_ahead(
             pending.add_done_callback(close)
 
 
+async def cancelled_with_caller(ref: Any) -> Any:
+    """The result of a worker call; if the RPC ends first (its caller went away or its
+    deadline passed: grpc.aio cancels this coroutine), the Ray task is cancelled too, so the
+    worker stops (or never starts) instead of working on for no one."""
+    try:
+        return await ref
+    except asyncio.CancelledError:
+        ray.cancel(ref)
+        raise
+
+
 class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
     def __init__(
         self,
@@ -80,11 +95,25 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         exports: ExportCache,
         *,
         model_roots: tuple[Path, ...] | None,
+        alias_policy: AliasPolicy | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.exports = exports
         self.model_roots = model_roots
+        self.alias_policy = alias_policy or AliasPolicy()
+
+    def _move_alias(self, name: str, version_id: str, expected: Any, field: str) -> None:
+        """Move (or create) alias ``name`` as the current caller, if the alias policy lets it;
+        the owner check runs under the store lock, so a racing creator cannot slip past it."""
+        caller = current_identity()
+        self.store.set_alias(
+            name,
+            version_id,
+            expected=expected,
+            owner=caller.name,
+            authorize=self.alias_policy.authorizer(caller, name, field),
+        )
 
     async def _manifest(
         self, ref: str, context: grpc.aio.ServicerContext, field: str = "ref"
@@ -154,11 +183,11 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         if request.check_expected:
             expected = request.expected_version_id or None
         try:
-            await asyncio.to_thread(
-                self.store.set_alias, request.name, target.id, expected=expected
-            )
+            await asyncio.to_thread(self._move_alias, request.name, target.id, expected, "name")
         except InvalidAliasError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "name")
+        except PermissionDenied as exc:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field)
         except AliasConflictError as exc:
             await abort(
                 context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "expected_version_id"
@@ -194,6 +223,18 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         self, request: checkpoints_pb2.DownloadVersionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[checkpoints_pb2.DownloadVersionResponse]:
         manifest = await self._manifest(request.ref, context)
+        # Pinned while it streams: the export cache evicts other folders, never this one.
+        with self.exports.pinned(manifest.id):
+            async with contextlib.aclosing(self._download(manifest, request, context)) as parts:
+                async for part in parts:
+                    yield part
+
+    async def _download(
+        self,
+        manifest: Manifest,
+        request: checkpoints_pb2.DownloadVersionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[checkpoints_pb2.DownloadVersionResponse]:
         chunk = request.chunk_size or DEFAULT_CHUNK
         if not 0 < chunk <= MAX_CHUNK:
             await abort(
@@ -280,12 +321,20 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         except (ModelReferenceError, OSError, ValueError) as exc:
             # OSError/ValueError: paths the OS rejects (NUL byte, name too long).
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "reference")
+        if request.alias:
+            owner = await asyncio.to_thread(self.store.alias_owner, request.alias)
+            try:
+                self.alias_policy.check(current_identity(), request.alias, owner, "alias")
+            except PermissionDenied as exc:
+                await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field)
         version_id = await self.engine.call("import_model", request.reference)
         if request.alias:
             try:
-                await asyncio.to_thread(self.store.set_alias, request.alias, version_id)
+                await asyncio.to_thread(self._move_alias, request.alias, version_id, ..., "alias")
             except InvalidAliasError as exc:
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "alias")
+            except PermissionDenied as exc:
+                await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field)
         manifest = await asyncio.to_thread(self.store.get, version_id)
         return checkpoints_pb2.ImportModelResponse(version=version_to_proto(manifest))
 
@@ -315,6 +364,15 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
                 "sampling needs temperature > 0 and 0 < top_p <= 1",
                 "temperature",
             )
+        for index, prompt in enumerate(request.prompts):
+            if len(prompt) > limits.MAX_PROMPT_CHARS:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompts[{index}] has {len(prompt)} characters; at most "
+                    f"{limits.MAX_PROMPT_CHARS}",
+                    f"prompts[{index}]",
+                )
         options = {
             "max_new_tokens": max_new,
             "do_sample": request.do_sample,
@@ -323,14 +381,23 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             "seed": request.seed,
             "chat": request.chat,
         }
+        remaining = context.time_remaining()
+        timeout = min(limits.MAX_GENERATE_SECONDS, remaining or limits.MAX_GENERATE_SECONDS)
+        worker = self.engine.any_actor()
         try:
-            completions = await self.engine.call(
-                "generate", manifest.id, list(request.prompts), options
+            completions = await cancelled_with_caller(
+                worker.generate.remote(manifest.id, list(request.prompts), options, timeout)
             )
-        except EmptyPromptError as exc:
+        except PromptError as exc:
             # Ray re-raises the worker's error as a subclass of it; ``cause`` is the original.
             cause = getattr(exc, "cause", exc)
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(cause), "prompts")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(cause), cause.field)
+        except GenerationStopped:
+            await abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"generation ran past {timeout:g} s and was stopped",
+            )
         return checkpoints_pb2.GenerateResponse(completions=completions, version_id=manifest.id)
 
     async def EvaluateVersion(

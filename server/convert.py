@@ -9,7 +9,7 @@ from datetime import datetime
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from modelsurgery.checkpoints import Manifest
-from modelsurgery.proto.spec import parse_spec
+from modelsurgery.proto.spec import stored_spec_to_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 
@@ -38,7 +38,7 @@ def job_to_proto(job: jt.JobRecord) -> jobs_pb2.Job:
     message = jobs_pb2.Job(
         id=job.id,
         request_id=job.request_id,
-        spec=parse_spec(job.spec).to_proto(),
+        spec=stored_spec_to_proto(job.spec),
         state=STATE_TO_PROTO[job.state],
         version_id=job.version_id or "",
         metrics=job.metrics,

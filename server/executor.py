@@ -90,6 +90,22 @@ def load_base(
     return cache.get_or_load(f"version:{version_id}", lambda: from_store(version_id))
 
 
+def artifact_reader(
+    store: CheckpointStore, version_id: str, written: dict[str, bytes]
+) -> Callable[[str], bytes | None]:
+    """``MethodContext.read_artifact``: this job's files so far, else the base version's."""
+
+    def read(name: str) -> bytes | None:
+        if name in written:
+            return written[name]
+        try:
+            return store.read_file(version_id, name)
+        except KeyError:
+            return None
+
+    return read
+
+
 def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[dict[str, Any]]:
     results = []
     for name, gate in spec.parsed_gates().items():
@@ -113,7 +129,12 @@ def execute_job(
     settings: WorkerSettings,
     emit: Emit,
     is_cancelled: Callable[[], bool],
+    caller: str = "",
+    job_id: str | None = None,
 ) -> JobOutcome:
+    """Run one job; ``caller`` (who submitted it) becomes the owner of an alias it creates
+    (SubmitJob already checked that the caller may move the spec's alias); the version's
+    manifest names ``job_id``, which makes the publish the job's commit point."""
     spec = parse_spec(spec_data)
     started = time.perf_counter()
     emit({"kind": "progress", "message": "loading base model", "base": spec.base})
@@ -140,6 +161,7 @@ def execute_job(
                 device=torch.device(settings.device),
                 report=lambda event, i=index: emit({"kind": "progress", "operation": i, **event}),
                 is_cancelled=is_cancelled,
+                read_artifact=artifact_reader(store, base.version_id, artifacts),
             )
             emit({"kind": "progress", "message": f"running {operation.method}", "operation": index})
             result = method.run(model, base.tokenizer, operation, context)
@@ -183,9 +205,10 @@ def execute_job(
         metrics=metrics,
         config_overrides=overrides or None,
         artifacts=artifacts or None,
+        job_id=job_id,
     )
     if spec.alias:
-        store.set_alias(spec.alias, manifest.id)
+        store.set_alias(spec.alias, manifest.id, owner=caller)
     return JobOutcome("SUCCEEDED", version_id=manifest.id, metrics=metrics, gates=gates)
 
 

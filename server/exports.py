@@ -5,24 +5,37 @@ A folder is built once (temp folder + rename) and reused. The sha256 of every fi
 on the event loop), and kept in ``<version id>.files.json`` beside the folder, so a download
 starts streaming at once and a restarted server does not hash the folder again. Piece digests
 let a client fetch ranges of a file in parallel and check each as it completes.
+
+The folders together stay under ``max_bytes`` (``serve --max-export-bytes``): after a build, the
+least recently used folders go first, never one a download has pinned; a folder evicted is
+built again when next asked for. Use order is kept in memory and survives a restart as each
+folder's mtime (touched on use). Anything left by a kill (a ``.partial-`` folder of a build or
+an eviction, a listing's temp file) is removed when the cache is opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import threading
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.proto.limits import DEFAULT_MAX_EXPORT_BYTES
 from modelsurgery.v1 import checkpoints_pb2
 
 PIECE_SIZE = 16 << 20
 LISTING_SUFFIX = ".files.json"
+PARTIAL_PREFIX = ".partial-"
 _HASH_BLOCK = 4 << 20
 
 
@@ -90,15 +103,59 @@ def _to_json(files: list[checkpoints_pb2.ExportedFile]) -> str:
     )
 
 
-class ExportCache:
-    """Exported folders and their listings, each built once; safe to call from threads."""
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
-    def __init__(self, root: Path, store: CheckpointStore, piece_size: int = PIECE_SIZE) -> None:
+
+def remove_leftovers(root: Path) -> None:
+    """What a killed build or eviction left: ``.partial-`` folders and listing temp files."""
+    for entry in root.iterdir():
+        if entry.name.startswith(PARTIAL_PREFIX) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(".") and f"{LISTING_SUFFIX}." in entry.name:
+            entry.unlink(missing_ok=True)
+
+
+class ExportCache:
+    """Exported folders and their listings, each built once, bounded in bytes; safe to call
+    from threads."""
+
+    def __init__(
+        self,
+        root: Path,
+        store: CheckpointStore,
+        piece_size: int = PIECE_SIZE,
+        max_bytes: int = DEFAULT_MAX_EXPORT_BYTES,
+    ) -> None:
         self.root = root
         self.store = store
         self.piece_size = piece_size
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._listings: dict[str, list[checkpoints_pb2.ExportedFile]] = {}
+        # Pins (downloads streaming a folder) have their own lock: pinning never waits for a
+        # build, so the event loop may pin.
+        self._pin_lock = threading.Lock()
+        self._pins: Counter[str] = Counter()
+        # Order of use in this process (the file system's clock is too coarse to tell two
+        # uses in a row apart); folders unused since the start go by mtime, before these.
+        self._uses = itertools.count()
+        self._last_use: dict[str, int] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(root)
+
+    @contextmanager
+    def pinned(self, version_id: str) -> Iterator[None]:
+        """While held, the version's folder is not evicted (pin before reading the listing)."""
+        with self._pin_lock:
+            self._pins[version_id] += 1
+        try:
+            yield
+        finally:
+            with self._pin_lock:
+                self._pins[version_id] -= 1
+                if not self._pins[version_id]:
+                    del self._pins[version_id]
 
     def folder(self, version_id: str) -> Path:
         self.listing(version_id)
@@ -107,7 +164,16 @@ class ExportCache:
     def cached(self, version_id: str) -> list[checkpoints_pb2.ExportedFile] | None:
         """The listing if this process has it and the folder is still there (no hashing)."""
         files = self._listings.get(version_id)
-        return files if files is not None and (self.root / version_id).is_dir() else None
+        if files is None or not (self.root / version_id).is_dir():
+            return None
+        self._touch(version_id)
+        return files
+
+    def _touch(self, version_id: str) -> None:
+        """Mark a use: eviction goes least recently used first."""
+        self._last_use[version_id] = next(self._uses)
+        with contextlib.suppress(OSError):
+            os.utime(self.root / version_id)
 
     def listing(self, version_id: str) -> list[checkpoints_pb2.ExportedFile]:
         """The folder's listing, building the folder and its digests the first time (this
@@ -117,7 +183,45 @@ class ExportCache:
             if files is None:
                 files = self._load_or_build(version_id)
                 self._listings[version_id] = files
+                self._touch(version_id)
+                self._evict(keep=version_id)
             return files
+
+    def total_bytes(self) -> int:
+        return sum(folder[-1] for folder in self._folders())
+
+    def _folders(self) -> list[tuple[int, float, str, int]]:
+        """(use order, mtime, version id, bytes) of every exported folder."""
+        folders = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            files = self._listings.get(entry.name)
+            size = sum(f.size for f in files) if files is not None else folder_bytes(entry)
+            use = self._last_use.get(entry.name, -1)
+            folders.append((use, entry.stat().st_mtime, entry.name, size))
+        return folders
+
+    def _evict(self, keep: str) -> None:
+        """Least recently used folders out until the rest fit ``max_bytes`` (never ``keep``
+        or a pinned one: those may leave the cache over its bound until they are released)."""
+        folders = sorted(self._folders())
+        total = sum(size for *_, size in folders)
+        for *_, version_id, size in folders:
+            if total <= self.max_bytes:
+                return
+            with self._pin_lock:
+                if version_id == keep or self._pins[version_id]:
+                    continue
+                # Renamed first: a folder that exists is whole, and a kill mid-removal leaves
+                # a .partial- folder that the next start removes.
+                doomed = self.root / f"{PARTIAL_PREFIX}{version_id}-evicted-{uuid.uuid4().hex[:8]}"
+                (self.root / version_id).rename(doomed)
+            self._listings.pop(version_id, None)
+            self._last_use.pop(version_id, None)
+            self._listing_path(version_id).unlink(missing_ok=True)
+            shutil.rmtree(doomed, ignore_errors=True)
+            total -= size
 
     def _load_or_build(self, version_id: str) -> list[checkpoints_pb2.ExportedFile]:
         target = self.root / version_id
@@ -127,7 +231,7 @@ class ExportCache:
                 files = digest_files(target, self.piece_size)
                 self._write_listing(version_id, files)
             return files
-        partial = self.root / f".partial-{version_id}-{uuid.uuid4().hex[:8]}"
+        partial = self.root / f"{PARTIAL_PREFIX}{version_id}-{uuid.uuid4().hex[:8]}"
         try:
             self.store.export(version_id, partial)
             files = digest_files(partial, self.piece_size)

@@ -2,13 +2,71 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from modelsurgery.proto.limits import MAX_PROMPT_TOKENS
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-class EmptyPromptError(ValueError):
+class PromptError(ValueError):
+    """A prompt the model cannot continue; ``field`` names it (``prompts[i]``). Built from
+    ``(field, detail)`` so it pickles through Ray as it is."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(field, detail)
+        self.field = field
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.detail}"
+
+
+class EmptyPromptError(PromptError):
     """A prompt with no tokens: there is nothing to continue."""
+
+
+class PromptTooLongError(PromptError):
+    """A prompt with more tokens than this server generates from."""
+
+
+class GenerationStopped(RuntimeError):
+    """Generation was stopped: its caller went away or its deadline passed."""
+
+
+def prompt_token_limit(model_config: Any) -> int:
+    """``MAX_PROMPT_TOKENS``, or the model's positions when it has fewer."""
+    for key in POSITION_KEYS:
+        positions = getattr(model_config, key, None)
+        if isinstance(positions, int) and positions > 0:
+            return min(MAX_PROMPT_TOKENS, positions)
+    return MAX_PROMPT_TOKENS
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends ``generate`` at the next token once ``should_stop`` says so (polled per token)."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+        self.fired = False
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        self.fired = self.fired or self.should_stop()
+        return torch.full((input_ids.shape[0],), self.fired, device=input_ids.device)
+
+
+def _prompt_text(tokenizer: Any, prompt: str, chat: bool) -> str:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
 
 
 @torch.no_grad()
@@ -23,31 +81,45 @@ def generate_text(
     top_p: float = 1.0,
     seed: int = 0,
     chat: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[str]:
     """Completions (new text only) for each prompt, one prompt at a time so that no padding
-    shifts the prompt positions ReFT interventions are attached to."""
+    shifts the prompt positions ReFT interventions are attached to. Every prompt is checked
+    (tokens, ``prompt_token_limit``) before any is generated from; ``should_stop`` is polled
+    at every new token and raises ``GenerationStopped`` once it is true."""
     device = next(model.parameters()).device
-    completions = []
+    limit = prompt_token_limit(model.config)
+    encoded = []
     for index, prompt in enumerate(prompts):
-        if chat and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        inputs = tokenizer(_prompt_text(tokenizer, prompt, chat), return_tensors="pt")
+        count = inputs["input_ids"].shape[1]
+        if count == 0:
+            raise EmptyPromptError(f"prompts[{index}]", "has no tokens")
+        if count > limit:
+            raise PromptTooLongError(
+                f"prompts[{index}]", f"has {count} tokens; this model takes at most {limit}"
             )
-        else:
-            text = prompt
-        inputs = tokenizer(text, return_tensors="pt").to(device)
-        if inputs["input_ids"].shape[1] == 0:
-            raise EmptyPromptError(f"prompts[{index}] has no tokens")
+        encoded.append(inputs)
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = _StopWhen(should_stop)
+    completions = []
+    for inputs in encoded:
+        if should_stop():
+            raise GenerationStopped("generation stopped before it finished")
         torch.manual_seed(seed)
-        options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-        if do_sample:
-            options.update(temperature=temperature, top_p=top_p)
-        else:
-            options.update(temperature=None, top_p=None, top_k=None)
-        pad = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        output = model.generate(
+            **inputs.to(device),
+            pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([stop]),
+            **options,
         )
-        output = model.generate(**inputs, pad_token_id=pad, **options)
+        if stop.fired:
+            raise GenerationStopped("generation stopped before it finished")
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         completions.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
     return completions

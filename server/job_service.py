@@ -15,15 +15,17 @@ from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
 from modelsurgery.evaluation.metrics import LINEAGE_PREFIX
 from modelsurgery.models import ModelReferenceError, load_config
 from modelsurgery.models.stored import stored_artifact_names
+from modelsurgery.proto import limits
 from modelsurgery.proto.spec import (
     MESSAGE_FIELD,
     JobSpec,
     SpecError,
+    SpecTooLarge,
     check_gates,
     spec_from_proto,
 )
 from modelsurgery.server import job_table as jt
-from modelsurgery.server.auth import current_caller
+from modelsurgery.server.auth import current_caller, current_identity
 from modelsurgery.server.convert import (
     PAGE_TOKEN,
     PROTO_TO_STATE,
@@ -32,9 +34,23 @@ from modelsurgery.server.convert import (
 )
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
+from modelsurgery.server.permissions import AliasPolicy, PermissionDenied, may_see_job
 from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
 
 MAX_PAGE_SIZE = 500
+
+
+def fill_page(jobs: list[jobs_pb2.Job], budget: int) -> list[jobs_pb2.Job]:
+    """The leading jobs whose serialized size fits ``budget`` (at least one), so a page of
+    large jobs stays under the message limit and the rest follows with ``next_page_token``."""
+    page: list[jobs_pb2.Job] = []
+    used = 0
+    for job in jobs:
+        used += job.ByteSize()
+        if page and used > budget:
+            break
+        page.append(job)
+    return page
 
 
 class JobService(jobs_pb2_grpc.JobServiceServicer):
@@ -46,12 +62,16 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         *,
         model_roots: tuple[Any, ...] | None,
         max_queued_per_caller: int,
+        alias_policy: AliasPolicy | None = None,
+        max_job_seconds: float = limits.DEFAULT_MAX_JOB_SECONDS,
     ) -> None:
         self.table = table
+        self.alias_policy = alias_policy or AliasPolicy()
         self.engine = engine
         self.store = store
         self.model_roots = model_roots
         self.max_queued_per_caller = max_queued_per_caller
+        self.max_job_seconds = max_job_seconds
         self._configs: OrderedDict[str, Any] = OrderedDict()
 
     async def _model_config(self, base: str, context: grpc.aio.ServicerContext) -> Any:
@@ -79,7 +99,21 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         try:
             spec = spec_from_proto(request.spec)
         except SpecError as exc:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
+            code = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+                if isinstance(exc, SpecTooLarge)
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            field = "spec" if exc.field == "spec" else f"spec.{exc.field}"
+            await abort(context, code, str(exc), field)
+        if spec.timeout_s > self.max_job_seconds:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_s: at most {self.max_job_seconds:g} s on this server "
+                "(serve --max-job-seconds)",
+                "spec.timeout_s",
+            )
         config = await self._model_config(spec.base, context)
         await self._check_lineage(spec, config, context)
         await self._check_lineage_gates(spec, context)
@@ -138,6 +172,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             )
         spec = await self._validate(request, context)
         caller = current_caller()
+        if spec.alias:
+            owner = await asyncio.to_thread(self.store.alias_owner, spec.alias)
+            try:
+                self.alias_policy.check(current_identity(), spec.alias, owner, "spec.alias")
+            except PermissionDenied as exc:
+                await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field)
         if self.table.queued_count(caller) >= self.max_queued_per_caller:
             await abort(
                 context,
@@ -161,9 +201,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     async def _job(self, job_id: str, context: grpc.aio.ServicerContext) -> jt.JobRecord:
         try:
-            return self.table.get(job_id)
+            job = self.table.get(job_id)
         except KeyError:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}", "job_id")
+        if not may_see_job(current_identity(), job.caller):
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"job {job_id!r} belongs to another caller",
+                "job_id",
+            )
+        return job
 
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
@@ -191,10 +239,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             states.append(PROTO_TO_STATE[value])
         size = request.page_size or 50
         offset = int(request.page_token or 0)
-        jobs = self.table.list(states=tuple(states), limit=size + 1, offset=offset)
-        next_token = str(offset + size) if len(jobs) > size else ""
+        identity = current_identity()
+        jobs = self.table.list(
+            states=tuple(states),
+            limit=size + 1,
+            offset=offset,
+            caller=None if identity.is_admin else identity.name,
+        )
+        page = fill_page([job_to_proto(j) for j in jobs[:size]], limits.LIST_RESPONSE_BYTES)
+        more = len(page) < len(jobs)
         return jobs_pb2.ListJobsResponse(
-            jobs=[job_to_proto(j) for j in jobs[:size]], next_page_token=next_token
+            jobs=page, next_page_token=str(offset + len(page)) if more else ""
         )
 
     async def WatchJob(
@@ -210,7 +265,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 cursor = event.seq
                 yield jobs_pb2.WatchJobResponse(event=event_to_proto(event))
             if not events:
-                if self.table.get(request.job_id).state in jt.TERMINAL_STATES:
+                if self.table.state_of(request.job_id) in jt.TERMINAL_STATES:
                     return
                 await self.engine.wait_for_change(1.0)
 

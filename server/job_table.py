@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,12 @@ CREATE TABLE IF NOT EXISTS events (
 # Columns added since the first schema. CREATE TABLE IF NOT EXISTS leaves an existing table as
 # it was, so each one is added with ALTER TABLE where a database lacks it (old and new databases
 # end up with the same columns in the same order).
-_ADDED_COLUMNS = (("previous_attempt", "TEXT NOT NULL DEFAULT ''"),)
+_ADDED_COLUMNS = (
+    ("previous_attempt", "TEXT NOT NULL DEFAULT ''"),
+    # The server running the job and until when its claim holds (see ``renew_leases``).
+    ("lease_owner", "TEXT NOT NULL DEFAULT ''"),
+    ("lease_expires", "REAL NOT NULL DEFAULT 0"),
+)
 
 
 class IdempotencyConflict(ValueError):
@@ -73,6 +79,10 @@ class IdempotencyConflict(ValueError):
 
 class StateConflict(RuntimeError):
     """The job's state forbids the transition (e.g. cancelling a finished job)."""
+
+
+class LeaseLost(StateConflict):
+    """Another server took the job over (this one's lease expired): its result is not ours."""
 
 
 @dataclass
@@ -93,6 +103,8 @@ class JobRecord:
     attempts: int = 0
     cancel_requested: bool = False
     previous_attempt: str = ""
+    lease_owner: str = ""
+    lease_expires: float = 0.0
 
 
 @dataclass
@@ -124,6 +136,8 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
         attempts=row["attempts"],
         cancel_requested=bool(row["cancel_requested"]),
         previous_attempt=row["previous_attempt"],
+        lease_owner=row["lease_owner"],
+        lease_expires=row["lease_expires"],
     )
 
 
@@ -224,13 +238,25 @@ class JobTable:
         return _job_from_row(row)
 
     def list(
-        self, *, states: tuple[str, ...] = (), limit: int = 100, offset: int = 0
+        self,
+        *,
+        states: tuple[str, ...] = (),
+        limit: int = 100,
+        offset: int = 0,
+        caller: str | None = None,
     ) -> list[JobRecord]:
-        query = "SELECT * FROM jobs"
+        """Jobs in submit order; only ``caller``'s when given (None: every caller's)."""
+        conditions: list[str] = []
         params: list[Any] = []
         if states:
-            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            conditions.append(f"state IN ({','.join('?' * len(states))})")
             params.extend(states)
+        if caller is not None:
+            conditions.append("caller = ?")
+            params.append(caller)
+        query = "SELECT * FROM jobs"
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
         query += " ORDER BY created, id LIMIT ? OFFSET ?"
         params.extend([limit, offset])
         with self._lock:
@@ -261,17 +287,25 @@ class JobTable:
             ).fetchone()
         return None if row is None else _job_from_row(row)
 
-    def mark_running(self, job_id: str) -> JobRecord:
+    def mark_running(self, job_id: str, owner: str = "", lease_seconds: float = 0.0) -> JobRecord:
+        """QUEUED -> RUNNING under ``owner``'s lease; the state check and the claim are one
+        transaction, so of two servers sharing the database only one gets the job."""
         with self._transaction():
             job = self.get(job_id)
             if job.state != QUEUED:
                 raise StateConflict(f"job {job_id} is {job.state}, not QUEUED")
+            now = time.time()
             self._db.execute(
-                "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1 WHERE id = ?",
-                (RUNNING, time.time(), job_id),
+                "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1,"
+                " lease_owner = ?, lease_expires = ? WHERE id = ?",
+                (RUNNING, now, owner, now + lease_seconds, job_id),
             )
             self._append_event(job_id, "state", RUNNING, f"attempt {job.attempts + 1}", {})
         return self.get(job_id)
+
+    def _check_owner(self, job: JobRecord, owner: str | None) -> None:
+        if owner is not None and job.state == RUNNING and job.lease_owner != owner:
+            raise LeaseLost(f"job {job.id} is now run by {job.lease_owner or 'another server'}")
 
     def finish(
         self,
@@ -283,14 +317,17 @@ class JobTable:
         metrics: dict[str, float] | None = None,
         gates: list[dict[str, Any]] | None = None,
         error: str = "",
+        owner: str | None = None,
     ) -> JobRecord:
-        """Move a job to a terminal state with its results; a no-op if it already ended."""
+        """Move a job to a terminal state with its results; a no-op if it already ended.
+        With ``owner``, a RUNNING job must still be that server's (else ``LeaseLost``)."""
         if state not in TERMINAL_STATES:
             raise ValueError(f"{state} is not a terminal state")
         with self._transaction():
             job = self.get(job_id)
             if job.state in TERMINAL_STATES:
                 return job
+            self._check_owner(job, owner)
             self._db.execute(
                 "UPDATE jobs SET state = ?, finished = ?, version_id = ?, metrics_json = ?,"
                 " gates_json = ?, error = ? WHERE id = ?",
@@ -307,13 +344,79 @@ class JobTable:
             self._append_event(job_id, "state", state, message, {"error": error} if error else {})
         return self.get(job_id)
 
-    def requeue(self, job_id: str, reason: str) -> JobRecord:
+    def requeue(
+        self, job_id: str, reason: str, *, owner: str | None = None, count_attempt: bool = True
+    ) -> JobRecord:
+        """RUNNING -> QUEUED; ``count_attempt=False`` gives the attempt back (the server
+        stopped, the job did not fail)."""
         with self._transaction():
+            self._check_owner(self.get(job_id), owner)
             self._db.execute(
-                "UPDATE jobs SET state = ?, started = NULL WHERE id = ?", (QUEUED, job_id)
+                "UPDATE jobs SET state = ?, started = NULL, lease_owner = '', lease_expires = 0,"
+                " attempts = MAX(0, attempts - ?) WHERE id = ?",
+                (QUEUED, 0 if count_attempt else 1, job_id),
             )
             self._append_event(job_id, "state", QUEUED, reason, {})
         return self.get(job_id)
+
+    # --- leases --------------------------------------------------------------------------
+    def renew_leases(self, owner: str, lease_seconds: float) -> list[str]:
+        """Extend ``owner``'s claim on its RUNNING jobs; returns those of them whose
+        cancellation was requested (possibly through another server sharing the database)."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state = ?",
+                (time.time() + lease_seconds, owner, RUNNING),
+            )
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE lease_owner = ? AND state = ? AND cancel_requested = 1",
+                (owner, RUNNING),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def claim_abandoned(
+        self, owner: str, lease_seconds: float, is_dead: Callable[[str], bool]
+    ) -> list[JobRecord]:
+        """Take over RUNNING jobs whose server is gone: its lease expired, or ``is_dead`` says
+        the owning process no longer exists. The caller then decides each one's fate (publish
+        found, re-queue, fail) as their new owner."""
+        now = time.time()
+        with self._transaction():
+            rows = self._db.execute(
+                "SELECT id, lease_owner, lease_expires FROM jobs"
+                " WHERE state = ? AND lease_owner != ?",
+                (RUNNING, owner),
+            ).fetchall()
+            taken = [r["id"] for r in rows if r["lease_expires"] < now or is_dead(r["lease_owner"])]
+            for job_id in taken:
+                self._db.execute(
+                    "UPDATE jobs SET lease_owner = ?, lease_expires = ? WHERE id = ?",
+                    (owner, now + lease_seconds, job_id),
+                )
+        return [self.get(job_id) for job_id in taken]
+
+    def running_of(self, owner: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE lease_owner = ? AND state = ?", (owner, RUNNING)
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    # --- retention -----------------------------------------------------------------------
+    def delete_finished(self, before: float) -> int:
+        """Remove jobs that ended before ``before`` (a Unix time) with their events."""
+        with self._transaction():
+            ids = [
+                row[0]
+                for row in self._db.execute(
+                    f"SELECT id FROM jobs WHERE finished < ? AND state IN ({','.join('?' * 3)})",
+                    (before, *sorted(TERMINAL_STATES)),
+                )
+            ]
+            for job_id in ids:
+                self._db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return len(ids)
 
     def request_cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job at once; flag a running one (the worker stops between steps)."""
@@ -337,8 +440,22 @@ class JobTable:
         self, job_id: str, kind: str, message: str, fields: dict[str, Any] | None = None
     ) -> EventRecord:
         with self._transaction():
-            state = self.get(job_id).state
-            return self._append_event(job_id, kind, state, message, fields or {})
+            return self._append_event(job_id, kind, self.state_of(job_id), message, fields or {})
+
+    def state_of(self, job_id: str) -> str:
+        """The job's state alone (no spec parse: cheap for watchers and event writes)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return str(row[0])
+
+    def event_count(self, job_id: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return int(row[0])
 
     def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[EventRecord]:
         with self._lock:
@@ -373,27 +490,6 @@ class JobTable:
             ).fetchall()
         counts = {(kind, state): n for kind, state, n, _ in rows}
         return counts, max((last for *_, last in rows), default=rowid)
-
-    def recover_after_restart(self, max_attempts: int) -> list[JobRecord]:
-        """Jobs left RUNNING by a dead server: re-queue them, or fail them once out of attempts."""
-        recovered = []
-        for job in self.list(states=(RUNNING,), limit=1_000_000):
-            if job.cancel_requested:
-                recovered.append(
-                    self.finish(job.id, CANCELLED, message="cancelled; server restarted")
-                )
-            elif job.attempts < max_attempts:
-                recovered.append(self.requeue(job.id, "server restarted; job re-queued"))
-            else:
-                recovered.append(
-                    self.finish(
-                        job.id,
-                        FAILED,
-                        message="server restarted",
-                        error=f"server restarted while the job ran ({job.attempts} attempts)",
-                    )
-                )
-        return recovered
 
 
 class _Transaction:

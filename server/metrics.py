@@ -167,10 +167,6 @@ class ServerMetrics:
         skip_health = filters.negate(filters.service_name(health.SERVICE_NAME))
         return aio_server_interceptor(tracer_provider=self._tracer_provider, filter_=skip_health)
 
-    def observe_table(self, table: jt.JobTable) -> None:
-        """Nothing to do: job gauges are read from the table at scrape time. Kept because the
-        engine still calls it."""
-
     def job_finished(self, seconds: float) -> None:
         self.duration.observe(seconds)
 

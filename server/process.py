@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,11 @@ def start_server(
     *extra_args: str,
     env: dict[str, str] | None = None,
     tls_ca: Path | None = None,
+    model_roots: Sequence[Path] = (),
 ) -> ServerProcess:
     """``modelsurgery serve`` on a free loopback port with state under ``home``; logs go to
-    ``home/server.log``. The child gets its own process group, so ``kill`` also ends Ray."""
+    ``home/server.log``. The child gets its own process group, so ``kill`` also ends Ray.
+    ``model_roots`` are passed as ``--model-root`` (default: ``home/models`` only)."""
     home.mkdir(parents=True, exist_ok=True)
     ready = home / f"port-{time.monotonic_ns()}"
     log = home / "server.log"
@@ -69,6 +72,7 @@ def start_server(
         str(ready),
         "--num-cpus",
         "2",
+        *(arg for root in model_roots for arg in ("--model-root", str(root))),
         *extra_args,
     ]
     process = subprocess.Popen(

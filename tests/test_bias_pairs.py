@@ -73,7 +73,7 @@ def test_jsonl_pairs_and_data_roots(tmp_path: Path) -> None:
         resolve_data_file("../outside.jsonl", [root], "pairs_file")
     bad = root / "bad.jsonl"
     bad.write_text(json.dumps({"stereo": "only one side"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
+    with pytest.raises(ValueError, match=r"line 1 of bad\.jsonl"):
         load_pairs_jsonl(bad)
 
 

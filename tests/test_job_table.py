@@ -4,6 +4,7 @@ restart, migration of an older database."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -69,19 +70,61 @@ def test_cancel(table: jt.JobTable) -> None:
     assert table.next_queued() is None
 
 
-def test_recovery_requeues_then_fails(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite3"
-    table = jt.JobTable(path)
+def test_claim_takes_over_only_jobs_whose_server_is_gone(table: jt.JobTable) -> None:
+    live, expired, dead = (submit(table) for _ in range(3))
+    table.mark_running(live.id, "host:1:live", lease_seconds=60)
+    table.mark_running(expired.id, "host:2:slow", lease_seconds=-1)
+    table.mark_running(dead.id, "host:3:dead", lease_seconds=60)
+    claimed = table.claim_abandoned("host:9:me", 30, lambda owner: owner.endswith(":dead"))
+    assert sorted(j.id for j in claimed) == sorted([expired.id, dead.id])
+    assert {j.lease_owner for j in claimed} == {"host:9:me"}
+    assert table.get(live.id).lease_owner == "host:1:live"
+    assert table.claim_abandoned("host:8:other", 30, lambda owner: False) == []
+
+
+def test_a_server_that_lost_its_lease_cannot_record_a_result(table: jt.JobTable) -> None:
     job = submit(table)
-    table.mark_running(job.id)
-    table.close()
-    table = jt.JobTable(path)
-    (recovered,) = table.recover_after_restart(max_attempts=2)
-    assert recovered.state == jt.QUEUED
-    table.mark_running(job.id)
-    (failed,) = table.recover_after_restart(max_attempts=2)
-    assert failed.state == jt.FAILED and "restarted" in failed.error
-    table.close()
+    table.mark_running(job.id, "a", lease_seconds=-1)
+    table.claim_abandoned("b", 30, lambda owner: False)
+    with pytest.raises(jt.LeaseLost):
+        table.finish(job.id, jt.SUCCEEDED, message="late", version_id="v1", owner="a")
+    with pytest.raises(jt.LeaseLost):
+        table.requeue(job.id, "retry", owner="a")
+    assert table.finish(job.id, jt.FAILED, message="b decides", owner="b").state == jt.FAILED
+
+
+def test_renewal_extends_the_lease_and_reports_cancellations(table: jt.JobTable) -> None:
+    job = submit(table)
+    table.mark_running(job.id, "a", lease_seconds=1)
+    before = table.get(job.id).lease_expires
+    assert table.renew_leases("a", 60) == []
+    assert table.get(job.id).lease_expires > before + 30
+    table.request_cancel(job.id)
+    assert table.renew_leases("a", 60) == [job.id]
+    assert table.renew_leases("b", 60) == []
+
+
+def test_requeue_on_stop_gives_the_attempt_back(table: jt.JobTable) -> None:
+    job = submit(table)
+    table.mark_running(job.id, "a", lease_seconds=30)
+    assert table.running_of("a") == [job.id]
+    queued = table.requeue(job.id, "server stopped", owner="a", count_attempt=False)
+    assert (queued.state, queued.attempts, queued.lease_owner) == (jt.QUEUED, 0, "")
+    assert table.running_of("a") == []
+
+
+def test_retention_deletes_old_finished_jobs_with_their_events(table: jt.JobTable) -> None:
+    old, running = submit(table), submit(table)
+    table.mark_running(old.id)
+    table.finish(old.id, jt.SUCCEEDED, message="ok")
+    table.mark_running(running.id)
+    assert table.delete_finished(before=0) == 0
+    assert table.delete_finished(before=time.time() + 1) == 1
+    with pytest.raises(KeyError):
+        table.get(old.id)
+    assert table.events_after(old.id, 0) == []
+    assert table.state_of(running.id) == jt.RUNNING
+    assert table.event_count(running.id) == 2
 
 
 def test_list_filters_and_pages(table: jt.JobTable) -> None:

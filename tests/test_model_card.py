@@ -187,7 +187,6 @@ def download_server(store: CheckpointStore, tmp_path: Path) -> Iterator[tuple[st
     thread.start()
 
     exports = ExportCache(tmp_path / "exports", store)
-    (tmp_path / "exports").mkdir()
 
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()

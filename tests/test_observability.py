@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from modelsurgery.client import Client
 from modelsurgery.server import job_table as jt
-from modelsurgery.server.auth import BearerTokenInterceptor
+from modelsurgery.server.auth import BearerTokenInterceptor, Caller, Role
 from modelsurgery.server.logs import JsonFormatter, native_record, native_threshold
 from modelsurgery.server.metrics import ServerMetrics
 from modelsurgery.server.process import ServerProcess, start_server
@@ -135,7 +135,10 @@ async def echo_server(metrics: ServerMetrics) -> AsyncIterator[int]:
     """An aio server assembled as app.py does (metrics interceptor first, then auth), with
     health, reflection and one authenticated method."""
     server = grpc.aio.server(
-        interceptors=[metrics.grpc_interceptor(), BearerTokenInterceptor({TOKEN: "ci"})]
+        interceptors=[
+            metrics.grpc_interceptor(),
+            BearerTokenInterceptor({TOKEN: Caller("ci", Role.WRITER)}),
+        ]
     )
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

@@ -10,6 +10,7 @@ from modelsurgery.editing.contrast import PairsSource, TextPair
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.evaluation.metrics import PAIRS
+from modelsurgery.proto import limits
 
 Dataset = Literal["winogender", "crows-pairs-gender"]
 # What the stream's component along the direction becomes (``mean_fill``).
@@ -80,7 +81,7 @@ class AblateDirectionConfig(MethodConfig):
     """
 
     method: Literal["ablate_direction"] = "ablate_direction"
-    pairs: list[TextPair] | None = None
+    pairs: list[TextPair] | None = Field(default=None, max_length=limits.MAX_PAIRS)
     pairs_file: str | None = None
     dataset: Dataset | None = None
     holdout_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
@@ -88,12 +89,12 @@ class AblateDirectionConfig(MethodConfig):
     token: Literal["last", "mean"] = "mean"
     aggregate: Literal["mean", "pca"] = "mean"
     fill: Fill = "mean"
-    calibration_windows: int = Field(default=4, ge=1)
-    calibration_window: int = Field(default=128, ge=2)
+    calibration_windows: int = Field(default=4, ge=1, le=limits.MAX_CALIBRATION_SAMPLES)
+    calibration_window: int = Field(default=128, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
     seed: int = 0
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2)
+    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     @model_validator(mode="after")
     def _one_source(self) -> AblateDirectionConfig:

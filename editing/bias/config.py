@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.evaluation.metrics import PAIRS
+from modelsurgery.proto import limits
 
 DEFAULT_TOP_K = 3
 
@@ -48,22 +49,22 @@ class MaskBiasedHeadsConfig(MethodConfig):
 
     method: Literal["mask_biased_heads"] = "mask_biased_heads"
     bias_types: list[str] | None = None
-    pairs: list[PairSpec] | None = None
+    pairs: list[PairSpec] | None = Field(default=None, max_length=limits.MAX_PAIRS)
     pairs_file: str | None = None
-    max_pairs: int | None = Field(default=None, ge=2)
+    max_pairs: int | None = Field(default=None, ge=2, le=limits.MAX_PAIRS)
     holdout_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
     seed: int = 0
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1, le=limits.MAX_HEADS)
     z_threshold: float | None = None
     objective: Literal["share", "gap"] = "share"
     share_temperature: float = Field(default=1.0, gt=0.0)
     rank_by: Literal["gradient", "shortlist", "ablation"] = "shortlist"
-    shortlist_size: int = Field(default=16, ge=1)
+    shortlist_size: int = Field(default=16, ge=1, le=limits.MAX_HEADS)
     perplexity_penalty: float = Field(default=1.0, ge=0.0)
-    calibration_windows: int = Field(default=8, ge=1)
-    batch_size: int = Field(default=16, ge=1)
+    calibration_windows: int = Field(default=8, ge=1, le=limits.MAX_CALIBRATION_SAMPLES)
+    batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2)
+    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     carries: ClassVar[frozenset[str]] = frozenset({PAIRS})
 

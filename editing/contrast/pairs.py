@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from modelsurgery.editing.data import resolve_data_file, split_indices
+from modelsurgery.editing.data import read_jsonl, resolve_data_file, split_indices
+from modelsurgery.proto import limits
 
 
 class TextPair(BaseModel):
@@ -24,7 +24,7 @@ class PairsSource(BaseModel):
     """Config fields of a method fitted on contrast pairs: exactly one of ``pairs`` and
     ``pairs_file`` (one ``{"positive": ..., "negative": ...}`` object per line)."""
 
-    pairs: list[TextPair] | None = None
+    pairs: list[TextPair] | None = Field(default=None, max_length=limits.MAX_PAIRS)
     pairs_file: str | None = None
 
     @model_validator(mode="after")
@@ -38,14 +38,13 @@ class PairsSource(BaseModel):
 
 def read_pairs_jsonl(path: Path) -> list[TextPair]:
     pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in read_jsonl(path, "pairs_file"):
         try:
-            pairs.append(TextPair.model_validate(json.loads(line)))
+            pairs.append(TextPair.model_validate(row))
         except ValueError:
             raise ValueError(
-                f"pairs_file: line {lineno} is not an object with 'positive' and 'negative' texts"
+                f"pairs_file: line {lineno} of {path.name} is not an object with 'positive' "
+                "and 'negative' texts"
             ) from None
     if len(pairs) < 2:
         raise ValueError(f"pairs_file: at least 2 contrast pairs are needed, found {len(pairs)}")

@@ -11,6 +11,7 @@ from modelsurgery.editing.knowledge.config import check_layer
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.editing.validators import unique_layers
+from modelsurgery.proto import limits
 
 # Tuned on the fit-dev part of TruthfulQA dev with SmolLM2-135M-Instruct
 # (benchmarks/iti_truthfulqa.py); the figures are in ItiConfig's docstring.
@@ -100,20 +101,20 @@ class ItiConfig(MethodConfig):
     """
 
     method: Literal["iti"] = "iti"
-    pairs: list[TextPair] | None = None
+    pairs: list[TextPair] | None = Field(default=None, max_length=limits.MAX_PAIRS)
     pairs_file: str | None = None
-    records: list[QARecord] | None = None
+    records: list[QARecord] | None = Field(default=None, max_length=limits.MAX_PAIRS)
     records_file: str | None = None
-    top_k: int = Field(default=DEFAULT_TOP_K, ge=1)
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=limits.MAX_HEADS)
     alpha: float = Field(default=DEFAULT_ALPHA, gt=0.0, le=1000.0)
     direction: Literal["mass_mean", "probe"] = "mass_mean"
     layers: list[int] | None = Field(default=None, min_length=1)
     probe_holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     seed: int = 0
     token: Literal["last", "mean"] = "last"
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2)
+    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     def metric_names(self) -> set[str]:
         names = {"heads_shifted", "probe_accuracy_mean", "probe_accuracy_best"}

@@ -11,7 +11,6 @@ preamble; honest_llama uses ``"Q: {q} A: {a}"``).
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +18,20 @@ from typing import Any
 
 import torch
 
+from modelsurgery.editing.data import read_jsonl
 from modelsurgery.editing.iti.config import QARecord
 
 
 def read_records_jsonl(path: Path) -> list[QARecord]:
     """One ``{"question", "true", "false"}`` object per line; at least 2 records."""
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in read_jsonl(path, "records_file"):
         try:
-            records.append(QARecord.model_validate(json.loads(line)))
+            records.append(QARecord.model_validate(row))
         except ValueError:
             raise ValueError(
-                f"records_file: line {lineno} is not an object with 'question', 'true' and "
-                "'false' answers"
+                f"records_file: line {lineno} of {path.name} is not an object with 'question', "
+                "'true' and 'false' answers"
             ) from None
     if len(records) < 2:
         raise ValueError(f"records_file: at least 2 records are needed, found {len(records)}")

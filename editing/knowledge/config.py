@@ -9,13 +9,14 @@ see ``benchmarks/counterfact.py`` and the ROME/MEMIT config docstrings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
 from modelsurgery.editing.validators import one_slot_templates
 from modelsurgery.evaluation.metrics import FACT_METRICS, FACTS
+from modelsurgery.proto import limits
 
 from .easyedit import from_easyedit, is_easyedit
 from .facts import Fact
@@ -37,6 +38,8 @@ class FamilyDefaults:
     rome_clamp: float = 4.0
     memit_clamp: float = 0.75
     mom2_weight: float = 15000.0
+    nullspace_threshold: float = 0.01
+    nullspace_l2: float = 10.0
 
 
 # Llama (SmolLM2-135M, 30 layers): ROME layer 5; MEMIT layers 2-8 with v* clamp 4 (EasyEdit's
@@ -104,25 +107,37 @@ class KnowledgeEditConfig(MethodConfig):
     context_templates: prefixes (each with one ``{}`` for the prompt) keys and v* average over;
         default: a fixed set of generic prefixes (deterministic, see ``templates``).
     stats_samples, stats_window, stats_seed: WikiText-2 validation windows for C = E[k k^T].
+    projection: ``none`` (the paper's update) or ``null_space`` (AlphaEdit: the update acts
+        only on key directions the preserved knowledge does not use, and keeps the keys of
+        every earlier edit in the lineage; see ``nullspace``).
+    nullspace_threshold: with ``null_space``, the eigenvalue cut of C = E[k k^T], as a multiple
+        of C's median eigenvalue (directions below it form the null space; 1 = half of them).
+    nullspace_l2: with ``null_space``, the ridge on the update, in units of C's median
+        eigenvalue.
     evaluate: compute efficacy/paraphrase/locality/probability_gain before and after.
     evaluate_perplexity, perplexity_tokens: WikiText-2 perplexity before/after on that many
         test tokens (``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``).
     """
 
     facts: list[Fact] = Field(min_length=1)
-    v_steps: int | None = Field(default=None, ge=1, le=1000)
+    v_steps: int | None = Field(default=None, ge=1, le=limits.MAX_OPTIMISATION_STEPS)
     v_lr: float | None = Field(default=None, gt=0)
     kl_factor: float | None = Field(default=None, ge=0)
     weight_decay: float | None = Field(default=None, ge=0)
     clamp_factor: float | None = Field(default=None, gt=0)
     early_stop_loss: float = Field(default=0.05, ge=0)
-    context_templates: list[str] | None = Field(default=None, min_length=1)
-    stats_samples: int = Field(default=256, ge=1)
-    stats_window: int = Field(default=256, ge=8)
+    context_templates: list[str] | None = Field(
+        default=None, min_length=1, max_length=limits.MAX_CONTEXT_TEMPLATES
+    )
+    stats_samples: int = Field(default=256, ge=1, le=limits.MAX_STATISTICS_SAMPLES)
+    stats_window: int = Field(default=256, ge=8, le=limits.MAX_SEQUENCE_TOKENS)
     stats_seed: int = 0
+    projection: Literal["none", "null_space"] = "none"
+    nullspace_threshold: float | None = Field(default=None, gt=0)
+    nullspace_l2: float | None = Field(default=None, gt=0)
     evaluate: bool = True
     evaluate_perplexity: bool = True
-    perplexity_tokens: int = Field(default=4096, ge=16)
+    perplexity_tokens: int = Field(default=4096, ge=16, le=limits.MAX_PERPLEXITY_TOKENS)
 
     carries: ClassVar[frozenset[str]] = frozenset({FACTS})
 
@@ -156,6 +171,11 @@ class KnowledgeEditConfig(MethodConfig):
         from .stats import StatsSettings
 
         return StatsSettings(self.stats_samples, self.stats_window, self.stats_seed)
+
+    def projection_settings(self, defaults: FamilyDefaults) -> tuple[float, float]:
+        """(eigenvalue threshold, ridge) of a null-space projected edit."""
+        threshold = self.nullspace_threshold or defaults.nullspace_threshold
+        return threshold, self.nullspace_l2 or defaults.nullspace_l2
 
     def vstar_params(self, defaults: FamilyDefaults, clamp: float) -> VStarParams:
         from .vstar import VStarParams

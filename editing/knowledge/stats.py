@@ -68,6 +68,29 @@ def key_digest(adapter: ArchitectureAdapter, tensor_hashes: dict[str, str], laye
     return digest_from_hashes({n: h for n, h in tensor_hashes.items() if upstream(n)})
 
 
+@dataclass(frozen=True)
+class LayerStatistics:
+    """One layer's C with what identifies it: the key digest it is cached under and the
+    calibration settings (recorded in the manifest), and the cache file (what derived caches,
+    such as the eigendecomposition, sit beside)."""
+
+    layer: int
+    mom2: torch.Tensor
+    key_digest: str
+    settings: StatsSettings
+    path: Path
+
+    def record(self) -> dict[str, Any]:
+        """Which statistics an edit used, for the version's operation config."""
+        s = self.settings
+        return {
+            "key_digest": self.key_digest,
+            "samples": s.samples,
+            "window": s.window,
+            "seed": s.seed,
+        }
+
+
 def second_moments(
     model: nn.Module,
     tokenizer: Any,
@@ -76,8 +99,21 @@ def second_moments(
     context: MethodContext,
     settings: StatsSettings,
 ) -> dict[int, torch.Tensor]:
-    """C (float64, [in, in]) for each layer's down projection, from cache or computed; the
-    progress events name each layer's key digest (which statistics the edit used)."""
+    """C (float64, [in, in]) for each layer's down projection, from cache or computed."""
+    found = layer_statistics(model, tokenizer, adapter, layers, context, settings)
+    return {layer: stats.mom2 for layer, stats in found.items()}
+
+
+def layer_statistics(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: ArchitectureAdapter,
+    layers: list[int],
+    context: MethodContext,
+    settings: StatsSettings,
+) -> dict[int, LayerStatistics]:
+    """Each layer's statistics, from cache or computed; the progress events name each layer's
+    key digest (which statistics the edit used)."""
     # Hash every tensor once; each layer's key digest is a subset of these.
     hashes = {name: tensor_sha256(t) for name, t in persistent_state_dict(model).items()}
     digests = {layer: key_digest(adapter, hashes, layer) for layer in layers}
@@ -93,7 +129,7 @@ def second_moments(
             computed = _compute(model, tokenizer, adapter, missing, context, settings)
             for layer, (moment, count) in computed.items():
                 paths[layer].parent.mkdir(parents=True, exist_ok=True)
-                _save(paths[layer], moment, count)
+                save_atomically(paths[layer], {"mom2": moment, "count": torch.tensor([count])})
         hits = [layer for layer in layers if layer not in missing]
         if hits:
             context.progress("second-moment statistics: cache hit", layers=hits)
@@ -102,12 +138,18 @@ def second_moments(
             statistics={str(layer): digests[layer] for layer in layers},
             calibration=settings.tag(),
         )
-        return {layer: load_file(str(paths[layer]))["mom2"] for layer in layers}
+        return {
+            layer: LayerStatistics(
+                layer, load_file(str(paths[layer]))["mom2"], digests[layer], settings, paths[layer]
+            )
+            for layer in layers
+        }
 
 
-def _save(path: Path, moment: torch.Tensor, count: int) -> None:
+def save_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file under a temporary name, fsync, rename: readers never see half."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"mom2": moment.contiguous(), "count": torch.tensor([count])}, str(tmp))
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     tmp.replace(path)

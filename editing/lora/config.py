@@ -11,6 +11,7 @@ from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
 from modelsurgery.editing.validators import one_slot_templates, unique_layers
 from modelsurgery.evaluation.metrics import FACTS
+from modelsurgery.proto import limits
 
 Objective = Literal["facts", "examples", "text"]
 
@@ -73,29 +74,31 @@ class LoraEditConfig(MethodConfig):
     """
 
     method: Literal["lora"] = "lora"
-    facts: list[Fact] | None = None
-    examples: list[Example] | None = None
+    facts: list[Fact] | None = Field(default=None, max_length=limits.MAX_LORA_FACTS)
+    examples: list[Example] | None = Field(default=None, max_length=limits.MAX_EXAMPLES)
     examples_file: str | None = None
     text: str | None = None
     target_modules: list[str] | None = Field(default=None, min_length=1)
     layers: list[int] | None = Field(default=None, min_length=1)
-    rank: int = Field(default=8, ge=1)
+    rank: int = Field(default=8, ge=1, le=limits.MAX_RANK)
     alpha: float | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     lr: float | None = Field(default=None, gt=0)
-    epochs: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
+    epochs: int | None = Field(default=None, ge=1, le=limits.MAX_EPOCHS)
+    batch_size: int | None = Field(default=None, ge=1, le=limits.MAX_BATCH_SIZE)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    max_length: int = Field(default=256, ge=2)
+    max_length: int = Field(default=256, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
     kl_factor: float | None = Field(default=None, ge=0.0)
-    kl_prompts: list[str] | None = None
-    context_templates: list[str] | None = Field(default=None, min_length=1)
-    text_samples: int = Field(default=256, ge=1)
-    text_window: int = Field(default=256, ge=2)
+    kl_prompts: list[str] | None = Field(default=None, max_length=limits.MAX_PROMPT_LIST)
+    context_templates: list[str] | None = Field(
+        default=None, min_length=1, max_length=limits.MAX_CONTEXT_TEMPLATES
+    )
+    text_samples: int = Field(default=256, ge=1, le=limits.MAX_TEXT_SAMPLES)
+    text_window: int = Field(default=256, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
     merge: bool = True
     train_dtype: DtypeSetting = "auto"
     evaluate_perplexity: bool = True
-    perplexity_tokens: int = Field(default=4096, ge=16)
+    perplexity_tokens: int = Field(default=4096, ge=16, le=limits.MAX_PERPLEXITY_TOKENS)
     seed: int = 0
 
     carries: ClassVar[frozenset[str]] = frozenset({FACTS})

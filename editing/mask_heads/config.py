@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.proto import limits
 
 _HEAD_RE = re.compile(r"^\s*(\d+)\s*\.\s*(\d+)\s*$")
 
@@ -65,7 +66,7 @@ class MaskHeadsConfig(MethodConfig):
     """
 
     method: Literal["mask_heads"] = "mask_heads"
-    heads: list[str] = Field(min_length=1)
+    heads: list[str] = Field(min_length=1, max_length=limits.MAX_HEADS)
     evaluate_perplexity: bool = False
 
     def metric_names(self) -> set[str]:

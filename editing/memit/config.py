@@ -15,6 +15,7 @@ from modelsurgery.editing.knowledge.config import (
     layer_count,
 )
 from modelsurgery.editing.knowledge.facts import Fact
+from modelsurgery.proto import limits
 
 
 class MemitConfig(KnowledgeEditConfig):
@@ -45,10 +46,10 @@ class MemitConfig(KnowledgeEditConfig):
     """
 
     method: Literal["memit"] = "memit"
-    facts: list[Fact] = Field(min_length=1, max_length=10_000)
+    facts: list[Fact] = Field(min_length=1, max_length=limits.MAX_MEMIT_FACTS)
     layers: list[int] | None = Field(default=None, min_length=1)
     mom2_weight: float | None = Field(default=None, gt=0)
-    fact_batch: int = Field(default=16, ge=1, le=1024)
+    fact_batch: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
 
     @field_validator("layers")
     @classmethod

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from modelsurgery.editing.examples import Example
 from modelsurgery.editing.registry import MethodConfig
+from modelsurgery.proto import limits
 
 _PART = re.compile(r"^([fl])(\d+)$")
 _POSITIONS_HELP = "must look like 'f<n>', 'l<n>' or 'f<n>+l<n>'"
@@ -55,18 +56,18 @@ class ReftConfig(MethodConfig):
     method: Literal["reft"] = "reft"
     intervention: Literal["loreft", "direft"] = "loreft"
     layers: list[int] = Field(min_length=1)
-    rank: int = Field(default=4, ge=1)
+    rank: int = Field(default=4, ge=1, le=limits.MAX_RANK)
     positions: str = "f1+l1"
     share_weights: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    examples: list[Example] | None = None
+    examples: list[Example] | None = Field(default=None, max_length=limits.MAX_EXAMPLES)
     examples_file: str | None = None
-    epochs: int = Field(default=20, ge=1)
+    epochs: int = Field(default=20, ge=1, le=limits.MAX_EPOCHS)
     lr: float = Field(default=4e-3, gt=0.0)
-    batch_size: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4, ge=1, le=limits.MAX_BATCH_SIZE)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    max_length: int = Field(default=256, ge=2)
+    max_length: int = Field(default=256, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
     append_eos: bool = True
     seed: int = 0
 

@@ -13,6 +13,8 @@ from modelsurgery.editing.knowledge.config import (
     family_defaults,
     layer_count,
 )
+from modelsurgery.editing.knowledge.facts import Fact
+from modelsurgery.proto import limits
 
 
 class RomeConfig(KnowledgeEditConfig):
@@ -22,6 +24,7 @@ class RomeConfig(KnowledgeEditConfig):
     layer: the edited down projection (default: family default; SmolLM2-135M: layer 5).
     use_mom2: whiten the key with C = E[k k^T] (ROME's "mom2 adjustment"); off = plain
         least-norm rank-one update along the key.
+    facts: 1 to 1,000 facts, applied one after another (``memit`` writes batches).
     Shared fields: see ``KnowledgeEditConfig``.
 
     Metrics: ``efficacy``, ``paraphrase``, ``locality``, ``probability_gain`` (after all facts,
@@ -36,6 +39,7 @@ class RomeConfig(KnowledgeEditConfig):
     """
 
     method: Literal["rome"] = "rome"
+    facts: list[Fact] = Field(min_length=1, max_length=limits.MAX_ROME_FACTS)
     layer: int | None = Field(default=None, ge=0)
     use_mom2: bool = True
 

@@ -4,6 +4,9 @@ averaged) key of the subject maps to v*.
 Update: with k = averaged key, u = C^-1 k and delta = v* - W k (the optimised output change),
 W' = W + delta u^T / (u^T k), hence W' k = W k + delta exactly. The denominator uses the same
 averaged key as the numerator (the fix of kmeng01/rome PR #44), not the bare prompt's key.
+With ``projection: null_space`` the update's direction is AlphaEdit's instead
+(``knowledge.nullspace.projected_rank_one``): out of the preserved keys' span and, along the
+lineage and the job's own list, away from the keys of earlier edits (``knowledge.preserved``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from torch import nn
 
 from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import EditEvaluation
-from modelsurgery.editing.knowledge.stats import second_moments
+from modelsurgery.editing.knowledge.nullspace import null_space, projected_rank_one
+from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
+from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.knowledge.vstar import optimize_deltas
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import get_adapter
@@ -56,11 +61,17 @@ def run(
         perplexity_tokens=config.perplexity_tokens if config.evaluate_perplexity else None,
     )
     evaluation.start()
-    mom2 = None
-    if config.use_mom2:
-        mom2 = second_moments(model, tokenizer, adapter, [layer], context, config.stats_settings())[
-            layer
-        ]
+    projected = config.projection == "null_space"
+    stats = None
+    if config.use_mom2 or projected:
+        settings = config.stats_settings()
+        stats = layer_statistics(model, tokenizer, adapter, [layer], context, settings)[layer]
+    mom2 = stats.mom2 if stats is not None and config.use_mom2 else None
+    threshold, ridge = config.projection_settings(defaults)
+    space = null_space(stats, threshold) if stats is not None and projected else None
+    preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
+    module = adapter.mlp_out_path(layer)
+    preserved_before = preserved.count(module)
     projection = adapter.mlp_out(layer)
     losses, steps = [], []
     for index, fact in enumerate(config.facts):
@@ -79,7 +90,13 @@ def run(
             capture_keys=True,
         )
         assert result.keys is not None
-        update = rank_one_update(result.keys[0], result.deltas[0], mom2)
+        key, delta = result.keys[0], result.deltas[0]
+        if space is not None:
+            earlier = preserved.gram(module, key.shape[0], context.progress)
+            update = projected_rank_one(key, delta, space, earlier, ridge)
+        else:
+            update = rank_one_update(key, delta, mom2)
+        preserved.add(module, key[None])
         with torch.no_grad():
             projection.weight.add_(update.to(projection.weight))
         losses += result.losses
@@ -88,9 +105,16 @@ def run(
     metrics = evaluation.finish()
     metrics["v_loss"] = sum(losses) / len(losses)
     metrics["v_steps_used"] = sum(steps) / len(steps)
-    name = f"{adapter.mlp_out_path(layer)}.weight"
+    resolved: dict[str, Any] = {"layer": layer}
+    if stats is not None:
+        resolved["statistics"] = {str(layer): stats.record()}
+    if space is not None:
+        layers = {str(layer): {"rank": space.rank, "preserved_keys": preserved_before}}
+        resolved["null_space"] = {"threshold": threshold, "l2": ridge, "layers": layers}
     return SurgeryResult(
-        changed={name: projection.module.weight.detach().clone()},
+        changed={f"{module}.weight": projection.module.weight.detach().clone()},
         metrics=metrics,
         suite=config.suite(),
+        artifacts={PRESERVED_KEYS_ARTIFACT: preserved.to_bytes()},
+        resolved=resolved,
     )

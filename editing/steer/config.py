@@ -10,6 +10,7 @@ from modelsurgery.editing.contrast import PairsSource
 from modelsurgery.editing.knowledge.config import check_layer
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.proto import limits
 
 # Chosen on SmolLM2-135M by benchmarks/steer_sentiment.py --tune on its 20 dev prompts (never
 # the 50 it reports on), 16 sentiment pairs, WikiText-2 ratio on 2,048 tokens. The rule: the
@@ -67,7 +68,7 @@ class SteerConfig(MethodConfig, PairsSource):
     holdout_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
     seed: int = 0
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2)
+    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     @model_validator(mode="after")
     def _consistent(self) -> SteerConfig:

@@ -13,12 +13,11 @@ and then counts ``sent2 > sent1`` for them, so its score is the share of pairs w
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelsurgery.editing.data import shared_data_path, split_indices
+from modelsurgery.editing.data import read_jsonl, shared_data_path, split_indices
 
 CROWS_PAIRS_PATH = "crows-pairs/crows_pairs_anonymized.csv"
 
@@ -44,7 +43,7 @@ def load_crows_pairs(
         rows[0] if rows else {}
     )
     if missing:
-        raise ValueError(f"{csv_path} lacks CrowS-Pairs columns {sorted(missing)}")
+        raise ValueError(f"{csv_path.name} lacks CrowS-Pairs columns {sorted(missing)}")
     pairs = [
         ContrastPair(
             stereo=row["sent_more"],
@@ -67,12 +66,12 @@ def load_crows_pairs(
 def load_pairs_jsonl(path: Path) -> list[ContrastPair]:
     """One JSON object per line: ``{"stereo": ..., "anti": ..., "bias_type": optional}``."""
     pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for lineno, row in read_jsonl(path, "pairs_file"):
         if not isinstance(row, dict) or not row.get("stereo") or not row.get("anti"):
-            raise ValueError(f"{path}:{lineno}: expected an object with 'stereo' and 'anti'")
+            raise ValueError(
+                f"pairs_file: line {lineno} of {path.name}: expected an object with 'stereo' "
+                "and 'anti'"
+            )
         pairs.append(ContrastPair(row["stereo"], row["anti"], str(row.get("bias_type", ""))))
     return pairs
 

@@ -42,14 +42,17 @@ KILL_TO_EXIT_LIMIT_S = 30
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Killed at the end, not stopped: its state is thrown away, and a graceful stop spends
     some 17 s shutting Ray down."""
-    process = start_server(tmp_path_factory.mktemp("ci-home"))
+    roots = (tmp_path_factory.getbasetemp(),)
+    process = start_server(tmp_path_factory.mktemp("ci-home"), model_roots=roots)
     yield process
     process.kill()
 
 
 @pytest.fixture(scope="module")
 def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = start_server(tmp_path_factory.mktemp("ci-idle-home"), "--workers", "0")
+    roots = (tmp_path_factory.getbasetemp(),)
+    home = tmp_path_factory.mktemp("ci-idle-home")
+    process = start_server(home, "--workers", "0", model_roots=roots)
     yield process
     process.kill()
 
@@ -177,9 +180,12 @@ def test_unreachable_server_exits_4_with_a_junit_error(
 
 
 @pytest.fixture
-def doomed_server(tmp_path: Path) -> Iterator[ServerProcess]:
+def doomed_server(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A server of its own, for the test that kills it."""
-    process = start_server(tmp_path / "home", "--workers", "0")
+    roots = (tmp_path_factory.getbasetemp(),)
+    process = start_server(tmp_path / "home", "--workers", "0", model_roots=roots)
     yield process
     process.kill()
 

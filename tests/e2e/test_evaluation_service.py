@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = start_server(tmp_path_factory.mktemp("home"))
+    roots = (tmp_path_factory.getbasetemp(),)
+    process = start_server(tmp_path_factory.mktemp("home"), model_roots=roots)
     yield process
     # A graceful stop lets Ray shut down before the next module starts its own (a SIGKILLed
     # Ray still dying beside a starting one made that start time out once in CI).

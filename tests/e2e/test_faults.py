@@ -70,7 +70,12 @@ HEAD_CHOICES = [f"{layer}.{head}" for layer in range(2) for head in range(4)]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = start_server(
-        tmp_path_factory.mktemp("faults-home"), "--max-queued", "1000", "--workers", "1"
+        tmp_path_factory.mktemp("faults-home"),
+        "--max-queued",
+        "1000",
+        "--workers",
+        "1",
+        model_roots=(tmp_path_factory.getbasetemp(),),
     )
     yield process
     process.stop()
@@ -598,7 +603,11 @@ def test_job_on_external_ray_cluster(
     ray_cluster: RayCluster, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server(
-        tmp_path / "home", "--ray-address", ray_cluster.address, env=ray_cluster.env
+        tmp_path / "home",
+        "--ray-address",
+        ray_cluster.address,
+        env=ray_cluster.env,
+        model_roots=(tiny_model_dir,),
     )
     try:
         with Client(server.address, timeout=120) as client:
@@ -631,7 +640,7 @@ def test_serve_and_apply_local_embed_their_own_ray_beside_a_cluster(
     driver of that cluster."""
     assert (ray_cluster.temp_dir / "ray_current_cluster").read_text().strip()
     env = {"RAY_TMPDIR": str(ray_cluster.temp_dir.parent)}
-    server = start_server(tmp_path / "home", env=env)
+    server = start_server(tmp_path / "home", env=env, model_roots=(tiny_model_dir,))
     try:
         with Client(server.address, timeout=120) as client:
             job = client.wait(client.submit(mask_spec(tiny_model_dir, ["0.1"])).id, timeout=300)

@@ -54,7 +54,7 @@ def test_worker_cpus_fit_the_smallest_node() -> None:
 
 
 def run_jobs(cluster: Cluster, home: Path, model: Path, heads: list[str], *flags: str) -> str:
-    server = start_server(home, "--ray-address", cluster.address, *flags)
+    server = start_server(home, "--ray-address", cluster.address, *flags, model_roots=(model,))
     try:
         with Client(server.address, timeout=120) as client:
             jobs = [client.submit(mask_spec(model, head)) for head in heads]

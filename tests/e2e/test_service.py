@@ -39,7 +39,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     home = tmp_path_factory.mktemp("home")
     tokens = home / "tokens.txt"
     tokens.write_text(f"ci:{TOKEN}\n")
-    process = start_server(home, "--tokens-file", str(tokens), "--max-queued", "50")
+    process = start_server(
+        home,
+        "--tokens-file",
+        str(tokens),
+        "--max-queued",
+        "50",
+        model_roots=(tmp_path_factory.getbasetemp(),),
+    )
     yield process
     process.stop()
 
@@ -237,7 +244,7 @@ def test_alias_compare_and_swap(client: Client, tiny_model_dir: Path) -> None:
 
 def test_kill_server_mid_job_and_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    server = start_server(home)
+    server = start_server(home, model_roots=(tiny_model_dir,))
     try:
         with Client(server.address, timeout=60) as client:
             spec = mask_spec(tiny_model_dir, ["0.1"])
@@ -248,7 +255,7 @@ def test_kill_server_mid_job_and_restart(tiny_model_dir: Path, tmp_path: Path) -
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         server.kill()
-        server = start_server(home)
+        server = start_server(home, model_roots=(tiny_model_dir,))
         with Client(server.address, timeout=60) as client:
             recovered = client.wait(job.id, timeout=300)
             assert recovered.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED)

@@ -24,7 +24,7 @@ from modelsurgery.server.process import ServerProcess, start_server
 from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
-TOKEN = "tls-token"
+TOKEN = "tls-token-0123456789"
 
 
 def write_certificates(folder: Path) -> tuple[Path, Path, Path]:
@@ -90,6 +90,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServerProcess, Path
         "0",
         env={"MODELSURGERY_TOKENS": TOKEN},
         tls_ca=ca,
+        model_roots=(model,),
     )
     yield server, ca, model
     server.stop()

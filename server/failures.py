@@ -1,0 +1,156 @@
+"""A server interceptor that turns exceptions escaping a servicer into a status for the caller.
+
+Without it grpc.aio answers UNKNOWN with the exception's text, which for a Ray call is the
+worker's whole traceback (PID, node IP, ANSI colours). Here an error of a known kind, raised in
+the servicer or in a worker (Ray re-raises it as a ``RayTaskError`` that subclasses it and keeps
+it as ``cause``), gets its status and its own message, scrubbed of server paths; anything else
+is INTERNAL with a short reference, and the full exception goes to the server log under that
+reference. Explicit aborts pass untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+from modelsurgery.checkpoints import AliasConflictError, InvalidAliasError, VersionNotFoundError
+from modelsurgery.models.errors import ModelReferenceError
+from modelsurgery.proto.spec import SpecError
+from modelsurgery.server.errors import abort
+from modelsurgery.server.redact import ServerPlaces, scrub
+
+log = logging.getLogger("modelsurgery.server")
+StatusCode = grpc.StatusCode
+
+# Errors whose messages are written for the caller, wherever they are raised.
+DOMAIN_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (VersionNotFoundError, StatusCode.NOT_FOUND),
+    (AliasConflictError, StatusCode.FAILED_PRECONDITION),
+    (InvalidAliasError, StatusCode.INVALID_ARGUMENT),
+    (ModelReferenceError, StatusCode.INVALID_ARGUMENT),
+    (SpecError, StatusCode.INVALID_ARGUMENT),
+)
+# Built-in errors a worker raises on a request's input or size; raised in the servicer itself
+# they are bugs (INTERNAL).
+WORKER_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ValueError, StatusCode.INVALID_ARGUMENT),
+    (MemoryError, StatusCode.RESOURCE_EXHAUSTED),
+    (TimeoutError, StatusCode.DEADLINE_EXCEEDED),
+)
+WORKER_GONE = (RayActorError, WorkerCrashedError)
+
+
+def caller_status(exc: BaseException) -> tuple[grpc.StatusCode, BaseException] | None:
+    """The status an escaped exception answers with and the exception whose message is shown
+    (a worker error's cause, never Ray's wrapper); None for an unexpected one."""
+    if isinstance(exc, WORKER_GONE):
+        return StatusCode.UNAVAILABLE, exc
+    from_worker = isinstance(exc, RayTaskError)
+    cause = getattr(exc, "cause", None) if from_worker else exc
+    if cause is None:
+        return None
+    for kind, code in DOMAIN_ERRORS:
+        if isinstance(cause, kind):
+            return code, cause
+    if from_worker:
+        if type(cause).__name__ == "OutOfMemoryError":  # torch's, without importing torch
+            return StatusCode.RESOURCE_EXHAUSTED, cause
+        for kind, code in WORKER_ERRORS:
+            if isinstance(cause, kind):
+                return code, cause
+    return None
+
+
+class FailureInterceptor(grpc.aio.ServerInterceptor):
+    """Answers every exception a servicer lets escape with a status written for the caller."""
+
+    def __init__(self, places: ServerPlaces) -> None:
+        self._places = places
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self._guarded(handler, handler_call_details.method)
+
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+        """Abort the call for ``exc``; called inside the ``except`` that caught it."""
+        known = caller_status(exc)
+        if known is None:
+            reference = secrets.token_hex(4)
+            log.exception(
+                "unexpected error in %s (reference %s)",
+                method,
+                reference,
+                extra={"method": method, "reference": reference},
+            )
+            await abort(context, StatusCode.INTERNAL, f"internal error (reference {reference})")
+        code, shown = known
+        if shown is exc and isinstance(exc, WORKER_GONE):
+            log.error("worker ended during %s", method, exc_info=exc)
+            message = "the worker serving this call ended; try again"
+        else:
+            log.info("%s answered %s: %r", method, code.name, shown)
+            message = scrub(str(shown), self._places)
+        await abort(context, code, message)
+
+    def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The same handler, its escaping exceptions answered by ``_answer``; handlers of kinds
+        the API does not use (client streaming, synchronous) pass as they are."""
+        answer = self._answer
+        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_unary(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await answer(context, method, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is None:
+            return handler
+        inner = handler.unary_stream
+        if inspect.iscoroutinefunction(inner):
+            # A streaming handler that writes through ``context.write`` (health's Watch).
+
+            async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                try:
+                    await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await answer(context, method, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                writer, handler.request_deserializer, handler.response_serializer
+            )
+        if not inspect.isasyncgenfunction(inner):
+            return handler
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await answer(context, method, exc)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
