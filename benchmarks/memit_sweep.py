@@ -6,9 +6,10 @@ are optimised once (they depend only on the last edited layer and the v* setting
     python benchmarks/memit_sweep.py --n 100 --offset 9000 --grid 2:5000 --null-space 1 --ridge 1 10
 
 ``--null-space T ...`` adds ``projection: null_space`` settings (``knowledge.nullspace``) for each
-T and ``--ridge`` value, on the first grid entry's layers: the update restricted to the
-eigenvectors of C with eigenvalue below T times C's median eigenvalue, with that ridge
-(``nullspace_l2``, same unit).
+T, ``--ridge`` value and ``--nullspace-mom2`` weight, on the first grid entry's layers: the
+update restricted to the eigenvectors of C with eigenvalue below T times C's median eigenvalue,
+with that ridge (``nullspace_l2``, same unit) and that weight on C's share left there.
+``--targets FILE`` keeps the v* targets of a run (computed once, reused by the next).
 Prints one JSON line per setting: efficacy, paraphrase, locality, probability gain, the mean
 distance left between the last layer's output and z, and the update time.
 """
@@ -38,6 +39,26 @@ from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
 
 
+def chunks(facts: list[Fact], size: int) -> list[list[Fact]]:
+    return [facts[i : i + size] for i in range(0, len(facts), size)]
+
+
+def vstar_targets(model, tok, config, facts, last, params, context) -> torch.Tensor:
+    adapter = get_adapter(model)
+    result = optimize_deltas(
+        model,
+        tok,
+        adapter,
+        facts,
+        layer=last,
+        site="layer",
+        params=params,
+        templates=config.templates(),
+        context=context,
+    )
+    return result.target_init + result.deltas
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
@@ -47,6 +68,8 @@ def main() -> None:
     parser.add_argument("--grid", nargs="+", default=["2:5000"], help="FIRST_LAYER:LAMBDA ...")
     parser.add_argument("--null-space", type=float, nargs="*", default=[], help="cuts (x median)")
     parser.add_argument("--ridge", type=float, nargs="+", default=[10.0], help="nullspace_l2")
+    parser.add_argument("--nullspace-mom2", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--targets", type=Path, help="v* targets file (read if it exists)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()
@@ -65,27 +88,28 @@ def main() -> None:
 
     start = time.perf_counter()
     params = config.vstar_params(family_defaults(adapter.model_type), args.clamp)
-    targets = []
-    for first in range(0, len(facts), config.fact_batch):
-        result = optimize_deltas(
-            model,
-            tok,
-            adapter,
-            facts[first : first + config.fact_batch],
-            layer=args.last,
-            site="layer",
-            params=params,
-            templates=config.templates(),
-            context=context,
+    if args.targets and args.targets.exists():
+        z = torch.load(args.targets)
+    else:
+        z = torch.cat(
+            [
+                vstar_targets(model, tok, config, chunk, args.last, params, context)
+                for chunk in chunks(facts, config.fact_batch)
+            ]
         )
-        targets.append(result.target_init + result.deltas)
-    z = torch.cat(targets)
+        if args.targets:
+            torch.save(z, args.targets)
     print(f"v* targets for {len(facts)} facts: {time.perf_counter() - start:.1f} s", flush=True)
 
-    settings = [(int(i.split(":")[0]), float(i.split(":")[1]), None) for i in args.grid]
+    settings = [(int(i.split(":")[0]), float(i.split(":")[1]), None, 0.0) for i in args.grid]
     first_layer = settings[0][0]
-    settings += [(first_layer, r, t) for t in args.null_space for r in args.ridge]
-    for first, weight, threshold in settings:
+    settings += [
+        (first_layer, r, t, m)
+        for t in args.null_space
+        for r in args.ridge
+        for m in args.nullspace_mom2
+    ]
+    for first, weight, threshold, inside in settings:
         layers = list(range(first, args.last + 1))
         stats = layer_statistics(model, tok, adapter, layers, context, config.stats_settings())
         original = {layer: adapter.mlp_out(layer).weight.detach().clone() for layer in layers}
@@ -105,7 +129,7 @@ def main() -> None:
                 update = memit_update(keys, residuals, stats[layer].mom2, weight)
             else:
                 space = null_space(stats[layer], threshold)
-                update = projected_update(keys, residuals, space, None, weight)
+                update = projected_update(keys, residuals, space, None, weight, inside)
             with torch.no_grad():
                 adapter.mlp_out(layer).weight.add_(update.to(adapter.mlp_out(layer).weight))
         seconds = time.perf_counter() - start
@@ -123,6 +147,7 @@ def main() -> None:
             "layers": f"{first}-{args.last}",
             "lambda": weight,
             "null_space": threshold,
+            "nullspace_mom2": inside,
             **{k: round(v, 3) for k, v in metrics.items()},
             "z_distance_left": round(float((z - final).norm(dim=1).mean()), 3),
             "update_s": round(seconds, 1),

@@ -31,7 +31,7 @@ from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
 from modelsurgery.server.exports import ExportCache
 from modelsurgery.server.generation import GenerationStopped, PromptError
-from modelsurgery.server.permissions import AliasPolicy, PermissionDenied
+from modelsurgery.server.permissions import AliasPolicy, PermissionDenied, require_alias_move
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 
 MAX_CHUNK = 3 << 20
@@ -322,11 +322,7 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             # OSError/ValueError: paths the OS rejects (NUL byte, name too long).
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "reference")
         if request.alias:
-            owner = await asyncio.to_thread(self.store.alias_owner, request.alias)
-            try:
-                self.alias_policy.check(current_identity(), request.alias, owner, "alias")
-            except PermissionDenied as exc:
-                await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field)
+            await require_alias_move(context, self.store, self.alias_policy, request.alias, "alias")
         version_id = await self.engine.call("import_model", request.reference)
         if request.alias:
             try:

@@ -138,6 +138,7 @@ class JobEngine:
         self._tick_task: asyncio.Task[None] | None = None
         self._job_tasks: set[asyncio.Task[None]] = set()
         self._last_retention = float("-inf")
+        self._owns_ray = False
         self.identity = server_identity()
         self.store = CheckpointStore(settings.worker.store_root)
 
@@ -145,6 +146,9 @@ class JobEngine:
     def start_ray(self) -> None:
         if ray.is_initialized():
             return
+        # Ray started here is the engine's own (joined clusters and a caller's Ray are not):
+        # stop() shuts it down, so an embedded server leaves no Ray behind in its process.
+        self._owns_ray = True
         if self.settings.ray_address:
             ray.init(address=self.settings.ray_address, log_to_driver=True)
         else:
@@ -222,6 +226,9 @@ class JobEngine:
                     count_attempt=False,
                 )
         _LIVE_IN_THIS_PROCESS.discard(self.identity)
+        if self._owns_ray:
+            await asyncio.to_thread(ray.shutdown)
+            self._owns_ray = False
 
     # --- leases, recovery, deadlines, retention ------------------------------------------
     def recover_abandoned(self) -> list[jt.JobRecord]:

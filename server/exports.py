@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -107,13 +108,44 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _partial_name(version_id: str, what: str = "") -> str:
+    """``.partial-<version>-<what>-<pid>-<nonce>``: the pid says whether its writer lives."""
+    parts = [version_id, what, str(os.getpid()), uuid.uuid4().hex[:8]]
+    return PARTIAL_PREFIX + "-".join(p for p in parts if p)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that made a leftover still runs (another server sharing the home,
+    mid-export); entries older than a day count as abandoned whatever their pid."""
+    fields = name.rsplit("-", 2)
+    if len(fields) != 3 or not fields[1].isdigit():
+        return False
+    try:
+        os.kill(int(fields[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_leftovers(root: Path) -> None:
-    """What a killed build or eviction left: ``.partial-`` folders and listing temp files."""
+    """What a killed build or eviction left: ``.partial-`` folders and listing temp files,
+    unless their writer still runs (a server sharing this home) and they are recent."""
+    day_ago = time.time() - 86400
     for entry in root.iterdir():
-        if entry.name.startswith(PARTIAL_PREFIX) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.startswith(".") and f"{LISTING_SUFFIX}." in entry.name:
-            entry.unlink(missing_ok=True)
+        leftover = (entry.name.startswith(PARTIAL_PREFIX) and entry.is_dir()) or (
+            entry.name.startswith(".") and f"{LISTING_SUFFIX}-" in entry.name
+        )
+        if not leftover:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if _writer_alive(entry.name) and entry.stat().st_mtime > day_ago:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 class ExportCache:
@@ -215,7 +247,7 @@ class ExportCache:
                     continue
                 # Renamed first: a folder that exists is whole, and a kill mid-removal leaves
                 # a .partial- folder that the next start removes.
-                doomed = self.root / f"{PARTIAL_PREFIX}{version_id}-evicted-{uuid.uuid4().hex[:8]}"
+                doomed = self.root / _partial_name(version_id, "evicted")
                 (self.root / version_id).rename(doomed)
             self._listings.pop(version_id, None)
             self._last_use.pop(version_id, None)
@@ -231,14 +263,19 @@ class ExportCache:
                 files = digest_files(target, self.piece_size)
                 self._write_listing(version_id, files)
             return files
-        partial = self.root / f"{PARTIAL_PREFIX}{version_id}-{uuid.uuid4().hex[:8]}"
+        partial = self.root / _partial_name(version_id)
         try:
             self.store.export(version_id, partial)
             files = digest_files(partial, self.piece_size)
             # Listing first, folder rename last: a folder that exists has its listing (a crash
             # in between leaves a listing without a folder, rebuilt with it next time).
             self._write_listing(version_id, files)
-            partial.rename(target)
+            try:
+                partial.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+                # Another server sharing the home built the same folder first: same content.
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return files
@@ -248,7 +285,7 @@ class ExportCache:
 
     def _write_listing(self, version_id: str, files: list[checkpoints_pb2.ExportedFile]) -> None:
         path = self._listing_path(version_id)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        partial = path.with_name(f".{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         partial.write_text(_to_json(files), encoding="utf-8")
         partial.replace(path)
 

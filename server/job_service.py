@@ -34,7 +34,7 @@ from modelsurgery.server.convert import (
 )
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
-from modelsurgery.server.permissions import AliasPolicy, PermissionDenied, may_see_job
+from modelsurgery.server.permissions import AliasPolicy, may_see_job, require_alias_move
 from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
 
 MAX_PAGE_SIZE = 500
@@ -173,11 +173,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         spec = await self._validate(request, context)
         caller = current_caller()
         if spec.alias:
-            owner = await asyncio.to_thread(self.store.alias_owner, spec.alias)
-            try:
-                self.alias_policy.check(current_identity(), spec.alias, owner, "spec.alias")
-            except PermissionDenied as exc:
-                await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field)
+            await require_alias_move(
+                context, self.store, self.alias_policy, spec.alias, "spec.alias"
+            )
         if self.table.queued_count(caller) >= self.max_queued_per_caller:
             await abort(
                 context,

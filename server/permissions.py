@@ -5,11 +5,16 @@ Every refusal here is a ``PermissionDenied`` that the servicers answer with PERM
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modelsurgery.server.auth import Caller
+import grpc
+
+from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.server.auth import Caller, current_identity
+from modelsurgery.server.errors import abort
 
 
 class PermissionDenied(Exception):
@@ -55,3 +60,19 @@ class AliasPolicy:
             self.check(caller, name, owner, field)
 
         return authorize
+
+
+async def require_alias_move(
+    context: grpc.aio.ServicerContext,
+    store: CheckpointStore,
+    policy: AliasPolicy,
+    name: str,
+    field: str,
+) -> None:
+    """End the call with PERMISSION_DENIED unless the current caller may move alias ``name``
+    (checked early, before work is done; the move itself checks again under the store lock)."""
+    owner = await asyncio.to_thread(store.alias_owner, name)
+    try:
+        policy.check(current_identity(), name, owner, field)
+    except PermissionDenied as exc:
+        await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field)

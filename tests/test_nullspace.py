@@ -50,16 +50,21 @@ def test_projected_update_leaves_preserved_keys_unchanged(tmp_path: Path) -> Non
     stats, kept = statistics(tmp_path)
     space = null_space(stats, threshold=10.0)
     assert space.rank == WIDTH - PRESERVED_RANK
+    with pytest.raises(ValueError, match=r"^nullspace_threshold: no direction of layer 0"):
+        null_space(stats, threshold=0.1)
     keys, residuals = torch.randn(3, WIDTH), torch.randn(3, 7)
-    update = projected_update(keys, residuals, space, None, ridge=1e-3)
+    update = projected_update(keys, residuals, space, None, ridge=1e-3, mom2_weight=0.5)
     # Any key in the preserved span (here: 20 random ones) maps to exactly what it did.
     preserved = kept @ torch.randn(PRESERVED_RANK, 20, dtype=torch.float64)
     assert (update @ preserved).norm() < 1e-10 * update.norm() * preserved.norm()
-    # The normal equations of AlphaEdit's objective hold in the null space: for D = X U^T,
-    # d/dX ||X U^T K^T - R^T||^2 + ridge * scale * ||X||^2 vanishes.
+    # The normal equations of the projected objective hold: for D = X U^T, d/dX of
+    # ||X U^T K^T - R^T||^2 + ridge * scale * ||X||^2 + mom2_weight * tr(X U^T C U X^T)
+    # vanishes (U^T C U = diag of the kept eigenvalues).
     u, k, r = space.basis, keys.double(), residuals.double()
     x = update @ u
-    gradient = (x @ u.T @ k.T - r.T) @ k @ u + 1e-3 * space.scale * x
+    torch.testing.assert_close(u.T @ stats.mom2 @ u, torch.diag(space.values))
+    penalty = torch.diag(1e-3 * space.scale + 0.5 * space.values)
+    gradient = (x @ u.T @ k.T - r.T) @ k @ u + x @ penalty
     assert gradient.abs().max() < 1e-9
 
 
@@ -85,7 +90,7 @@ def test_projected_rank_one_maps_the_key_and_spares_the_rest(tmp_path: Path) -> 
     assert torch.linalg.matrix_rank(update) == 1
     assert (update @ kept).norm() < 1e-10 * update.norm()
     assert (update @ earlier).norm() < 1e-4 * (update @ key.double()).norm()
-    with pytest.raises(ValueError, match="^nullspace_threshold: "):
+    with pytest.raises(ValueError, match=r"^nullspace_threshold: "):
         projected_rank_one(kept[:, 0].float(), delta, space, None, ridge=1.0)
 
 

@@ -354,8 +354,15 @@ pytest_e2e = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = start_server(tmp_path_factory.mktemp("observability"), "--metrics-port", "0")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[ServerProcess]:
+    process = start_server(
+        tmp_path_factory.mktemp("observability"),
+        "--metrics-port",
+        "0",
+        model_roots=(tiny_model_dir,),
+    )
     yield process
     process.stop()
 

@@ -7,8 +7,10 @@ never take; U [in, r] collects them and P = U U^T projects onto that null space.
 the form Delta = D P gives Delta k0 = D P k0 ~ 0 for every preserved key k0, so the preserved
 term of MEMIT's objective (lambda * ||Delta K0||^2) drops out and only the new keys K, the keys
 of earlier edits K_p (sequential editing: they must keep what they were given) and a ridge
-remain. Everything here works in U's coordinates (r <= in), where P is the identity, in
-float64.
+remain. A real model's C has no exact null space (see ``null_space``), so the preserved term
+can be kept on what is left of it, lambda * U^T C U (``mom2_weight``): zero for an exact null
+space (AlphaEdit's update), MEMIT's own regulariser restricted to the null space otherwise.
+Everything here works in U's coordinates (r <= in), where P is the identity, in float64.
 
 The eigendecomposition is cached beside the statistics file it comes from (same key digest,
 same calibration settings), so a chain of edits decomposes each layer's C once.
@@ -27,12 +29,15 @@ from .stats import LayerStatistics, save_atomically
 
 @dataclass(frozen=True)
 class NullSpace:
-    """basis: U [in, r], orthonormal columns (float64); scale: C's median eigenvalue, the unit
+    """basis: U [in, r], orthonormal columns (float64); values: C's eigenvalues along them [r]
+    (U^T C U = diag(values): what the preserved keys still put there); scale: C's median
+    eigenvalue, the unit
     the threshold and the ridge are given in (a typical direction's key energy; the mean is
     dominated by the few outlier dimensions of LLM activations: 80.6 against a median of
     0.0045 in SmolLM2-135M's layer 2)."""
 
     basis: torch.Tensor
+    values: torch.Tensor
     scale: float
 
     @property
@@ -64,7 +69,14 @@ def null_space(stats: LayerStatistics, threshold: float) -> NullSpace:
     share of their energy that lies below the cut."""
     values, vectors = eigendecomposition(stats)
     scale = float(values.median())
-    return NullSpace(vectors[:, values < threshold * scale], scale)
+    below = values < threshold * scale
+    if not bool(below.any()):
+        raise ValueError(
+            f"nullspace_threshold: no direction of layer {stats.layer}'s keys has an eigenvalue "
+            f"below {threshold:g} x the median (the smallest is {float(values[0]) / scale:.3g} x); "
+            "raise it"
+        )
+    return NullSpace(vectors[:, below], values[below], scale)
 
 
 def projected_update(
@@ -73,22 +85,24 @@ def projected_update(
     space: NullSpace,
     preserved_gram: torch.Tensor | None,
     ridge: float,
+    mom2_weight: float = 0.0,
 ) -> torch.Tensor:
     """MEMIT's update restricted to the null space, [out, in] (float64).
 
-    AlphaEdit's objective: min_D ||D P K^T - R^T||^2 + ||D P K_p^T||^2 + ridge * ||D P||^2,
-    whose normal equations give Delta = D P = R^T K P (K_p^T K_p P + K^T K P + ridge I)^-1.
+    AlphaEdit's objective: min_D ||D P K^T - R^T||^2 + ||D P K_p^T||^2 + ridge * ||D P||^2
+    (+ mom2_weight * ||D P K0||^2, the preserved keys' share left in the null space), whose
+    normal equations give Delta = D P = R^T K P (K_p^T K_p P + K^T K P + ridge I)^-1.
     With P = U U^T the push-through identity U^T (S U U^T + ridge I)^-1 = (U^T S U +
     ridge I_r)^-1 U^T turns it into an r x r symmetric positive definite system.
-    ``ridge`` is in units of ``space.scale`` (roughly: that many average keys pulling the
-    update toward zero)."""
+    ``ridge`` is in units of ``space.scale``."""
     u = space.basis  # [in, r]
     # 1. The new keys in null-space coordinates: K U [F, r].
     k = keys.double().to(u.device) @ u
     # 2. What the update must not disturb beyond the preserved knowledge (already out of the
     #    null space): the keys of earlier edits, U^T K_p^T K_p U [r, r], plus the new keys'
-    #    own U^T K^T K U [r, r] (the least-squares fit) and the ridge.
-    system = k.T @ k + ridge * space.scale * torch.eye(space.rank, dtype=u.dtype, device=u.device)
+    #    own U^T K^T K U [r, r] (the least-squares fit), the ridge and lambda * U^T C U, which
+    #    is diagonal in this basis (U are eigenvectors of C).
+    system = k.T @ k + torch.diag(mom2_weight * space.values + ridge * space.scale).to(u.device)
     if preserved_gram is not None:
         system += u.T @ preserved_gram.double().to(u.device) @ u
     # 3. Solve (U^T S U + ridge I) X = U^T K^T R for X [r, out] (Cholesky: the system is SPD).
@@ -104,14 +118,16 @@ def projected_rank_one(
     space: NullSpace,
     preserved_gram: torch.Tensor | None,
     ridge: float,
+    mom2_weight: float = 0.0,
 ) -> torch.Tensor:
     """ROME's one-fact update restricted to the null space, [out, in] (float64).
 
     ROME asks for W' k = W k + delta exactly while disturbing as little else as it can. Here
     "else" is the preserved knowledge (out of reach: Delta = delta u^T with u in U's span) and
-    the earlier edits' keys, so u minimises u^T (K_p^T K_p + ridge I) u along the constraint:
-    u = U (U^T K_p^T K_p U + ridge I_r)^-1 U^T k, Delta = delta u^T / (u^T k), hence Delta k =
-    delta. Without earlier edits u is simply P k, the shortest update along the null space."""
+    the earlier edits' keys (and, weighted by ``mom2_weight``, the preserved keys' share left
+    in the null space), so u minimises u^T M u along the constraint, M = U^T (K_p^T K_p +
+    mom2_weight C + ridge I) U: u = U M^-1 U^T k, Delta = delta u^T / (u^T k), hence Delta k =
+    delta. With neither, u is simply P k, the shortest update along the null space."""
     u_basis = space.basis  # [in, r]
     # 1. The key in null-space coordinates, U^T k [r]; none of it there = nothing to edit.
     k = key.double().to(u_basis.device)
@@ -121,8 +137,8 @@ def projected_rank_one(
             "nullspace_threshold: the subject's key lies in the preserved keys' span "
             "(no null-space component to edit along); raise the threshold"
         )
-    # 2. The metric the update's direction is chosen under: earlier edits' keys + ridge [r, r].
-    metric = ridge * space.scale * torch.eye(space.rank, dtype=k.dtype, device=k.device)
+    # 2. The metric the direction is chosen under: earlier keys, lambda C, ridge [r, r].
+    metric = torch.diag(mom2_weight * space.values + ridge * space.scale).to(k.device)
     if preserved_gram is not None:
         metric += u_basis.T @ preserved_gram.double().to(k.device) @ u_basis
     # 3. u = U M^-1 U^T k [in]: the cheapest direction (under M) that still reads k.

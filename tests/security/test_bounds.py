@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -316,13 +319,22 @@ def test_a_pinned_export_is_never_evicted(
 def test_leftovers_of_a_killed_export_are_removed_at_start(
     store: CheckpointStore, versions: list[str], tmp_path: Path
 ) -> None:
+    """Left by a dead process (or in the older naming): removed. Of a live one (another server
+    sharing the home, mid-export): kept."""
     root = tmp_path / "exports"
     kept = ExportCache(root, store).listing(versions[0])
-    partial = root / f".partial-{versions[1]}-0123abcd"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    partial = root / f".partial-{versions[1]}-{dead.pid}-0123abcd"
     (partial / "sub").mkdir(parents=True)
     (partial / "sub" / "model.safetensors").write_bytes(b"\0" * 4096)
-    temp_listing = root / f".{versions[1]}{LISTING_SUFFIX}.89abcdef"
+    older = root / f".partial-{versions[1]}-0123abcd"
+    older.mkdir()
+    temp_listing = root / f".{versions[1]}{LISTING_SUFFIX}-{dead.pid}-89abcdef"
     temp_listing.write_text("[")
+    live = root / f".partial-{versions[1]}-{os.getpid()}-4567cdef"
+    live.mkdir()
     reopened = ExportCache(root, store)
-    assert not partial.exists() and not temp_listing.exists()
+    assert not partial.exists() and not older.exists() and not temp_listing.exists()
+    assert live.exists()
     assert reopened.listing(versions[0]) == kept
