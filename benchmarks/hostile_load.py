@@ -68,11 +68,11 @@ def open_watchers(address: str, job_id: str, count: int) -> list[threading.Threa
     return threads
 
 
-def job_seconds(client: Client, spec: dict) -> float:
+def job_seconds(client: Client, spec: dict) -> tuple[float, jobs_pb2.Job]:
     start = time.perf_counter()
     job = client.wait(client.submit(spec).id, timeout=600)
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-    return time.perf_counter() - start
+    return time.perf_counter() - start, job
 
 
 def main() -> None:
@@ -86,7 +86,8 @@ def main() -> None:
         server = start_server(Path(tmp) / "home")
         try:
             with Client(server.address, timeout=120) as client:
-                job_seconds(client, quick_spec(args.base, "0.0"))  # loads the base model
+                _, warm = job_seconds(client, quick_spec(args.base, "0.0"))  # loads the base
+                root = client.get_version(warm.version_id).version.parent_id
                 slow = client.submit(slow_spec(args.base))
                 until_running(client, slow.id)
                 alone = get_latency(client, slow.id, args.calls)
@@ -107,14 +108,12 @@ def main() -> None:
                 for thread in watchers:
                     thread.join(timeout=60)
 
-                plain = job_seconds(client, quick_spec(args.base, "1.1"))
+                plain, _ = job_seconds(client, quick_spec(args.base, "1.1"))
                 try:
-                    client.generate(
-                        args.base, ["Once upon a time"], max_new_tokens=512, timeout=0.5
-                    )
+                    client.generate(root, ["Once upon a time"], max_new_tokens=512, timeout=0.5)
                 except ModelSurgeryError as exc:
                     print(f"abandoned Generate: {type(exc).__name__}")
-                after = job_seconds(client, quick_spec(args.base, "1.2"))
+                after, _ = job_seconds(client, quick_spec(args.base, "1.2"))
                 print(
                     f"job after an abandoned Generate: {after:.2f} s vs {plain:.2f} s without: "
                     f"ratio {after / plain:.2f}x"

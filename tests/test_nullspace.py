@@ -123,7 +123,9 @@ PROJECTED = {**QUICK, "projection": "null_space", "nullspace_threshold": 1.0}
 
 def test_projected_memit_moves_facts_to_their_targets(data_dir: Path) -> None:
     model, tok = build_editable("llama", seed=0), build_tiny_tokenizer()
-    config = memit.MemitConfig(facts=FACTS, layers=[0, 1], nullspace_l2=1e-3, **PROJECTED)
+    config = memit.MemitConfig(
+        facts=FACTS, layers=[0, 1], mom2_weight=0.01, nullspace_l2=1e-3, **PROJECTED
+    )
     targets = site_targets(model, tok, config, data_dir)
     before = (targets - last_layer_outputs(model, tok, config)).norm(dim=-1)
     result = get_method("memit").run(model, tok, config, context(data_dir))

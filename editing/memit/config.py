@@ -40,6 +40,18 @@ class MemitConfig(KnowledgeEditConfig):
     null-space projection did not help locality here (0.98 / 0.91 / 0.80 at 200 facts). The
     locality lost grows with the batch: neighbourhood prompts share the edited relations.
 
+    ``projection: null_space`` defaults (cut 2, ridge 10, ``nullspace_mom2`` on), chosen on dev
+    cases 9000-9099 as one 100-fact batch with the v* targets fixed (``benchmarks/memit_sweep.py
+    --n 100 --offset 9000 --null-space 1 2 --ridge 10 1000 --nullspace-mom2 0 5000``):
+    unprojected lambda 5000 0.97 / 0.89 / 0.89; cut 1, ridge 10: 0.98 / 0.92 / 0.83 without
+    lambda * C inside, 0.92 / 0.83 / 0.91 with it; cut 1, ridge 1000: 0.97 / 0.89 / 0.88 and
+    0.87 / 0.76 / 0.93; cut 2, ridge 10: 0.99 / 0.92 / 0.82 and 0.96 / 0.85 / 0.90; cut 2,
+    ridge 1000: 0.98 / 0.91 / 0.87 and 0.94 / 0.84 / 0.91. SmolLM2's C has no null space (its
+    smallest eigenvalue is 0.27-0.37 of the median in layers 2-8), so in one job the projection
+    moves along the same efficacy / locality trade-off as lambda; what it adds is the earlier
+    edits' keys of a lineage (sequential editing). The default ``projection`` stays ``none``
+    until the sequential benchmark (``benchmarks/memit_scale.py``) says otherwise.
+
     Metrics: ``efficacy``, ``paraphrase``, ``locality``, ``probability_gain``,
     ``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``, ``v_loss``,
     ``v_steps_used``.

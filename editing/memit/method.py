@@ -86,6 +86,7 @@ def run(
     z = torch.cat(targets)
     weight = config.lambda_weight(model.config)
     threshold, ridge = config.projection_settings(defaults)
+    inside = weight if config.nullspace_mom2 else 0.0
     changed: dict[str, torch.Tensor] = {}
     spaces: dict[str, dict[str, int]] = {}
     for i, layer in enumerate(layers):
@@ -107,7 +108,7 @@ def run(
             space = null_space(stats[layer], threshold)
             earlier = preserved.gram(module, keys.shape[1], context.progress)
             spaces[str(layer)] = {"rank": space.rank, "preserved_keys": preserved.count(module)}
-            update = projected_update(keys, residuals, space, earlier, ridge)
+            update = projected_update(keys, residuals, space, earlier, ridge, inside)
         else:
             update = memit_update(keys, residuals, stats[layer].mom2, weight)
         with torch.no_grad():
@@ -122,7 +123,12 @@ def run(
         "statistics": {str(layer): stats[layer].record() for layer in layers}
     }
     if spaces:
-        resolved["null_space"] = {"threshold": threshold, "l2": ridge, "layers": spaces}
+        resolved["null_space"] = {
+            "threshold": threshold,
+            "l2": ridge,
+            "mom2_weight": inside,
+            "layers": spaces,
+        }
     return SurgeryResult(
         changed=changed,
         metrics=metrics,

@@ -68,6 +68,7 @@ def run(
         stats = layer_statistics(model, tokenizer, adapter, [layer], context, settings)[layer]
     mom2 = stats.mom2 if stats is not None and config.use_mom2 else None
     threshold, ridge = config.projection_settings(defaults)
+    inside = defaults.mom2_weight if config.nullspace_mom2 else 0.0
     space = null_space(stats, threshold) if stats is not None and projected else None
     preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
     module = adapter.mlp_out_path(layer)
@@ -93,7 +94,7 @@ def run(
         key, delta = result.keys[0], result.deltas[0]
         if space is not None:
             earlier = preserved.gram(module, key.shape[0], context.progress)
-            update = projected_rank_one(key, delta, space, earlier, ridge)
+            update = projected_rank_one(key, delta, space, earlier, ridge, inside)
         else:
             update = rank_one_update(key, delta, mom2)
         preserved.add(module, key[None])
@@ -110,7 +111,12 @@ def run(
         resolved["statistics"] = {str(layer): stats.record()}
     if space is not None:
         layers = {str(layer): {"rank": space.rank, "preserved_keys": preserved_before}}
-        resolved["null_space"] = {"threshold": threshold, "l2": ridge, "layers": layers}
+        resolved["null_space"] = {
+            "threshold": threshold,
+            "l2": ridge,
+            "mom2_weight": inside,
+            "layers": layers,
+        }
     return SurgeryResult(
         changed={f"{module}.weight": projection.module.weight.detach().clone()},
         metrics=metrics,
