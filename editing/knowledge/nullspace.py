@@ -45,6 +45,14 @@ class NullSpace:
         return self.basis.shape[1]
 
 
+def projection_record(
+    threshold: float, ridge: float, mom2_weight: float, layers: dict[str, dict[str, int]]
+) -> dict[str, object]:
+    """What a projected edit records in its ``resolved`` config (``null_space``): the
+    settings it ran with and, per layer, the null space's rank and the preserved keys kept."""
+    return {"threshold": threshold, "l2": ridge, "mom2_weight": mom2_weight, "layers": layers}
+
+
 def eigen_path(stats: LayerStatistics) -> Path:
     return stats.path.with_name(stats.path.name.removesuffix(".safetensors") + ".eigh.safetensors")
 

@@ -24,7 +24,11 @@ from torch import nn
 from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import EditEvaluation
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
-from modelsurgery.editing.knowledge.nullspace import null_space, projected_update
+from modelsurgery.editing.knowledge.nullspace import (
+    null_space,
+    projected_update,
+    projection_record,
+)
 from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.knowledge.vstar import optimize_deltas
@@ -123,12 +127,7 @@ def run(
         "statistics": {str(layer): stats[layer].record() for layer in layers}
     }
     if spaces:
-        resolved["null_space"] = {
-            "threshold": threshold,
-            "l2": ridge,
-            "mom2_weight": inside,
-            "layers": spaces,
-        }
+        resolved["null_space"] = projection_record(threshold, ridge, inside, spaces)
     return SurgeryResult(
         changed=changed,
         metrics=metrics,

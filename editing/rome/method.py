@@ -18,7 +18,11 @@ from torch import nn
 
 from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import EditEvaluation
-from modelsurgery.editing.knowledge.nullspace import null_space, projected_rank_one
+from modelsurgery.editing.knowledge.nullspace import (
+    null_space,
+    projected_rank_one,
+    projection_record,
+)
 from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.knowledge.vstar import optimize_deltas
@@ -111,12 +115,7 @@ def run(
         resolved["statistics"] = {str(layer): stats.record()}
     if space is not None:
         layers = {str(layer): {"rank": space.rank, "preserved_keys": preserved_before}}
-        resolved["null_space"] = {
-            "threshold": threshold,
-            "l2": ridge,
-            "mom2_weight": inside,
-            "layers": layers,
-        }
+        resolved["null_space"] = projection_record(threshold, ridge, inside, layers)
     return SurgeryResult(
         changed={f"{module}.weight": projection.module.weight.detach().clone()},
         metrics=metrics,
