@@ -2,9 +2,10 @@
 one job, and sequential editing (a chain of jobs, each on the previous version), with and
 without the null-space projection, side by side in one run.
 
-    python benchmarks/memit_scale.py --memit-n 1000 --projection both
-    python benchmarks/memit_scale.py --memit-n 10000 --projection none --fact-batch 64
-    python benchmarks/memit_scale.py --sequential 100 --per-job 10 --projection both
+    python benchmarks/memit_scale.py --memit-n 1000 --projection none null_space
+    python benchmarks/memit_scale.py --memit-n 100 --offset 9000 --vstar-dtype float32 auto
+    python benchmarks/memit_scale.py --memit-n 10000 --projection none
+    python benchmarks/memit_scale.py --sequential 100 --per-job 10 --projection none auto
     python benchmarks/memit_scale.py --sequential 100 --per-job 1 --method rome
 
 Reported facts are CounterFact dev cases from ``--offset`` (default 0); the projection defaults
@@ -15,7 +16,7 @@ same run (``--rome-n`` edits on the fresh base, statistics computed before timin
 (and peak CUDA memory). Sequential: the chain runs through ``execute_job`` on a real store
 (the product's path: each job reads its base's preserved keys), then the final version is
 scored on all facts and perplexity against the root. Prints one JSON line per setting, then
-the projected / unprojected ratios.
+each setting's figures over the first setting's.
 """
 
 from __future__ import annotations
@@ -61,10 +62,6 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return peaks
 
 
-def modes(choice: str) -> list[str]:
-    return ["none", "null_space"] if choice == "both" else [choice]
-
-
 def median_rome_seconds(model, tok, facts: list[Fact], ctx: MethodContext) -> float:
     """Median seconds of single-fact ROME edits, each on the fresh base (statistics cached
     before the first is timed)."""
@@ -91,28 +88,31 @@ def one_job(args, model, tok, facts: list[Fact], ctx, rome_s: float, ppl_base: f
     layer_statistics(model, tok, adapter, layers, ctx, base.stats_settings())
     original = {layer: adapter.mlp_out(layer).weight.detach().clone() for layer in layers}
     before = score_facts(model, tok, adapter, facts)
-    rows = {}
-    for projection in modes(args.projection):
-        config = base.model_copy(update={"projection": projection})
-        start = time.perf_counter()
-        memit_run(model, tok, config, ctx)
-        seconds = time.perf_counter() - start
-        metrics = edit_metrics(before, score_facts(model, tok, adapter, facts))
-        ppl = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)
-        rows[projection] = {
-            "setting": f"memit-{len(facts)}",
-            "projection": projection,
-            **{k: round(v, 4) for k, v in metrics.items()},
-            "perplexity_ratio": round(ppl / ppl_base, 4),
-            "seconds_total": round(seconds, 1),
-            "seconds_per_fact": round(seconds / len(facts), 3),
-            "per_fact_vs_median_rome": round(seconds / len(facts) / rome_s, 3),
-            **{k: round(v, 2) for k, v in peak_memory(ctx.device).items()},
-        }
-        print(json.dumps(rows[projection]), flush=True)
-        with torch.no_grad():
-            for layer in layers:
-                adapter.mlp_out(layer).weight.copy_(original[layer])
+    rows = []
+    for projection in args.projection:
+        for dtype in args.vstar_dtype:
+            config = base.model_copy(update={"projection": projection, "vstar_dtype": dtype})
+            start = time.perf_counter()
+            memit_run(model, tok, config, ctx)
+            seconds = time.perf_counter() - start
+            metrics = edit_metrics(before, score_facts(model, tok, adapter, facts))
+            ppl = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)
+            row = {
+                "setting": f"memit-{len(facts)}",
+                "projection": projection,
+                "vstar_dtype": dtype,
+                **{k: round(v, 4) for k, v in metrics.items()},
+                "perplexity_ratio": round(ppl / ppl_base, 4),
+                "seconds_total": round(seconds, 1),
+                "seconds_per_fact": round(seconds / len(facts), 3),
+                "per_fact_vs_median_rome": round(seconds / len(facts) / rome_s, 3),
+                **{k: round(v, 2) for k, v in peak_memory(ctx.device).items()},
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with torch.no_grad():
+                for layer in layers:
+                    adapter.mlp_out(layer).weight.copy_(original[layer])
     print_ratios(rows)
 
 
@@ -158,16 +158,17 @@ def chain(args, facts: list[Fact], before: list, projection: str, root: Path) ->
     }
 
 
-def print_ratios(rows: dict[str, dict[str, Any]]) -> None:
-    if set(rows) != {"none", "null_space"}:
-        return
-    plain, projected = rows["none"], rows["null_space"]
-    ratios = {
-        f"{name}_projected_over_none": round(projected[name] / plain[name], 3)
-        for name, value in plain.items()
-        if isinstance(value, float) and value and name in projected
-    }
-    print(json.dumps({"setting": plain["setting"], **ratios}), flush=True)
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    """Every setting's figures over the first setting's (same facts, same run)."""
+    first = rows[0]
+    for row in rows[1:]:
+        ratios = {
+            f"{name}_ratio": round(row[name] / value, 3)
+            for name, value in first.items()
+            if isinstance(value, float) and value and name in row
+        }
+        label = {k: row[k] for k in ("setting", "projection", "vstar_dtype") if k in row}
+        print(json.dumps({**label, "over": {k: first[k] for k in label}, **ratios}), flush=True)
 
 
 def main() -> None:
@@ -176,10 +177,23 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, help="facts written as a chain of jobs")
     parser.add_argument("--per-job", type=int, default=10, help="facts per job of the chain")
     parser.add_argument("--method", choices=["memit", "rome"], default="memit", help="chain")
-    parser.add_argument("--projection", choices=["none", "null_space", "both"], default="both")
+    parser.add_argument(
+        "--projection",
+        nargs="+",
+        choices=["none", "null_space", "auto"],
+        default=["none", "null_space"],
+        help="settings compared side by side",
+    )
     parser.add_argument("--offset", type=int, default=0, help="first reported case")
     parser.add_argument(
         "--fact-batch", type=int, default=MemitConfig.model_fields["fact_batch"].default
+    )
+    parser.add_argument(
+        "--vstar-dtype",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16"],
+        help="one job: v* dtypes compared",
     )
     parser.add_argument("--rome-n", type=int, default=10, help="ROME edits timed for the ratio")
     parser.add_argument("--ppl-tokens", type=int, default=4096)
@@ -211,11 +225,11 @@ def main() -> None:
     if args.sequential:
         chained = facts[: args.sequential]
         before = score_facts(model, tok, get_adapter(model), chained)
-        rows = {}
-        for projection in modes(args.projection):
+        rows = []
+        for projection in args.projection:
             with tempfile.TemporaryDirectory(prefix="memit-scale-") as root:
-                rows[projection] = chain(args, chained, before, projection, Path(root))
-            print(json.dumps(rows[projection]), flush=True)
+                rows.append(chain(args, chained, before, projection, Path(root)))
+            print(json.dumps(rows[-1]), flush=True)
         print_ratios(rows)
 
 

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
+from modelsurgery.editing import memit
 from modelsurgery.editing.data import shared_data_path
-from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import edit_metrics, score_facts
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.knowledge.nullspace import null_space, projected_update
 from modelsurgery.editing.knowledge.stats import layer_statistics
-from modelsurgery.editing.knowledge.vstar import optimize_deltas
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit.method import memit_update
 from modelsurgery.editing.registry import MethodContext
@@ -39,24 +38,19 @@ from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
 
 
-def chunks(facts: list[Fact], size: int) -> list[list[Fact]]:
-    return [facts[i : i + size] for i in range(0, len(facts), size)]
-
-
-def vstar_targets(model, tok, config, facts, last, params, context) -> torch.Tensor:
-    adapter = get_adapter(model)
-    result = optimize_deltas(
+def vstar_targets(model, tok, config, context) -> torch.Tensor:
+    """z [F, d]: the last edited layer's outputs plus v*, as ``memit.run`` computes them."""
+    last = config.edit_layers(model.config)[-1]
+    _, outputs = keys_and_outputs(
         model,
         tok,
-        adapter,
-        facts,
-        layer=last,
-        site="layer",
-        params=params,
+        get_adapter(model),
+        config.facts,
+        key_layer=last,
+        out_layer=last,
         templates=config.templates(),
-        context=context,
     )
-    return result.target_init + result.deltas
+    return outputs + memit.vstar_targets(model, tok, config, context).deltas
 
 
 def main() -> None:
@@ -87,16 +81,10 @@ def main() -> None:
     before = score_facts(model, tok, adapter, facts)
 
     start = time.perf_counter()
-    params = config.vstar_params(family_defaults(adapter.model_type), args.clamp)
     if args.targets and args.targets.exists():
         z = torch.load(args.targets)
     else:
-        z = torch.cat(
-            [
-                vstar_targets(model, tok, config, chunk, args.last, params, context)
-                for chunk in chunks(facts, config.fact_batch)
-            ]
-        )
+        z = vstar_targets(model, tok, config, context)
         if args.targets:
             torch.save(z, args.targets)
     print(f"v* targets for {len(facts)} facts: {time.perf_counter() - start:.1f} s", flush=True)

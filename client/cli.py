@@ -143,6 +143,17 @@ def serve(
         ),
     ] = None,
     workers: Annotated[int, typer.Option(help="Worker actors (jobs run in parallel).")] = 1,
+    fan_out: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Helper actors holding the model that one job's v* batches (MEMIT) spread "
+            "over; 1 = they run in the job's worker.",
+        ),
+    ] = 1,
+    fan_out_cpus: Annotated[
+        float, typer.Option(min=0.1, help="CPUs each fan-out helper asks Ray for.")
+    ] = 1.0,
     max_attempts: Annotated[int, typer.Option(help="Attempts per job if a worker dies.")] = 2,
     max_queued: Annotated[int, typer.Option(help="Queued+running jobs per caller.")] = 100,
     max_job_seconds: Annotated[
@@ -196,6 +207,8 @@ def serve(
         num_cpus=num_cpus,
         worker_cpus=worker_cpus,
         workers=workers,
+        fan_out=fan_out,
+        fan_out_cpus=fan_out_cpus,
         max_attempts=max_attempts,
         max_queued_per_caller=max_queued,
         max_job_seconds=max_job_seconds,

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from modelsurgery.editing.fan_out import FanOut, run_here
+
 if TYPE_CHECKING:
     import torch
 
@@ -95,6 +97,9 @@ class MethodContext:
     # operation of this job, else by the job's base version or an ancestor. How a method
     # hands state to the next edit of the same lineage (knowledge editing's preserved keys).
     read_artifact: Callable[[str], bytes | None] = lambda name: None
+    # Where independent batches of one operation run (``editing.fan_out``): here by default,
+    # on Ray helper actors when the server was started with ``--fan-out``.
+    fan_out: FanOut = run_here
 
     def progress(self, message: str, **fields: Any) -> None:
         """Emit a progress event (step, loss, metric ...) to the job's watchers."""

@@ -57,6 +57,9 @@ class ServerSettings:
     num_cpus: int | None = None
     worker_cpus: int | None = None
     workers: int = 1
+    # Ray helper actors a job's independent batches spread over (see ``server.fan_out``).
+    fan_out: int = 1
+    fan_out_cpus: float = 1.0
     max_attempts: int = 2
     max_queued_per_caller: int = 100
     max_request_bytes: int = MAX_MESSAGE_BYTES
@@ -148,6 +151,8 @@ class ModelSurgeryServer:
             data_roots=s.data_folders,
             model_roots=s.model_folders,
             max_cache_bytes=s.max_cache_bytes,
+            fan_out=s.fan_out,
+            fan_out_cpus=s.fan_out_cpus,
         )
         self.engine = JobEngine(
             self.table,

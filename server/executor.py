@@ -34,6 +34,7 @@ from modelsurgery.evaluation.suite import (
 from modelsurgery.models import load
 from modelsurgery.models.digest import model_digest
 from modelsurgery.proto.spec import JobSpec, parse_spec
+from modelsurgery.server.fan_out import fan_out_for
 from modelsurgery.server.model_cache import CachedModel, ModelCache, parameter_bytes
 
 Emit = Callable[[dict[str, Any]], None]
@@ -56,6 +57,10 @@ class WorkerSettings:
     model_roots: tuple[Path, ...] | None = None
     max_cache_bytes: int = 8 << 30
     device: str = "cpu"
+    # Helper actors one operation's independent batches spread over (MEMIT's v*), and the
+    # CPUs each asks Ray for; 1 = the batches run in the job's worker.
+    fan_out: int = 1
+    fan_out_cpus: float = 1.0
 
 
 def load_base(
@@ -162,6 +167,7 @@ def execute_job(
                 report=lambda event, i=index: emit({"kind": "progress", "operation": i, **event}),
                 is_cancelled=is_cancelled,
                 read_artifact=artifact_reader(store, base.version_id, artifacts),
+                fan_out=fan_out_for(settings.fan_out, settings.fan_out_cpus),
             )
             emit({"kind": "progress", "message": f"running {operation.method}", "operation": index})
             result = method.run(model, base.tokenizer, operation, context)

@@ -12,10 +12,8 @@ from test_rome import FACT, QUICK, context
 from test_rome import data_dir as data_dir
 
 from modelsurgery.editing import memit
-from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import answer_scores
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
-from modelsurgery.editing.knowledge.vstar import optimize_deltas
 from modelsurgery.editing.registry import get_method
 from modelsurgery.models.adapters import get_adapter
 
@@ -38,20 +36,8 @@ def answers_logp(model, tok) -> list[float]:
 def site_targets(model, tok, config: memit.MemitConfig, data_dir: Path) -> torch.Tensor:
     """The v* targets z [F, d] MEMIT aims the last edited layer's outputs at (deterministic:
     the same optimisation ``run`` does, on the unedited model)."""
-    adapter = get_adapter(model)
-    defaults = family_defaults(adapter.model_type)
-    result = optimize_deltas(
-        model,
-        tok,
-        adapter,
-        config.facts,
-        layer=config.edit_layers(model.config)[-1],
-        site="layer",
-        params=config.vstar_params(defaults, defaults.memit_clamp),
-        templates=config.templates(),
-        context=context(data_dir),
-    )
-    return result.target_init + result.deltas
+    deltas = memit.vstar_targets(model, tok, config, context(data_dir)).deltas
+    return last_layer_outputs(model, tok, config) + deltas
 
 
 def last_layer_outputs(model, tok, config: memit.MemitConfig) -> torch.Tensor:

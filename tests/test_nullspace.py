@@ -169,13 +169,14 @@ def rome_job(env: dict[str, Any], base: str, fact: dict[str, Any], **fields: Any
 def test_chained_jobs_preserve_earlier_keys_and_reuse_statistics(
     job_env: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Job 1 (unprojected) stores its fact's key; job 2 on its version, projected, reads it,
-    keeps it and adds its own; both used the same statistics (an edit of the projection does
-    not change the keys it is computed from), computed once; the export still loads plainly."""
+    """Job 1 stores its fact's key (``projection: auto`` with nothing earlier: unprojected);
+    job 2 on its version reads it, so ``auto`` projects, keeps it and adds its own; both used
+    the same statistics (an edit of the projection does not change the keys it is computed
+    from), computed once; the export still loads plainly."""
     store = job_env["store"]
     first, _ = rome_job(job_env, str(job_env["folder"]), FACT)
     second_fact = {"prompt": "{} speaks", "subject": "she", "target_new": "japanese"}
-    second, events = rome_job(job_env, first.version_id, second_fact, **PROJECTED)
+    second, events = rome_job(job_env, first.version_id, second_fact, nullspace_threshold=1.0)
     assert not any(e.get("message", "").endswith("computing") for e in events)
     module = get_adapter(build_editable("llama")).mlp_out_path(1)
     for version, count in ((first.version_id, 1), (second.version_id, 2)):
@@ -184,6 +185,7 @@ def test_chained_jobs_preserve_earlier_keys_and_reuse_statistics(
     ops = [store.get(v.version_id).operations[0] for v in (first, second)]
     assert ops[0]["statistics"] == ops[1]["statistics"]
     assert set(ops[0]["statistics"]["1"]) == {"key_digest", "samples", "window", "seed"}
+    assert [op["projection"] for op in ops] == ["none", "null_space"]
     assert ops[1]["null_space"]["layers"]["1"]["preserved_keys"] == 1
     folder = store.export(second.version_id, tmp_path / "export")
     assert (folder / PRESERVED_KEYS_ARTIFACT).is_file()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
 from modelsurgery.editing.validators import one_slot_templates
 from modelsurgery.evaluation.metrics import FACT_METRICS, FACTS
 from modelsurgery.proto import limits
@@ -110,9 +110,10 @@ class KnowledgeEditConfig(MethodConfig):
     context_templates: prefixes (each with one ``{}`` for the prompt) keys and v* average over;
         default: a fixed set of generic prefixes (deterministic, see ``templates``).
     stats_samples, stats_window, stats_seed: WikiText-2 validation windows for C = E[k k^T].
-    projection: ``none`` (the paper's update) or ``null_space`` (AlphaEdit: the update acts
+    projection: ``none`` (the paper's update), ``null_space`` (AlphaEdit: the update acts
         only on key directions the preserved knowledge does not use, and keeps the keys of
-        every earlier edit in the lineage; see ``nullspace``).
+        every earlier edit in the lineage; see ``nullspace``), or ``auto``: ``null_space`` for
+        a layer that carries earlier edits' keys (sequential editing), else ``none``.
     nullspace_threshold: with ``null_space``, the eigenvalue cut of C = E[k k^T], as a multiple
         of C's median eigenvalue (directions below it form the null space; 1 = half of them).
     nullspace_l2: with ``null_space``, the ridge on the update, in units of C's median
@@ -120,6 +121,9 @@ class KnowledgeEditConfig(MethodConfig):
     nullspace_mom2: with ``null_space``, keep lambda * C (``mom2_weight``; ROME: the family's)
         on the preserved keys' share left inside the null space (a real model's C has no
         exact null space); off = AlphaEdit's update exactly.
+    vstar_dtype: the dtype v* is optimised in (on a copy of the model; keys, outputs and the
+        update stay in the model's dtype); ``auto`` = bfloat16 where its matmuls are fast
+        (``models.hardware``), else float32. Recorded resolved in the version's config.
     evaluate: compute efficacy/paraphrase/locality/probability_gain before and after.
     evaluate_perplexity, perplexity_tokens: WikiText-2 perplexity before/after on that many
         test tokens (``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``).
@@ -138,10 +142,11 @@ class KnowledgeEditConfig(MethodConfig):
     stats_samples: int = Field(default=256, ge=1, le=limits.MAX_STATISTICS_SAMPLES)
     stats_window: int = Field(default=256, ge=8, le=limits.MAX_SEQUENCE_TOKENS)
     stats_seed: int = 0
-    projection: Literal["none", "null_space"] = "none"
+    projection: Literal["auto", "none", "null_space"] = "auto"
     nullspace_threshold: float | None = Field(default=None, gt=0)
     nullspace_l2: float | None = Field(default=None, gt=0)
     nullspace_mom2: bool = True
+    vstar_dtype: DtypeSetting = "auto"
     evaluate: bool = True
     evaluate_perplexity: bool = True
     perplexity_tokens: int = Field(default=4096, ge=16, le=limits.MAX_PERPLEXITY_TOKENS)
@@ -178,6 +183,11 @@ class KnowledgeEditConfig(MethodConfig):
         from .stats import StatsSettings
 
         return StatsSettings(self.stats_samples, self.stats_window, self.stats_seed)
+
+    def projects(self, earlier_edits: int) -> bool:
+        """Whether a layer's update is null-space projected, given how many earlier edits'
+        keys the layer carries."""
+        return self.projection == "null_space" or (self.projection == "auto" and earlier_edits > 0)
 
     def projection_settings(self, defaults: FamilyDefaults) -> tuple[float, float]:
         """(eigenvalue threshold, ridge) of a null-space projected edit."""

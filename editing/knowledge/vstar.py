@@ -30,7 +30,6 @@ from .runner import (
     Aligned,
     CachedPrefix,
     align_lookups,
-    capture_input,
     logits_at,
     output_edit,
 )
@@ -51,13 +50,12 @@ class VStarParams:
 
 @dataclass
 class VStarResult:
-    """Per fact: ``deltas`` [F, d]; ``target_init`` = the site's original output at the bare
-    prompt's subject [F, d]; ``keys`` = the down-projection input at the subject averaged over
-    templates [F, d_in] (when asked for); ``losses`` and ``steps`` at the end."""
+    """Per fact: ``deltas`` [F, d] (float32), the change of the site's output at the subject;
+    ``losses`` and ``steps`` at the end. The output it is added to and the keys are computed on
+    the model being edited (``keys.keys_and_outputs``), not here: v* may run on a copy in
+    another dtype (``precision``)."""
 
     deltas: torch.Tensor
-    target_init: torch.Tensor
-    keys: torch.Tensor | None
     losses: list[float]
     steps: list[int]
 
@@ -175,7 +173,6 @@ def optimize_deltas(
     params: VStarParams,
     templates: Sequence[str],
     context: MethodContext,
-    capture_keys: bool = False,
 ) -> VStarResult:
     """Optimise one delta per fact, all facts in one batch (callers chunk large lists)."""
     device = next(model.parameters()).device
@@ -191,22 +188,12 @@ def optimize_deltas(
             state["target_init"] = out[b.bare_rows, 0].detach().float()
         return torch.cat([out[:, :1] + delta[b.site_fact, None].to(out.dtype), out[:, 1:]], 1)
 
-    def keep_keys(k: torch.Tensor) -> None:
-        if capture_keys and "keys" not in state:
-            picked = k[b.rewrite_rows, 0].detach().float()
-            state["keys"] = _group_mean_rows(picked, b.rewrite_fact, n_facts)
-
     done = torch.zeros(n_facts, dtype=torch.bool, device=device)
     steps = [params.steps] * n_facts
     losses = torch.zeros(n_facts, device=device)
-    key_module = adapter.mlp_out(layer).module
     rows = torch.cat([b.nll_rows, b.kl_rows])
     cols = torch.cat([b.nll_cols, torch.zeros_like(b.kl_rows)])
-    with (
-        frozen_parameters(model),
-        output_edit(site_module(adapter, layer, site), add_delta),
-        capture_input(key_module, keep_keys),
-    ):
+    with frozen_parameters(model), output_edit(site_module(adapter, layer, site), add_delta):
         for step in range(params.steps):
             context.check_cancelled()
             hidden = prefix.tail_hidden()
@@ -246,18 +233,4 @@ def optimize_deltas(
                 max_norm = params.clamp_factor * init_norm
                 norm = delta.norm(dim=-1).clamp_min(1e-12)
                 delta.mul_(torch.where(norm > max_norm, max_norm / norm, 1.0)[:, None])
-    return VStarResult(
-        deltas=delta.detach().float(),
-        target_init=state["target_init"],
-        keys=state.get("keys"),
-        losses=losses.tolist(),
-        steps=steps,
-    )
-
-
-def _group_mean_rows(rows: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
-    sums = torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    sums.index_add_(0, groups, rows)
-    counts = torch.zeros(n, dtype=rows.dtype, device=rows.device)
-    counts.index_add_(0, groups, torch.ones(len(groups), dtype=rows.dtype, device=rows.device))
-    return sums / counts[:, None]
+    return VStarResult(deltas=delta.detach().float(), losses=losses.tolist(), steps=steps)

@@ -14,6 +14,6 @@ def _implementation() -> Implementation:
 
 register_method("memit", MemitConfig, _implementation)
 
-__getattr__, __dir__ = lazy_exports(__name__, {".method": ("memit_update", "run")})
+__getattr__, __dir__ = lazy_exports(__name__, {".method": ("memit_update", "run", "vstar_targets")})
 
-__all__ = ["MemitConfig", "memit_update", "run"]
+__all__ = ["MemitConfig", "memit_update", "run", "vstar_targets"]

@@ -8,7 +8,8 @@ W_l += R^T K (lambda C + K^T K)^-1   (the normal equations of MEMIT's objective)
 or with ``projection: null_space`` AlphaEdit's form (``knowledge.nullspace``), which also keeps
 the keys of the lineage's earlier edits (``knowledge.preserved``).
 
-Scale: v* runs in batches of ``fact_batch`` facts and keeps only each batch's targets [F, d];
+Scale: v* runs in batches of ``fact_batch`` facts of similar length (``knowledge.targets``,
+spread over the context's fan-out) and keeps only each fact's delta [F, d];
 the keys [F, in] and current outputs [F, d] of one layer at a time are the largest tensors
 (10,000 facts on SmolLM2-135M: 61 MB and 23 MB in float32), and the solve is [in, in] (or
 [r, r] in the null space) in float64 whatever F is: no per-fact loop in the update.
@@ -31,7 +32,7 @@ from modelsurgery.editing.knowledge.nullspace import (
 )
 from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
 from modelsurgery.editing.knowledge.stats import layer_statistics
-from modelsurgery.editing.knowledge.vstar import optimize_deltas
+from modelsurgery.editing.knowledge.targets import Targets, optimise_targets
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import get_adapter
 
@@ -49,6 +50,25 @@ def memit_update(
     return torch.linalg.solve(system, rhs).T.to(keys.device)
 
 
+def vstar_targets(
+    model: nn.Module, tokenizer: Any, config: MemitConfig, context: MethodContext
+) -> Targets:
+    """Every fact's v* delta at the last edited layer's output, in the facts' order."""
+    defaults = family_defaults(get_adapter(model).model_type)
+    return optimise_targets(
+        model,
+        tokenizer,
+        config.facts,
+        layer=config.edit_layers(model.config)[-1],
+        site="layer",
+        params=config.vstar_params(defaults, defaults.memit_clamp),
+        templates=config.templates(),
+        batch_size=config.fact_batch,
+        dtype=config.vstar_dtype,
+        context=context,
+    )
+
+
 def run(
     model: nn.Module, tokenizer: Any, config: MemitConfig, context: MethodContext
 ) -> SurgeryResult:
@@ -57,7 +77,6 @@ def run(
     layers = config.edit_layers(model.config)
     last = layers[-1]
     defaults = family_defaults(adapter.model_type)
-    params = config.vstar_params(defaults, defaults.memit_clamp)
     facts = config.facts
     evaluation = EditEvaluation(
         model,
@@ -70,24 +89,8 @@ def run(
     evaluation.start()
     stats = layer_statistics(model, tokenizer, adapter, layers, context, config.stats_settings())
     preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
-    targets, losses, steps = [], [], []
-    for start in range(0, len(facts), config.fact_batch):
-        context.progress("memit: v* targets", step=start, total=len(facts))
-        result = optimize_deltas(
-            model,
-            tokenizer,
-            adapter,
-            facts[start : start + config.fact_batch],
-            layer=last,
-            site="layer",
-            params=params,
-            templates=config.templates(),
-            context=context,
-        )
-        targets.append(result.target_init + result.deltas)
-        losses += result.losses
-        steps += result.steps
-    z = torch.cat(targets)
+    targets = vstar_targets(model, tokenizer, config, context)
+    z: torch.Tensor | None = None
     weight = config.lambda_weight(model.config)
     threshold, ridge = config.projection_settings(defaults)
     inside = weight if config.nullspace_mom2 else 0.0
@@ -105,10 +108,12 @@ def run(
             out_layer=last,
             templates=config.templates(),
         )
+        if z is None:
+            z = current + targets.deltas  # [F, d]: the last layer's outputs before any update
         residuals = (z - current) / (len(layers) - i)
         projection = adapter.mlp_out(layer)
         module = adapter.mlp_out_path(layer)
-        if config.projection == "null_space":
+        if config.projects(preserved.count(module)):
             space = null_space(stats[layer], threshold)
             earlier = preserved.gram(module, keys.shape[1], context.progress)
             spaces[str(layer)] = {"rank": space.rank, "preserved_keys": preserved.count(module)}
@@ -121,10 +126,12 @@ def run(
         changed[f"{module}.weight"] = projection.module.weight.detach().clone()
     context.progress("memit: edited", step=len(layers), total=len(layers))
     metrics = evaluation.finish()
-    metrics["v_loss"] = sum(losses) / len(losses)
-    metrics["v_steps_used"] = sum(steps) / len(steps)
+    metrics["v_loss"] = sum(targets.losses) / len(facts)
+    metrics["v_steps_used"] = sum(targets.steps) / len(facts)
     resolved: dict[str, Any] = {
-        "statistics": {str(layer): stats[layer].record() for layer in layers}
+        "vstar_dtype": str(targets.dtype).removeprefix("torch."),
+        "projection": "null_space" if spaces else "none",
+        "statistics": {str(layer): stats[layer].record() for layer in layers},
     }
     if spaces:
         resolved["null_space"] = projection_record(threshold, ridge, inside, spaces)

@@ -18,14 +18,16 @@ from torch import nn
 
 from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.evaluate import EditEvaluation
+from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.knowledge.nullspace import (
     null_space,
     projected_rank_one,
     projection_record,
 )
+from modelsurgery.editing.knowledge.precision import optimisation_copy, optimisation_dtype
 from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
 from modelsurgery.editing.knowledge.stats import layer_statistics
-from modelsurgery.editing.knowledge.vstar import optimize_deltas
+from modelsurgery.editing.knowledge.targets import VStarBatch, optimise_batch
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import get_adapter
 
@@ -65,7 +67,10 @@ def run(
         perplexity_tokens=config.perplexity_tokens if config.evaluate_perplexity else None,
     )
     evaluation.start()
-    projected = config.projection == "null_space"
+    preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
+    module = adapter.mlp_out_path(layer)
+    preserved_before = preserved.count(module)
+    projected = config.projects(preserved_before)
     stats = None
     if config.use_mom2 or projected:
         settings = config.stats_settings()
@@ -74,28 +79,20 @@ def run(
     threshold, ridge = config.projection_settings(defaults)
     inside = defaults.mom2_weight if config.nullspace_mom2 else 0.0
     space = null_space(stats, threshold) if stats is not None and projected else None
-    preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
-    module = adapter.mlp_out_path(layer)
-    preserved_before = preserved.count(module)
     projection = adapter.mlp_out(layer)
+    templates = config.templates()
+    dtype = optimisation_dtype(model, config.vstar_dtype)
+    through = optimisation_copy(model, dtype)
     losses, steps = [], []
     for index, fact in enumerate(config.facts):
         context.check_cancelled()
         context.progress("rome: editing", step=index, total=len(config.facts), subject=fact.subject)
-        result = optimize_deltas(
-            model,
-            tokenizer,
-            adapter,
-            [fact],
-            layer=layer,
-            site="mlp_out",
-            params=params,
-            templates=config.templates(),
-            context=context,
-            capture_keys=True,
+        batch = VStarBatch((fact,), layer, "mlp_out", params, templates)
+        deltas, fact_losses, fact_steps = optimise_batch(through, tokenizer, batch, context)
+        keys, _ = keys_and_outputs(
+            model, tokenizer, adapter, [fact], key_layer=layer, out_layer=layer, templates=templates
         )
-        assert result.keys is not None
-        key, delta = result.keys[0], result.deltas[0]
+        key, delta = keys[0], deltas[0].to(keys.device)
         if space is not None:
             earlier = preserved.gram(module, key.shape[0], context.progress)
             update = projected_rank_one(key, delta, space, earlier, ridge, inside)
@@ -104,13 +101,19 @@ def run(
         preserved.add(module, key[None])
         with torch.no_grad():
             projection.weight.add_(update.to(projection.weight))
-        losses += result.losses
-        steps += result.steps
+            if through is not model:
+                get_adapter(through).mlp_out(layer).weight.copy_(projection.weight)
+        losses += fact_losses
+        steps += fact_steps
     context.progress("rome: edited", step=len(config.facts), total=len(config.facts))
     metrics = evaluation.finish()
     metrics["v_loss"] = sum(losses) / len(losses)
     metrics["v_steps_used"] = sum(steps) / len(steps)
-    resolved: dict[str, Any] = {"layer": layer}
+    resolved: dict[str, Any] = {
+        "layer": layer,
+        "vstar_dtype": str(dtype).removeprefix("torch."),
+        "projection": "null_space" if projected else "none",
+    }
     if stats is not None:
         resolved["statistics"] = {str(layer): stats.record()}
     if space is not None:
