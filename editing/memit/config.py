@@ -27,10 +27,7 @@ class MemitConfig(KnowledgeEditConfig):
     mom2_weight: lambda, weight of C = E[k k^T] against the new keys (larger = more
         conservative edits).
     fact_batch: facts whose v* are optimised together, cut from the facts sorted by length
-        (``knowledge.targets``). v* seconds per fact on CounterFact dev cases 9000-9063
-        (SmolLM2-135M, AMD EPYC AVX-512-BF16, 2 threads, bf16 v*): 4 facts 2.07, 8 1.69,
-        16 1.78, 32 1.99, 64 2.47; float32 at 16: 3.16, and 4.10 before the batches were
-        sorted by length (``/tmp``-free command: see the issue note of knowledge at scale).
+        (``knowledge.targets``); ``benchmarks/vstar_batches.py`` times batch sizes and dtypes.
     Shared fields: see ``KnowledgeEditConfig``.
 
     Llama defaults (SmolLM2-135M): layers 2-8, clamp 4, lambda 5000, weight decay 1e-3, 25
@@ -53,8 +50,16 @@ class MemitConfig(KnowledgeEditConfig):
     ridge 1000: 0.98 / 0.91 / 0.87 and 0.94 / 0.84 / 0.91. SmolLM2's C has no null space (its
     smallest eigenvalue is 0.27-0.37 of the median in layers 2-8), so in one job the projection
     moves along the same efficacy / locality trade-off as lambda; what it adds is the earlier
-    edits' keys of a lineage (sequential editing). The default ``projection`` stays ``none``
-    until the sequential benchmark (``benchmarks/memit_scale.py``) says otherwise.
+    edits' keys of a lineage (sequential editing). On the same dev cases as a chain of 10 jobs
+    of 10 facts (``benchmarks/memit_scale.py --sequential 100 --per-job 10 --offset 9000``),
+    unprojected 0.98 / 0.90 / 0.887 with perplexity ratio 1.045 against the root, projected
+    0.96 / 0.88 / 0.920 and 1.025 (float32 v*, Intel Xeon, 2 threads). Hence the default ``projection: auto``: ``null_space`` for a
+    layer that carries earlier edits' keys, ``none`` for the first edit of a layer.
+
+    ``vstar_dtype: auto`` (bfloat16 where it is fast) was checked on dev cases 9000-9099 as
+    one 100-fact job (``benchmarks/memit_scale.py --memit-n 100 --offset 9000 --projection none
+    --vstar-dtype float32 auto``): float32 0.97 / 0.89 / 0.89, perplexity ratio 1.037, 3.64 s
+    per fact; bfloat16 0.97 / 0.88 / 0.895, 1.037, 2.36 s per fact (0.65x).
 
     Metrics: ``efficacy``, ``paraphrase``, ``locality``, ``probability_gain``,
     ``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``, ``v_loss``,
