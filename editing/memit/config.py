@@ -53,8 +53,9 @@ class MemitConfig(KnowledgeEditConfig):
     edits' keys of a lineage (sequential editing). On the same dev cases as a chain of 10 jobs
     of 10 facts (``benchmarks/memit_scale.py --sequential 100 --per-job 10 --offset 9000``),
     unprojected 0.98 / 0.90 / 0.887 with perplexity ratio 1.045 against the root, projected
-    0.96 / 0.88 / 0.920 and 1.025 (float32 v*, Intel Xeon, 2 threads). Hence the default ``projection: auto``: ``null_space`` for a
-    layer that carries earlier edits' keys, ``none`` for the first edit of a layer.
+    0.96 / 0.88 / 0.920 and 1.025 (float32 v*, Intel Xeon, 2 threads). Hence the default
+    ``projection: auto``: ``null_space`` for a layer that carries earlier edits' keys, ``none``
+    for the first edit of a layer.
 
     ``vstar_dtype: auto`` (bfloat16 where it is fast) was checked on dev cases 9000-9099 as
     one 100-fact job (``benchmarks/memit_scale.py --memit-n 100 --offset 9000 --projection none
