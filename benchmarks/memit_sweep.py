@@ -10,8 +10,9 @@ T, ``--ridge`` value and ``--nullspace-mom2`` weight, on the first grid entry's 
 update restricted to the eigenvectors of C with eigenvalue below T times C's median eigenvalue,
 with that ridge (``nullspace_l2``, same unit) and that weight on C's share left there.
 ``--targets FILE`` keeps the v* targets of a run (computed once, reused by the next).
-Prints one JSON line per setting: efficacy, paraphrase, locality, probability gain, the mean
-distance left between the last layer's output and z, and the update time.
+Prints one JSON line per setting: efficacy, paraphrase, locality, probability gain, WikiText-2
+perplexity over the unedited model's (``--ppl-tokens``, 0 = skip), the mean distance left
+between the last layer's output and z, and the update time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from modelsurgery.editing.knowledge.nullspace import null_space, projected_updat
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit.method import memit_update
+from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
@@ -53,6 +55,12 @@ def vstar_targets(model, tok, config, context) -> torch.Tensor:
     return outputs + memit.vstar_targets(model, tok, config, context).deltas
 
 
+def perplexity_ratio(model, tok, tokens: int, base: float) -> dict[str, float]:
+    if not tokens:
+        return {}
+    return {"perplexity_ratio": round(wikitext_perplexity(model, tok, max_tokens=tokens) / base, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, nargs="+", default=[10.0], help="nullspace_l2")
     parser.add_argument("--nullspace-mom2", type=float, nargs="+", default=[0.0])
     parser.add_argument("--targets", type=Path, help="v* targets file (read if it exists)")
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="0 = no perplexity")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()
@@ -79,6 +88,7 @@ def main() -> None:
     context = MethodContext(model_digest=loaded.digest, cache_dir=Path(args.cache_dir))
     config = MemitConfig(facts=facts, layers=[args.last], clamp_factor=args.clamp)
     before = score_facts(model, tok, adapter, facts)
+    ppl_base = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens) if args.ppl_tokens else 0
 
     start = time.perf_counter()
     if args.targets and args.targets.exists():
@@ -137,6 +147,7 @@ def main() -> None:
             "null_space": threshold,
             "nullspace_mom2": inside,
             **{k: round(v, 3) for k, v in metrics.items()},
+            **perplexity_ratio(model, tok, args.ppl_tokens, ppl_base),
             "z_distance_left": round(float((z - final).norm(dim=1).mean()), 3),
             "update_s": round(seconds, 1),
         }

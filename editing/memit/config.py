@@ -40,6 +40,11 @@ class MemitConfig(KnowledgeEditConfig):
     efficacy with locality (1000: 0.99 / 0.92 / 0.86 at 100 facts); an AlphaEdit-style
     null-space projection did not help locality here (0.98 / 0.91 / 0.80 at 200 facts). The
     locality lost grows with the batch: neighbourhood prompts share the edited relations.
+    Lambda is not scaled with the batch although K K^T grows with it: on dev cases 8000-8299 as
+    one 300-fact batch (``benchmarks/memit_sweep.py --n 300 --offset 8000 --grid 2:5000
+    2:15000``, AMD EPYC, AVX2, 1 thread), lambda 5000 gave 0.96 / 0.88 / 0.79 with perplexity
+    ratio 1.091, lambda 15000 (the same lambda per fact as 5000 at 100 facts) 0.83 / 0.77 /
+    0.83 and 1.044: efficacy falls nearly four times faster than locality rises.
 
     ``projection: null_space`` defaults (cut 2, ridge 10, ``nullspace_mom2`` on), chosen on dev
     cases 9000-9099 as one 100-fact batch with the v* targets fixed (``benchmarks/memit_sweep.py
