@@ -62,6 +62,12 @@ class MethodConfig(BaseModel):
         """The figures ``run`` reports with this config (gates ``op<i>.<name>``)."""
         return set()
 
+    def resolved(self, model_config: Any) -> MethodConfig:
+        """This config with every field ``run`` would choose from the model filled in (family
+        defaults, layer rules): what the executor hands to ``run`` and records in the version,
+        so a job rebuilt from the manifest reproduces it. Torch-free; the base keeps it as is."""
+        return self
+
     def check_against(self, model_config: Any) -> None:
         """Validate indices and sizes against the base model's HF config (raise ValueError
         naming the field). Called on the server before a job is queued, without loading
