@@ -159,6 +159,7 @@ def execute_job(
             if is_cancelled():
                 raise JobCancelled()
             method = get_method(operation.method)
+            operation = operation.resolved(model.config)
             context = MethodContext(
                 model_digest=digest,
                 cache_dir=settings.cache_dir,
