@@ -64,7 +64,6 @@ from modelsurgery.editing.bias.scoring import score_heads, select_heads
 from modelsurgery.editing.contrast import TextPair
 from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.stereotypes.metrics import (
     BiasObjective,
     TokenizedPair,
@@ -75,6 +74,7 @@ from modelsurgery.editing.stereotypes.metrics import (
 )
 from modelsurgery.editing.stereotypes.pairs import load_crows_pairs, split_pairs
 from modelsurgery.editing.stereotypes.winogender import WinoGenderPair, load_winogender
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe

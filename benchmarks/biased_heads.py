@@ -27,7 +27,6 @@ import torch
 from modelsurgery.editing.bias.scoring import ablation_scores, gradient_scores, select_heads
 from modelsurgery.editing.data import calibration_windows
 from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.stereotypes.metrics import (
     BiasObjective,
     TokenizedPair,
@@ -35,6 +34,7 @@ from modelsurgery.editing.stereotypes.metrics import (
     tokenize_pairs,
 )
 from modelsurgery.editing.stereotypes.pairs import load_crows_pairs, split_pairs
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.hardware import describe
 

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from modelsurgery.editing.data import shared_data_path
 from modelsurgery.editing.knowledge import tokens as tk
-from modelsurgery.editing.knowledge.evaluate import edit_metrics, score_facts
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.knowledge.runner import (
     CachedPrefix,
@@ -43,10 +42,11 @@ from modelsurgery.editing.knowledge.templates import (
 from modelsurgery.editing.knowledge.vstar import frozen_parameters
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit import run as memit_run
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.editing.rome import RomeConfig
 from modelsurgery.editing.rome import run as rome_run
+from modelsurgery.evaluation.facts import fact_figures, score_facts
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
@@ -138,7 +138,7 @@ def run_rome(args, loaded, facts, ctx) -> None:
             ratios.append(seconds[-1] / floor)
             print(f"  edit {i}: {seconds[-1]:.2f} s, floor {floor:.2f} s, ratio {ratios[-1]:.2f}")
         print(f"  [{i + 1}/{len(facts)}] {seconds[-1]:.2f} s, steps {steps[-1]:.0f}", flush=True)
-    report("rome", edit_metrics(before, after), seconds, steps, ratios, ppl_after, args)
+    report("rome", fact_figures(after, before=before), seconds, steps, ratios, ppl_after, args)
     if args.easyedit_checkout:
         run_easyedit_peer(args, loaded, facts[: args.easyedit_n], layer, before, seconds)
 
@@ -165,7 +165,13 @@ def run_easyedit_peer(args, loaded, facts, layer, before_all, our_seconds) -> No
             weight.copy_(original)
         print(f"  easyedit [{i + 1}/{len(facts)}] {seconds[-1]:.2f} s", flush=True)
     report(
-        "easyedit", edit_metrics(before_all[: len(facts)], after), seconds, [0], [], ppl_after, args
+        "easyedit",
+        fact_figures(after, before=before_all[: len(facts)]),
+        seconds,
+        [0],
+        [],
+        ppl_after,
+        args,
     )
     ours = statistics.median(our_seconds[: len(facts)])
     print(
@@ -202,7 +208,7 @@ def run_memit(args, loaded, facts, ctx) -> None:
     print(f"memit: mean v* loss {result.metrics['v_loss']:.4f}")
     report(
         "memit",
-        edit_metrics(before, after),
+        fact_figures(after, before=before),
         per_fact,
         [result.metrics["v_steps_used"]],
         [],

@@ -21,10 +21,9 @@ from pathlib import Path
 from modelsurgery.client import Client
 from modelsurgery.editing.data import shared_data_path
 from modelsurgery.models.hardware import describe
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.server.process import start_server
-from modelsurgery.v1 import jobs_pb2
 
-STATES = {v: k.removeprefix("JOB_STATE_") for k, v in jobs_pb2.JobState.items()}
 SHOWN = ("efficacy", "paraphrase", "locality", "perplexity_ratio")
 LINEAGE = ("lineage_facts", "lineage_efficacy", "lineage_paraphrase", "lineage_locality")
 
@@ -43,9 +42,9 @@ def two_maskings(client: Client) -> None:
         "gates": {"perplexity_ratio": "<= 1.05"},
     }
     job = client.wait(client.submit(spec).id)
-    m = job.metrics
+    m, state = job.metrics, JobState.from_proto(job.state)
     print(
-        f"two maskings: {STATES[job.state]}; perplexity base {m['perplexity_base']:.3f} -> final "
+        f"two maskings: {state}; perplexity base {m['perplexity_base']:.3f} -> final "
         f"{m['perplexity']:.3f}, perplexity_ratio {m['perplexity_ratio']:.4f} (op1's own ratio "
         f"{m['op1.perplexity_ratio']:.4f}); heads op0 {m['op0.heads_masked']:.0f} + op1 "
         f"{m['op1.heads_masked']:.0f}; eval_seconds {m['eval_seconds']:.2f}",
@@ -58,8 +57,8 @@ def rome_chain(client: Client, cases: list[dict], base: str) -> str:
     for i, case in enumerate(cases):
         spec = {"base": version, "operations": [{"method": "rome", "facts": [case]}]}
         job = client.wait(client.submit(spec).id)
-        if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-            raise SystemExit(f"job {i} {STATES[job.state]}: {job.error}")
+        if (state := JobState.from_proto(job.state)) is not JobState.SUCCEEDED:
+            raise SystemExit(f"job {i} {state}: {job.error}")
         m = job.metrics
         own = " ".join(f"{k} {m[k]:.3f}" for k in SHOWN if k in m)
         lineage = " ".join(f"{k} {m[k]:.3f}" for k in LINEAGE if k in m)

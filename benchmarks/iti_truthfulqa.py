@@ -46,8 +46,8 @@ from modelsurgery.editing.iti.method import (
 from modelsurgery.editing.iti.probes import rank_heads
 from modelsurgery.editing.iti.records import QARecord, mc_correct, read_truthfulqa_csv
 from modelsurgery.editing.mask_heads import format_head
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe

@@ -36,10 +36,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelsurgery.editing.data import shared_data_path
-from modelsurgery.editing.knowledge.evaluate import EditEvaluation
 from modelsurgery.editing.knowledge.facts import Fact
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, get_method
+from modelsurgery.evaluation.facts import EditEvaluation
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe

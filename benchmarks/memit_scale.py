@@ -34,15 +34,15 @@ import torch
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.data import shared_data_path
-from modelsurgery.editing.knowledge.evaluate import edit_metrics, score_facts
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit import run as memit_run
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.editing.rome import RomeConfig
 from modelsurgery.editing.rome import run as rome_run
+from modelsurgery.evaluation.facts import fact_figures, score_facts
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
@@ -95,7 +95,7 @@ def one_job(args, model, tok, facts: list[Fact], ctx, rome_s: float, ppl_base: f
             start = time.perf_counter()
             memit_run(model, tok, config, ctx)
             seconds = time.perf_counter() - start
-            metrics = edit_metrics(before, score_facts(model, tok, adapter, facts))
+            metrics = fact_figures(score_facts(model, tok, adapter, facts), before=before)
             ppl = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)
             row = {
                 "setting": f"memit-{len(facts)}",
@@ -146,7 +146,7 @@ def chain(args, facts: list[Fact], before: list, projection: str, root: Path) ->
         print(f"  {projection}: job {first // args.per_job + 1} -> {base}", flush=True)
     final = load(base, store=store, device=args.device)
     adapter = get_adapter(final.model)
-    metrics = edit_metrics(before, score_facts(final.model, final.tokenizer, adapter, facts))
+    metrics = fact_figures(score_facts(final.model, final.tokenizer, adapter, facts), before=before)
     ppl = wikitext_perplexity(final.model, final.tokenizer, max_tokens=args.ppl_tokens)
     return {
         "setting": f"sequential-{len(facts)}x{args.per_job}-{args.method}",

@@ -26,15 +26,15 @@ import torch
 
 from modelsurgery.editing import memit
 from modelsurgery.editing.data import shared_data_path
-from modelsurgery.editing.knowledge.evaluate import edit_metrics, score_facts
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.knowledge.nullspace import null_space, projected_update
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit.method import memit_update
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
+from modelsurgery.evaluation.facts import fact_figures, score_facts
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
@@ -140,7 +140,7 @@ def main() -> None:
             out_layer=args.last,
             templates=config.templates(),
         )
-        metrics = edit_metrics(before, score_facts(model, tok, adapter, facts))
+        metrics = fact_figures(score_facts(model, tok, adapter, facts), before=before)
         line = {
             "layers": f"{first}-{args.last}",
             "lambda": weight,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.editing.perplexity import wikitext_perplexity
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.hardware import describe
 from modelsurgery.pruning.calibration import calibration_ids

@@ -32,8 +32,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modelsurgery.checkpoints.codecs import choose_encoding, get_codec
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.hardware import describe, resolve_dtype
 from modelsurgery.pruning.calibration import calibration_ids

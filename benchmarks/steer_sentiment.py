@@ -29,10 +29,10 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.attachments import attach_hooks
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, get_method
 from modelsurgery.editing.steer import SteerConfig
 from modelsurgery.editing.steer.config import DEFAULT_COEFFICIENT
+from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.hardware import describe
 

@@ -15,6 +15,7 @@ from modelsurgery.client.errors import (
     WaitTimeout,
 )
 from modelsurgery.client.sdk import Client
+from modelsurgery.proto.job_state import JobState
 
 __all__ = [
     "AsyncClient",
@@ -23,6 +24,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "JobFailed",
+    "JobState",
     "ModelSurgeryError",
     "NotFound",
     "PermissionDenied",

@@ -16,7 +16,6 @@ import grpc
 
 from modelsurgery.client.connection import (
     RECONNECT_CODES,
-    STATE_NAMES,
     UNSET,
     WATCH_SEGMENT_S,
     ConnectionSettings,
@@ -30,6 +29,7 @@ from modelsurgery.client.connection import (
 )
 from modelsurgery.client.errors import JobFailed, from_rpc_error
 from modelsurgery.proto.export_record import warn_if_hooked
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import JobSpec
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -75,7 +75,7 @@ class AsyncClient:
         return (await self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id))).job
 
     async def list_jobs(
-        self, states: Iterable[str] = (), page_size: int = 100
+        self, states: Iterable[JobState | str] = (), page_size: int = 100
     ) -> AsyncIterator[jobs_pb2.Job]:
         token = ""
         while True:
@@ -144,8 +144,8 @@ class AsyncClient:
             if progress is not None:
                 progress(event)
         job = await self._reach(deadline)
-        if raise_on_failure and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-            raise JobFailed(job, STATE_NAMES[job.state], job.error)
+        if raise_on_failure and (state := JobState.from_proto(job.state)) is not JobState.SUCCEEDED:
+            raise JobFailed(job, state, job.error)
         return job
 
     async def get_version(self, ref: str) -> checkpoints_pb2.GetVersionResponse:

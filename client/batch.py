@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelsurgery.client.connection import STATE_NAMES
 from modelsurgery.client.sdk import Client
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import JobSpec, SpecError, parse_spec
-from modelsurgery.v1 import jobs_pb2
 
 
 @dataclass
@@ -33,7 +32,7 @@ class BatchItem:
 class BatchResult:
     label: str
     job_id: str
-    state: str
+    state: JobState
     version_id: str | None
     metrics: dict[str, float]
     error: str
@@ -107,7 +106,7 @@ def run_batch(
         result = BatchResult(
             label=item.label,
             job_id=job.id,
-            state=STATE_NAMES[job.state],
+            state=JobState.from_proto(job.state),
             version_id=job.version_id or None,
             metrics=dict(job.metrics),
             error=job.error,
@@ -122,5 +121,4 @@ def run_batch(
 
 
 def all_succeeded(results: list[BatchResult]) -> bool:
-    name = STATE_NAMES[jobs_pb2.JOB_STATE_SUCCEEDED]
-    return all(r.state == name for r in results)
+    return all(r.state is JobState.SUCCEEDED for r in results)

@@ -51,10 +51,11 @@ from modelsurgery.client.cli_common import (
 )
 from modelsurgery.client.cli_eval import register_eval_command
 from modelsurgery.client.cli_versions import register_version_commands
-from modelsurgery.client.connection import STATE_NAMES, as_spec
+from modelsurgery.client.connection import as_spec
 from modelsurgery.client.junit import ApplyReport, Problem
 from modelsurgery.client.sdk import Client
 from modelsurgery.proto import limits
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import SpecError, spec_json_schema
 from modelsurgery.v1 import jobs_pb2
 
@@ -68,6 +69,8 @@ jobs_app = typer.Typer(help="Jobs on a server.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 register_version_commands(app)
 register_eval_command(app)
+_STATE_COLORS = {JobState.SUCCEEDED: "green", JobState.FAILED: "red", JobState.CANCELLED: "yellow"}
+_EXIT_CODES = {JobState.SUCCEEDED: EXIT_OK, JobState.CANCELLED: EXIT_CANCELLED}
 
 
 def _print_version(wanted: bool) -> None:
@@ -231,7 +234,7 @@ def _print_event(event: jobs_pb2.JobEvent) -> None:
 def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
     return {
         "job_id": job.id,
-        "state": STATE_NAMES[job.state],
+        "state": JobState.from_proto(job.state),
         "version_id": job.version_id or None,
         "metrics": dict(job.metrics),
         "gates": [
@@ -249,10 +252,9 @@ def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
 
 
 def _print_job(job: jobs_pb2.Job) -> None:
-    color = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(
-        STATE_NAMES[job.state], "cyan"
-    )
-    out.print(f"job {escape(job.id)}: [{color}]{STATE_NAMES[job.state]}[/{color}]")
+    state = JobState.from_proto(job.state)
+    color = _STATE_COLORS.get(state, "cyan")
+    out.print(f"job {escape(job.id)}: [{color}]{state}[/{color}]")
     if job.version_id:
         out.print(f"version {escape(job.version_id)}")
     if job.error:
@@ -276,10 +278,7 @@ def _print_job(job: jobs_pb2.Job) -> None:
 
 
 def _exit_code(job: jobs_pb2.Job) -> int:
-    return {
-        jobs_pb2.JOB_STATE_SUCCEEDED: EXIT_OK,
-        jobs_pb2.JOB_STATE_CANCELLED: EXIT_CANCELLED,
-    }.get(job.state, EXIT_FAILED)
+    return _EXIT_CODES.get(JobState.from_proto(job.state), EXIT_FAILED)
 
 
 def _apply(
@@ -484,9 +483,8 @@ def jobs_list(
         table = Table(id_column("job"), "state", "methods", id_column("version"), "error")
         for job in jobs:
             methods = ",".join(op.method for op in job.spec.operations)
-            plain_row(
-                table, job.id, STATE_NAMES[job.state], methods, job.version_id, job.error[:60]
-            )
+            state = JobState.from_proto(job.state)
+            plain_row(table, job.id, state, methods, job.version_id, job.error[:60])
         out.print(table)
 
 
@@ -539,7 +537,7 @@ def jobs_cancel(
         if as_json:
             emit_json(_job_summary(job))
         else:
-            out.print(escape(f"job {job.id}: {STATE_NAMES[job.state]} (cancel requested)"))
+            out.print(escape(f"job {job.id}: {JobState.from_proto(job.state)} (cancel requested)"))
 
 
 def main() -> None:

@@ -22,10 +22,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Column, Table
 from rich.text import Text
 
-from modelsurgery.client.connection import SERVER_ENV, STATE_PREFIX, TOKEN_ENV
+from modelsurgery.client.connection import SERVER_ENV, TOKEN_ENV
 from modelsurgery.client.errors import JobFailed, ModelSurgeryError, WaitTimeout
 from modelsurgery.client.sdk import Client
 from modelsurgery.proto.export_record import HookedExportWarning
+from modelsurgery.proto.job_state import PROTO_PREFIX, JobState
 from modelsurgery.proto.spec import SpecError
 
 # Text from servers and users is printed through ``escape``, ``Text`` or ``plain_row``, never
@@ -115,8 +116,8 @@ def _short_states(value: Any) -> Any:
         return {k: _short_states(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_short_states(v) for v in value]
-    if isinstance(value, str) and value.startswith(STATE_PREFIX):
-        return value.removeprefix(STATE_PREFIX)
+    if isinstance(value, str) and value.startswith(PROTO_PREFIX):
+        return value.removeprefix(PROTO_PREFIX)
     return value
 
 
@@ -185,7 +186,7 @@ def classify(exc: Exception) -> Reported | None:
     if isinstance(exc, (*_store_errors(), FileNotFoundError, ValueError)):
         return Reported(EXIT_INVALID, str(exc.args[0] if exc.args else exc))
     if isinstance(exc, JobFailed):
-        cancelled = exc.state.removeprefix(STATE_PREFIX) == "CANCELLED"
+        cancelled = exc.state is JobState.CANCELLED
         return Reported(EXIT_CANCELLED if cancelled else EXIT_FAILED, str(exc))
     return None
 

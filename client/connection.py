@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import grpc
 
 from modelsurgery.client.errors import ModelSurgeryError, Unavailable, WaitTimeout, from_rpc_error
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import JobSpec, load_spec_file, parse_spec
 from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 
@@ -57,11 +58,6 @@ SERVICE_CONFIG = json.dumps(
         ]
     }
 )
-TERMINAL_STATES = frozenset(
-    {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
-)
-STATE_PREFIX = "JOB_STATE_"
-STATE_NAMES = {value: name.removeprefix(STATE_PREFIX) for name, value in jobs_pb2.JobState.items()}
 UNSET: Any = ...
 
 
@@ -185,10 +181,11 @@ def submit_request(
 
 
 def list_jobs_request(
-    states: Iterable[str], page_size: int, token: str
+    states: Iterable[JobState | str], page_size: int, token: str
 ) -> jobs_pb2.ListJobsRequest:
+    """``states`` in any spelling ``JobState.from_name`` reads (``queued``, ``QUEUED``)."""
     return jobs_pb2.ListJobsRequest(
-        states=[jobs_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states],
+        states=[JobState.from_name(s).to_proto() for s in states],
         page_size=page_size,
         page_token=token,
     )

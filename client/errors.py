@@ -6,6 +6,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from modelsurgery.proto.job_state import JobState
+
 
 class ModelSurgeryError(Exception):
     """A failed call: ``code`` is the gRPC status, ``field`` the offending field (or None)."""
@@ -65,10 +67,10 @@ class WaitTimeout(DeadlineExceeded, TimeoutError):
 class JobFailed(Exception):
     """``wait(..., raise_on_failure=True)`` on a job that ended FAILED or CANCELLED."""
 
-    def __init__(self, job: object, state: str, error: str) -> None:
-        super().__init__(f"job ended {state}: {error}")
+    def __init__(self, job: object, state: JobState | str, error: str) -> None:
+        self.state = JobState.from_name(state)
+        super().__init__(f"job ended {self.state}: {error}")
         self.job = job
-        self.state = state
         self.error = error
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from modelsurgery.client.connection import STATE_NAMES, TERMINAL_STATES
+from modelsurgery.proto.job_state import TERMINAL_STATES, JobState
 from modelsurgery.v1 import jobs_pb2
 
 # What XML 1.0 cannot hold, not even escaped (ANSI colour codes, NUL ...): ElementTree writes
@@ -22,6 +22,12 @@ _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 def xml_text(value: str) -> str:
     """``value`` with each character XML cannot carry replaced by U+FFFD."""
     return _NOT_XML.sub("\ufffd", value)
+
+
+def _state(job: jobs_pb2.Job) -> str:
+    """The job's state as reports spell it; ``UNSPECIFIED`` for a job apply never heard the
+    state of, which the report must still show rather than fail on."""
+    return JobState.from_proto(job.state) if job.state else "UNSPECIFIED"
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ def job_report(
         properties = ET.SubElement(suite, "properties")
         for name, value in (
             ("job_id", job.id),
-            ("state", STATE_NAMES[job.state]),
+            ("state", _state(job)),
             ("version_id", job.version_id),
             ("previous_attempt", job.previous_attempt),
         ):
@@ -78,13 +84,12 @@ def job_report(
         suite, "testcase", classname=suite_name, name="job", time=f"{seconds:.3f}"
     )
     if job is not None:
-        ET.SubElement(job_case, "system-out").text = f"job {job.id}: {STATE_NAMES[job.state]}" + (
+        ET.SubElement(job_case, "system-out").text = f"job {job.id}: {_state(job)}" + (
             f", version {job.version_id}" if job.version_id else ""
         )
     if problem is not None:
         ET.SubElement(job_case, problem.kind, message=xml_text(problem.message), type=problem.type)
-    elif job is not None and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-        state = STATE_NAMES[job.state]
+    elif job is not None and (state := _state(job)) != JobState.SUCCEEDED:
         message = xml_text(f"job ended {state}" + (f": {job.error}" if job.error else ""))
         ET.SubElement(job_case, "failure", message=message, type=state)
     cases = list(suite.iter("testcase"))
@@ -109,7 +114,7 @@ class ApplyReport:
         """Write the report; apply stopping before the job ended with nothing recorded (an
         interrupt, a crash) is an error too, so CI never reads a missing verdict as a pass."""
         problem = self.problem
-        if problem is None and (self.job is None or self.job.state not in TERMINAL_STATES):
+        if problem is None and (self.job is None or _state(self.job) not in TERMINAL_STATES):
             message = (
                 f"apply stopped before job {self.job.id} ended"
                 if self.job is not None

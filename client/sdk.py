@@ -18,7 +18,6 @@ import grpc
 
 from modelsurgery.client.connection import (
     RECONNECT_CODES,
-    STATE_NAMES,
     UNSET,
     WATCH_SEGMENT_S,
     ConnectionSettings,
@@ -33,6 +32,7 @@ from modelsurgery.client.connection import (
 )
 from modelsurgery.client.errors import JobFailed, NotFound, from_rpc_error
 from modelsurgery.proto.export_record import warn_if_hooked
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import JobSpec
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -95,8 +95,11 @@ class Client:
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)).job
 
-    def list_jobs(self, states: Iterable[str] = (), page_size: int = 100) -> Iterator[jobs_pb2.Job]:
-        """All jobs (optionally in the given states, e.g. ``["queued"]``), page by page."""
+    def list_jobs(
+        self, states: Iterable[JobState | str] = (), page_size: int = 100
+    ) -> Iterator[jobs_pb2.Job]:
+        """All jobs (optionally in the given states, e.g. ``[JobState.QUEUED]`` or
+        ``["queued"]``), page by page."""
         token = ""
         while True:
             page = self._call(self._jobs.ListJobs, list_jobs_request(states, page_size, token))
@@ -163,8 +166,8 @@ class Client:
             if progress is not None:
                 progress(event)
         job = self._reach(deadline)
-        if raise_on_failure and job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-            raise JobFailed(job, STATE_NAMES[job.state], job.error)
+        if raise_on_failure and (state := JobState.from_proto(job.state)) is not JobState.SUCCEEDED:
+            raise JobFailed(job, state, job.error)
         return job
 
     # --- versions ------------------------------------------------------------------------

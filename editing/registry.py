@@ -272,3 +272,14 @@ def hook_methods() -> list[Method]:
     implementation)."""
     loaded = [get_method(name) for name in method_names()]
     return [method for method in loaded if method.attachment is not None]
+
+
+def operation_from_record(record: Mapping[str, Any]) -> MethodConfig:
+    """The operation config a version's manifest records, ready to run again: the record also
+    holds what ``run`` reported besides its config (statistics, null-space ranks), which is
+    not a field of the method's config and is dropped; the rest is validated as a spec is."""
+    name = record.get("method")
+    if not isinstance(name, str):
+        raise ValueError("method: an operation record names its method")
+    config = config_class(name)
+    return config.model_validate({k: v for k, v in record.items() if k in config.model_fields})

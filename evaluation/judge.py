@@ -1,39 +1,35 @@
 """Judge a final model against a reference (the job's base version) on a suite and on every
 ancestor's stored suite, batching each kind of work into one pass per model.
 
-Definitions (``suite.DEFINITIONS_VERSION``):
-- facts: ``efficacy`` / ``paraphrase`` = share of prompts (rephrases) where target_new's mean
-  token log-prob beats every ground truth on the final model; ``locality`` = share of locality
-  answer positions whose teacher-forced argmax equals the reference model's (stored with the
-  suite, so a later judgement compares with the same reference); ``probability_gain`` = mean
-  P(target_new) final minus reference.
+Definitions (``suite.DEFINITIONS_VERSION``; the fact metrics in ``evaluation.facts``):
+- facts: ``efficacy`` / ``paraphrase`` / ``locality`` / ``probability_gain`` of the final model,
+  locality against the reference model's argmaxes (stored with the suite, so a later judgement
+  compares with the same reference).
 - pairs: stereotype share and mean gap on the held-out pairs (editing.stereotypes.metrics).
-- perplexity: WikiText-2 test, the protocol's tokens and window, final over reference.
+- perplexity: WikiText-2 test, the job's protocol, final over reference.
 - lineage: the same fact and pair metrics on all ancestors' stored suites, against their own
   stored references.
+Scores come from the job's ``JobMeasurements``: the reference is state 0, the final model
+``final_state``; what an operation already measured on either is not measured again.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from modelsurgery.editing.knowledge.evaluate import FactScores, prefers_new, score_facts
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.stereotypes.metrics import bias_metrics, tokenize_pairs
 from modelsurgery.editing.stereotypes.pairs import ContrastPair
-from modelsurgery.models.adapters import get_adapter
 
-from .suite import PairCase, PerplexityProtocol, Suite
+from .facts import fact_figures, locality_references
+from .measure import JobMeasurements
+from .suite import PairCase, Suite
 
 
 @dataclass
@@ -41,7 +37,6 @@ class Reference:
     """The model a job started from; ``lock`` guards a shared warm model while it is read."""
 
     model: nn.Module
-    digest: str
     lock: AbstractContextManager[Any] | None = None
 
     def reading(self) -> AbstractContextManager[Any]:
@@ -54,116 +49,46 @@ class Judgement:
     suite: Suite  # the judged suite with its references filled in: what the version stores
 
 
-class PerplexityCache:
-    """Perplexities of reference models by (digest, protocol), kept on disk: the base of a
-    CI patch is the same model job after job."""
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-
-    def _path(self, digest: str, protocol: PerplexityProtocol) -> Path | None:
-        if self.root is None:
-            return None
-        name = f"{digest}-{protocol.tokens}-{protocol.window}-{protocol.dataset_sha256[:16]}.json"
-        return self.root / "evaluation" / "perplexity" / name
-
-    def get(self, digest: str, protocol: PerplexityProtocol, compute: Callable[[], float]) -> float:
-        path = self._path(digest, protocol)
-        if path is not None and path.is_file():
-            return float(json.loads(path.read_text())["perplexity"])
-        value = compute()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"perplexity": value}))
-            tmp.replace(path)
-        return value
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _fact_figures(
-    scores: Sequence[FactScores], references: Sequence[Sequence[Sequence[int]]]
-) -> dict[str, float | None]:
-    """efficacy, paraphrase, locality of final-model scores against stored references."""
-    locality = [
-        sum(x == y for x, y in zip(ref, answer.argmax, strict=True)) / len(ref)
-        for fact, refs in zip(scores, references, strict=True)
-        if refs
-        for ref, answer in zip(refs, fact.locality, strict=True)
-    ]
-    return {
-        "efficacy": _mean([prefers_new(s.new, s.true) for s in scores]),
-        "paraphrase": _mean(
-            [
-                prefers_new(new, true)
-                for s in scores
-                for new, true in zip(s.rephrase_new, s.rephrase_true, strict=True)
-            ]
-        ),
-        "locality": _mean(locality),
-    }
-
-
 def _pair_figures(model: nn.Module, tokenizer: Any, pairs: Sequence[PairCase]) -> dict[str, float]:
     contrast = [ContrastPair(p.stereo, p.anti) for p in pairs]
     return bias_metrics(model, tokenize_pairs(tokenizer, contrast))
-
-
-def _perplexity(model: nn.Module, tokenizer: Any, protocol: PerplexityProtocol) -> float:
-    return wikitext_perplexity(model, tokenizer, max_tokens=protocol.tokens, window=protocol.window)
 
 
 @torch.no_grad()
 def judge(
     final: nn.Module,
     reference: Reference,
-    tokenizer: Any,
     suite: Suite,
     lineage: Sequence[Suite] = (),
     *,
-    perplexity: PerplexityProtocol | None = None,
-    base_perplexity: float | None = None,
-    final_perplexity: float | None = None,
-    cache: PerplexityCache | None = None,
+    measurements: JobMeasurements,
+    final_state: int = 1,
 ) -> Judgement:
-    """Metrics of ``final`` against ``reference`` (names as in ``evaluation.metrics``).
+    """Metrics of ``final`` against ``reference`` (names as in ``evaluation.metrics``);
+    perplexity when ``measurements`` has a protocol.
 
     ``suite.locality_reference`` is measured on the reference where missing (a job) and used
-    as stored where present (a later ``eval``). ``base_perplexity`` / ``final_perplexity``:
-    already measured with this protocol (by the job's first / last operation), not again.
-    """
-    started = time.perf_counter()
-    cache = cache or PerplexityCache(None)
-    adapter = get_adapter(final)
+    as stored where present (a later ``eval``)."""
+    started, measured_before = time.perf_counter(), measurements.seconds
+    tokenizer = measurements.tokenizer
     metrics: dict[str, float] = {}
     ancestors_facts = [f for s in lineage for f in s.facts]
     references = list(suite.locality_reference)
 
     if suite.facts:
         with reference.reading():
-            before = score_facts(
-                reference.model, tokenizer, get_adapter(reference.model), suite.facts
-            )
+            before = measurements.fact_scores(0, reference.model, suite.facts)
         if len(references) != len(suite.facts):
-            references = [[answer.argmax for answer in s.locality] for s in before]
+            references = locality_references(before)
     if suite.facts or ancestors_facts:
-        after = score_facts(final, tokenizer, adapter, [*suite.facts, *ancestors_facts])
+        after = measurements.fact_scores(final_state, final, [*suite.facts, *ancestors_facts])
         own, ancestors = after[: len(suite.facts)], after[len(suite.facts) :]
         if suite.facts:
-            figures = _fact_figures(own, references)
-            gains = [
-                math.exp(a.new.mean_logp) - math.exp(b.new.mean_logp)
-                for b, a in zip(before, own, strict=True)
-            ]
-            figures["probability_gain"] = _mean(gains)
-            metrics.update({k: v for k, v in figures.items() if v is not None})
+            metrics.update(fact_figures(own, before=before, references=references))
         if ancestors_facts:
             stored = [r for s in lineage for r in _padded(s)]
-            figures = _fact_figures(ancestors, stored)
-            metrics.update({f"lineage_{k}": v for k, v in figures.items() if v is not None})
+            figures = fact_figures(ancestors, references=stored)
+            metrics.update({f"lineage_{k}": v for k, v in figures.items()})
             metrics["lineage_facts"] = float(len(ancestors_facts))
 
     if suite.pairs:
@@ -180,23 +105,23 @@ def judge(
         ]
         metrics["lineage_pairs"] = float(len(ancestor_pairs))
 
-    if perplexity is not None:
+    if measurements.protocol is not None:
         with reference.reading():
-            base_ppl = base_perplexity or cache.get(
-                reference.digest,
-                perplexity,
-                lambda: _perplexity(reference.model, tokenizer, perplexity),
-            )
-        final_ppl = final_perplexity or _perplexity(final, tokenizer, perplexity)
+            base_ppl = measurements.perplexity(0, reference.model)
+        final_ppl = measurements.perplexity(final_state, final)
         metrics.update(perplexity=final_ppl, perplexity_base=base_ppl)
         metrics["perplexity_ratio"] = final_ppl / base_ppl
 
     with reference.reading():
         base_parameters = sum(p.numel() for p in reference.model.parameters())
     metrics["parameter_ratio"] = sum(p.numel() for p in final.parameters()) / base_parameters
-    metrics["eval_seconds"] = time.perf_counter() - started
+    # All of the job's evaluation: what the operations' figures measured, then this.
+    metrics["eval_seconds"] = measured_before + time.perf_counter() - started
     judged = suite.model_copy(
-        update={"locality_reference": references if suite.facts else [], "perplexity": perplexity}
+        update={
+            "locality_reference": references if suite.facts else [],
+            "perplexity": measurements.protocol,
+        }
     )
     return Judgement(metrics, judged)
 

@@ -13,8 +13,12 @@ Torch-free: the client validates specs with it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelsurgery.proto import limits
 
 FACTS = "facts"
 PAIRS = "pairs"
@@ -22,6 +26,10 @@ PAIRS = "pairs"
 FACT_METRICS = ("efficacy", "paraphrase", "locality", "probability_gain")
 PAIR_METRICS = ("stereotype_share", "stereotype_share_base", "bias_gap", "bias_gap_base")
 PERPLEXITY_METRICS = ("perplexity", "perplexity_base", "perplexity_ratio")
+# An operation's generic figures, measured by the executor right before and after it.
+OPERATION_PERPLEXITY_METRICS = ("perplexity_before", "perplexity_after", "perplexity_ratio")
+DEFAULT_PERPLEXITY_TOKENS = 4096
+DEFAULT_PERPLEXITY_WINDOW = 512
 ALWAYS_METRICS = ("parameter_ratio", "job_seconds", "eval_seconds")
 LINEAGE_FACT_METRICS = (
     "lineage_efficacy",
@@ -32,6 +40,51 @@ LINEAGE_FACT_METRICS = (
 LINEAGE_PAIR_METRICS = ("lineage_stereotype_share", "lineage_pairs")
 OPERATION_METRIC = re.compile(r"^op(\d+)\.([A-Za-z_][A-Za-z0-9_]*)$")
 LINEAGE_PREFIX = "lineage_"
+
+
+class EvaluationSettings(BaseModel):
+    """A job's one perplexity protocol (WikiText-2 test, first ``perplexity_tokens`` tokens in
+    windows of ``perplexity_window``, default 512 or all of them when fewer), used for the job's
+    figures and for every operation's ``op<i>.perplexity_*``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    perplexity_tokens: int = Field(
+        default=DEFAULT_PERPLEXITY_TOKENS, ge=16, le=limits.MAX_PERPLEXITY_TOKENS
+    )
+    perplexity_window: int | None = Field(default=None, ge=16, le=limits.MAX_SEQUENCE_TOKENS)
+
+    @property
+    def window(self) -> int:
+        return self.perplexity_window or min(DEFAULT_PERPLEXITY_WINDOW, self.perplexity_tokens)
+
+
+def operation_metric_names(operation: Any) -> set[str]:
+    """Every figure ``op<i>.<name>`` can name: the method's own, and the generic ones the
+    executor measures around it (perplexity for any operation, fact scores for one that
+    carries facts)."""
+    names = set(operation.metric_names()) | set(OPERATION_PERPLEXITY_METRICS)
+    if FACTS in operation.carries:
+        names |= set(FACT_METRICS)
+    return names
+
+
+def operation_measures(index: int, operation: Any, gates: Iterable[str]) -> frozenset[str]:
+    """What the executor measures before and after ``operations[index]``: ``perplexity``
+    when the operation asks (``evaluate_perplexity``) or a gate names its perplexity,
+    ``facts`` when it carries facts and asks (``evaluate``) or a gate names a fact figure."""
+    prefix = f"op{index}."
+    gated = {name.removeprefix(prefix) for name in gates if name.startswith(prefix)}
+    wanted = set()
+    if getattr(operation, "evaluate_perplexity", False) or gated & set(
+        OPERATION_PERPLEXITY_METRICS
+    ):
+        wanted.add("perplexity")
+    if FACTS in operation.carries and (
+        getattr(operation, "evaluate", False) or gated & set(FACT_METRICS)
+    ):
+        wanted.add(FACTS)
+    return frozenset(wanted)
 
 
 def job_metric_names(carried: Iterable[str], lineage: Iterable[str] | None) -> set[str]:
@@ -60,7 +113,7 @@ def gate_problem(
         index, metric = int(match.group(1)), match.group(2)
         if index >= len(operations):
             return f"operation {index} does not exist (the job has {len(operations)})"
-        produced = operations[index].metric_names()
+        produced = operation_metric_names(operations[index])
         if metric not in produced:
             known = ", ".join(sorted(produced)) or "none"
             return (
@@ -83,7 +136,11 @@ def gate_problem(
     )
 
 
-def wants_perplexity(gates: Iterable[str], operations: Sequence[Any]) -> bool:
-    """Job-level perplexity is measured when a gate names it or an operation asked for it."""
+def wants_perplexity(gates: Mapping[str, Any] | Iterable[str], operations: Sequence[Any]) -> bool:
+    """Job-level perplexity is measured when a gate names it or an operation measures its
+    own (in a one-operation job the two are the same measurement)."""
+    gates = list(gates)
     gated = any(name in PERPLEXITY_METRICS for name in gates)
-    return gated or any(getattr(op, "evaluate_perplexity", False) for op in operations)
+    return gated or any(
+        "perplexity" in operation_measures(i, op, gates) for i, op in enumerate(operations)
+    )

@@ -16,9 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelsurgery.editing.data import shared_data_path
 from modelsurgery.editing.knowledge.facts import Fact
-from modelsurgery.editing.perplexity import default_window
 
-from .metrics import FACTS, PAIRS
+from .metrics import FACTS, PAIRS, EvaluationSettings
 
 SUITE_ARTIFACT = "evaluation/suite.json"
 # Bump when a metric's definition changes: numbers of different definitions never mix.
@@ -80,19 +79,12 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def default_protocol() -> PerplexityProtocol:
-    """The standard protocol, with the digest of the text it reads here."""
+def job_protocol(settings: EvaluationSettings) -> PerplexityProtocol:
+    """A job's perplexity protocol, with the digest of the text it reads here."""
     path = shared_data_path(WIKITEXT_TEST)
     stat = path.stat()
     return PerplexityProtocol(
-        dataset_sha256=_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+        tokens=settings.perplexity_tokens,
+        window=settings.window,
+        dataset_sha256=_file_sha256(str(path), stat.st_size, stat.st_mtime_ns),
     )
-
-
-def operation_protocol(config: object) -> tuple[int, int]:
-    """(tokens, window) of the perplexity an operation measured with its own config."""
-    tokens = getattr(config, "perplexity_tokens", None) or getattr(
-        config, "perplexity_max_tokens", 4096
-    )
-    window = getattr(config, "perplexity_window", None) or default_window(int(tokens))
-    return int(tokens), int(window)

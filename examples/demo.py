@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelsurgery.client import Client
-from modelsurgery.client.connection import STATE_NAMES
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import load_spec_file
 from modelsurgery.server.process import start_server
 from modelsurgery.v1 import jobs_pb2
@@ -63,7 +63,7 @@ def main() -> int:
             console.print(f"applying {PATCH.name} ...")
             job = client.submit(PATCH, request_id=client.patch_request_id(PATCH))
             job = client.wait(job.id, progress=print_event)
-            state = STATE_NAMES[job.state]
+            state = JobState.from_proto(job.state)
             gates = Table("gate", "condition", "value", "result", title=f"job {job.id}: {state}")
             for gate in job.gates:
                 value = f"{gate.value:.4g}" if gate.has_value else "-"

@@ -10,7 +10,8 @@ from enum import StrEnum
 
 from modelsurgery.v1 import jobs_pb2
 
-_PROTO_PREFIX = "JOB_STATE_"
+# How the API enum spells a state's name, and how MessageToDict writes it: ``JOB_STATE_QUEUED``.
+PROTO_PREFIX = "JOB_STATE_"
 
 
 class JobState(StrEnum):
@@ -25,7 +26,7 @@ class JobState(StrEnum):
         return self in TERMINAL_STATES
 
     def to_proto(self) -> int:
-        return jobs_pb2.JobState.Value(_PROTO_PREFIX + self.value)
+        return jobs_pb2.JobState.Value(PROTO_PREFIX + self.value)
 
     @classmethod
     def from_proto(cls, value: int) -> JobState:
@@ -34,9 +35,9 @@ class JobState(StrEnum):
             name = jobs_pb2.JobState.Name(value)
         except ValueError:
             raise ValueError(f"unknown job state {value}") from None
-        if name == _PROTO_PREFIX + "UNSPECIFIED":
+        if name == PROTO_PREFIX + "UNSPECIFIED":
             raise ValueError(f"unknown job state {value}")
-        return cls(name.removeprefix(_PROTO_PREFIX))
+        return cls(name.removeprefix(PROTO_PREFIX))
 
     @property
     def json_name(self) -> str:
@@ -47,7 +48,7 @@ class JobState(StrEnum):
     def from_name(cls, text: str) -> JobState:
         """Parse any spelling a user types or JSON holds: ``succeeded``, ``SUCCEEDED``,
         ``JOB_STATE_SUCCEEDED``."""
-        key = text.strip().upper().removeprefix(_PROTO_PREFIX)
+        key = text.strip().upper().removeprefix(PROTO_PREFIX)
         try:
             return cls(key)
         except ValueError:

@@ -22,7 +22,7 @@ from google.protobuf import json_format, struct_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from modelsurgery.editing.registry import MethodConfig, config_class, method_configs
-from modelsurgery.evaluation.metrics import gate_problem
+from modelsurgery.evaluation.metrics import EvaluationSettings, gate_problem
 from modelsurgery.proto import limits
 from modelsurgery.v1 import jobs_pb2
 
@@ -95,6 +95,7 @@ class JobSpec(BaseModel):
         description="Deadline of the job in seconds once it runs; 0 = the server's maximum "
         "(serve --max-job-seconds), which is also the most it may ask for.",
     )
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @field_validator("base")
     @classmethod
@@ -126,6 +127,8 @@ class JobSpec(BaseModel):
             data["alias"] = self.alias
         if self.timeout_s:
             data["timeout_s"] = self.timeout_s
+        if self.evaluation != EvaluationSettings():
+            data["evaluation"] = self.evaluation.model_dump(mode="json", exclude_none=True)
         return data
 
     def fingerprint(self) -> str:
@@ -153,6 +156,7 @@ def stored_spec_to_proto(data: dict[str, Any]) -> jobs_pb2.JobSpec:
         gates=dict(data.get("gates", {})),
         alias=data.get("alias") or "",
         timeout_s=data.get("timeout_s", 0.0),
+        evaluation=jobs_pb2.EvaluationSettings(**data.get("evaluation", {})),
     )
 
 
@@ -172,10 +176,21 @@ def _error_field(where: str, error: Any) -> str:
     return f"{where}.{named.group(1)}" if named else where
 
 
+# Per-operation perplexity settings of earlier releases: a job now has one protocol.
+MOVED_TO_EVALUATION = ("perplexity_tokens", "perplexity_max_tokens", "perplexity_window")
+
+
 def _parse_operation(index: int, raw: Any) -> MethodConfig:
     where = f"operations[{index}]"
     if not isinstance(raw, dict):
         raise SpecError(where, "must be a mapping with a 'method' key")
+    for key in MOVED_TO_EVALUATION:
+        if key in raw:
+            raise SpecError(
+                f"{where}.{key}",
+                "perplexity is measured with one protocol per job: set "
+                "evaluation.perplexity_tokens / evaluation.perplexity_window on the spec",
+            )
     name = raw.get("method")
     if not isinstance(name, str) or not name:
         raise SpecError(f"{where}.method", "missing method name")
@@ -295,6 +310,16 @@ def spec_from_proto(message: jobs_pb2.JobSpec) -> JobSpec:
         data["alias"] = message.alias
     if message.timeout_s:
         data["timeout_s"] = message.timeout_s
+    evaluation = {
+        name: value
+        for name, value in (
+            ("perplexity_tokens", message.evaluation.perplexity_tokens),
+            ("perplexity_window", message.evaluation.perplexity_window),
+        )
+        if value
+    }
+    if evaluation:
+        data["evaluation"] = evaluation
     return parse_spec(data)
 
 

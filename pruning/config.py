@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
+from modelsurgery.editing.knowledge.config import layer_count
+from modelsurgery.editing.registry import DtypeSetting, MethodConfig
 from modelsurgery.proto import limits
 
 if TYPE_CHECKING:
@@ -69,8 +70,6 @@ class PruneConfig(MethodConfig):
     calibration_data: str | None = None
     calibration_dtype: DtypeSetting = "auto"
     evaluate_perplexity: bool = True
-    perplexity_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
-    perplexity_window: int = Field(default=512, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
     measure_latency: bool = True
     seed: int = 0
 
@@ -81,7 +80,7 @@ class PruneConfig(MethodConfig):
             names.add("bias_compensation")
             if self.measure_latency:
                 names |= {"latency_before_s", "latency_after_s", "latency_ratio"}
-        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+        return names
 
     @field_validator("per_layer_ratios")
     @classmethod
@@ -132,6 +131,12 @@ class PruneConfig(MethodConfig):
         if isinstance(self.prune_heads, float):
             return round(self.prune_heads * num_kv_heads)
         return self.prune_heads
+
+    def resolved(self, model_config: Any) -> PruneConfig:
+        """The pruned layers as ``run`` selects them."""
+        if self.layers is not None:
+            return self
+        return self.model_copy(update={"layers": self.selected_layers(layer_count(model_config))})
 
     # --- validation against the base model ---------------------------------------------------
     def check_against(self, model_config: Any) -> None:

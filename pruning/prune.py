@@ -1,7 +1,7 @@
 """The `prune` surgery method: structured (neurons, KV head groups), unstructured and N:M.
 
 ``prune_model`` does the work on given calibration token ids (what tests call); ``run`` is the
-registered entry point: it builds the calibration windows and measures perplexity around it.
+registered entry point: it builds the calibration windows.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import ArchitectureAdapter, Projection, get_adapter
 from modelsurgery.models.hardware import resolve_dtype
@@ -178,7 +177,6 @@ def prune_model(
     model: nn.Module, config: PruneConfig, ids: torch.Tensor, context: MethodContext
 ) -> SurgeryResult:
     """Prune ``model`` in place from calibration windows ``ids`` ([n, seqlen] token ids)."""
-    config.check_against(model.config)
     adapter = get_adapter(model)
     selected = config.selected_layers(adapter.num_layers)
     params_before, bytes_before = parameter_counts(model)
@@ -256,8 +254,7 @@ def prune_model(
 def run(
     model: nn.Module, tokenizer: Any, config: PruneConfig, context: MethodContext
 ) -> SurgeryResult:
-    """Registered entry point: calibration windows from the tokenizer, perplexity around it."""
-    config.check_against(model.config)
+    """Registered entry point: calibration windows from the tokenizer."""
     ids = calibration_ids(
         tokenizer,
         samples=config.calibration_samples,
@@ -266,19 +263,4 @@ def run(
         data=config.calibration_data,
         data_roots=context.data_roots,
     )
-
-    def perplexity() -> float:
-        return wikitext_perplexity(
-            model, tokenizer, max_tokens=config.perplexity_tokens, window=config.perplexity_window
-        )
-
-    before = perplexity() if config.evaluate_perplexity else None
-    if before is not None:
-        context.progress("dense perplexity", metric="perplexity_before", value=before)
-    result = prune_model(model, config, ids, context)
-    if before is not None:
-        after = perplexity()
-        result.metrics.update(
-            perplexity_before=before, perplexity_after=after, perplexity_ratio=after / before
-        )
-    return result
+    return prune_model(model, config, ids, context)

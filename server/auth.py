@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextvars
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from modelsurgery.server.guard import guarded
 
 TOKENS_ENV = "MODELSURGERY_TOKENS"
 MIN_TOKEN_CHARS = 16
@@ -184,61 +187,23 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(UNAUTHENTICATED_METHODS) or handler is None:
             return handler
         caller = self._caller(tuple(handler_call_details.invocation_metadata or ()))
-        if caller is None:
-            return _reject(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
-            )
-        needed = required_role(method)
-        if not caller.role.allows(needed):
-            rpc = method.rpartition("/")[2]
-            return _reject(
-                handler,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{rpc} needs the {needed} role; caller {caller.name!r} is a {caller.role}",
-            )
-        return _with_caller(handler, caller)
+        return guarded(handler, lambda context: _calling_as(caller, method, context))
 
 
-def _with_caller(handler: grpc.RpcMethodHandler, caller: Caller) -> grpc.RpcMethodHandler:
-    """The same handler, run with the caller bound for ``current_identity``."""
-    if handler.unary_unary is not None:
-        inner_unary = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            _current.set(caller)
-            return await inner_unary(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer
+@asynccontextmanager
+async def _calling_as(
+    caller: Caller | None, method: str, context: grpc.aio.ServicerContext
+) -> AsyncIterator[None]:
+    """Run the call with ``caller`` bound for ``current_identity``; refuse it without a caller,
+    or when the caller's role is below the method's."""
+    if caller is None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+    needed = required_role(method)
+    if not caller.role.allows(needed):
+        rpc = method.rpartition("/")[2]
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{rpc} needs the {needed} role; caller {caller.name!r} is a {caller.role}",
         )
-    if handler.unary_stream is not None:
-        inner_stream = handler.unary_stream
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            _current.set(caller)
-            async for response in inner_stream(request, context):
-                yield response
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer
-        )
-    raise TypeError("client-streaming RPCs are not part of the modelsurgery API")
-
-
-def _reject(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-        yield  # pragma: no cover
-
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        unary, handler.request_deserializer, handler.response_serializer
-    )
+    _current.set(caller)
+    yield

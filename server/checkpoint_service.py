@@ -379,7 +379,7 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         }
         remaining = context.time_remaining()
         timeout = min(limits.MAX_GENERATE_SECONDS, remaining or limits.MAX_GENERATE_SECONDS)
-        worker = self.engine.any_actor()
+        worker = self.engine.pool.any_actor()
         try:
             completions = await cancelled_with_caller(
                 worker.generate.remote(manifest.id, list(request.prompts), options, timeout)

@@ -9,18 +9,13 @@ from datetime import datetime
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from modelsurgery.checkpoints import Manifest
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import stored_spec_to_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 
-STATE_TO_PROTO = {
-    jt.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
-    jt.RUNNING: jobs_pb2.JOB_STATE_RUNNING,
-    jt.SUCCEEDED: jobs_pb2.JOB_STATE_SUCCEEDED,
-    jt.FAILED: jobs_pb2.JOB_STATE_FAILED,
-    jt.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
-}
-PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
+# The old name, while the job service still validates ListJobs' states with it.
+PROTO_TO_STATE = {state.to_proto(): state for state in JobState}
 # A page token is an offset: ASCII digits only (str.isdigit also takes '²'), small enough for
 # SQLite's 64-bit OFFSET.
 PAGE_TOKEN = re.compile(r"[0-9]{1,18}")
@@ -39,7 +34,7 @@ def job_to_proto(job: jt.JobRecord) -> jobs_pb2.Job:
         id=job.id,
         request_id=job.request_id,
         spec=stored_spec_to_proto(job.spec),
-        state=STATE_TO_PROTO[job.state],
+        state=job.state.to_proto(),
         version_id=job.version_id or "",
         metrics=job.metrics,
         error=job.error,
@@ -72,7 +67,7 @@ def event_to_proto(event: jt.EventRecord) -> jobs_pb2.JobEvent:
         job_id=event.job_id,
         seq=event.seq,
         kind=event.kind,
-        state=STATE_TO_PROTO[event.state],
+        state=event.state.to_proto(),
         message=event.message,
         fields=fields,
     )

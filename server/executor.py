@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +21,23 @@ import torch
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
 from modelsurgery.editing.attachments import attach_hooks
-from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
-from modelsurgery.evaluation.judge import Judgement, PerplexityCache, Reference, judge
+from modelsurgery.editing.knowledge.facts import Fact
+from modelsurgery.editing.registry import JobCancelled, MethodConfig, MethodContext, get_method
+from modelsurgery.evaluation.judge import Reference, judge
 from modelsurgery.evaluation.lineage import lineage_suites
-from modelsurgery.evaluation.metrics import wants_perplexity
-from modelsurgery.evaluation.suite import (
-    SUITE_ARTIFACT,
-    carried_suite,
-    default_protocol,
-    operation_protocol,
-)
+from modelsurgery.evaluation.measure import JobMeasurements
+from modelsurgery.evaluation.metrics import FACTS, operation_measures, wants_perplexity
+from modelsurgery.evaluation.perplexity import PerplexityCache
+from modelsurgery.evaluation.suite import SUITE_ARTIFACT, carried_suite, job_protocol
 from modelsurgery.models import load
 from modelsurgery.models.digest import model_digest
-from modelsurgery.proto.spec import JobSpec, parse_spec
+from modelsurgery.proto.job_state import JobState
+from modelsurgery.proto.spec import parse_spec
 from modelsurgery.server.fan_out import fan_out_for
 from modelsurgery.server.model_cache import CachedModel, ModelCache, parameter_bytes
+from modelsurgery.server.outcome import JobOutcome, evaluate_gates, settle_published
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class JobOutcome:
-    state: str
-    version_id: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    gates: list[dict[str, Any]] = field(default_factory=list)
-    error: str = ""
 
 
 @dataclass
@@ -91,7 +82,9 @@ def load_base(
     try:
         version_id = store.resolve(reference)
     except VersionNotFoundError:
-        return cache.get_or_load(f"ref:{reference}", from_reference)
+        entry = cache.get_or_load(f"ref:{reference}", from_reference)
+        cache.remember(f"version:{entry.version_id}", entry.digest)
+        return entry
     return cache.get_or_load(f"version:{version_id}", lambda: from_store(version_id))
 
 
@@ -111,19 +104,11 @@ def artifact_reader(
     return read
 
 
-def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[dict[str, Any]]:
-    results = []
-    for name, gate in spec.parsed_gates().items():
-        value = metrics.get(name)
-        results.append(
-            {
-                "metric": name,
-                "condition": str(gate),
-                "value": value,
-                "passed": value is not None and gate.holds(value),
-            }
-        )
-    return results
+def _operation_facts(operation: MethodConfig) -> list[Fact]:
+    """The facts an operation carries (scored around it when it asks)."""
+    if FACTS not in operation.carries:
+        return []
+    return [Fact.model_validate(f) for f in operation.suite().get(FACTS, [])]  # type: ignore[attr-defined]
 
 
 def execute_job(
@@ -134,16 +119,18 @@ def execute_job(
     settings: WorkerSettings,
     emit: Emit,
     is_cancelled: Callable[[], bool],
+    base_version: str | None = None,
     caller: str = "",
     job_id: str | None = None,
 ) -> JobOutcome:
-    """Run one job; ``caller`` (who submitted it) becomes the owner of an alias it creates
-    (SubmitJob already checked that the caller may move the spec's alias); the version's
-    manifest names ``job_id``, which makes the publish the job's commit point."""
+    """Run one job on ``base_version``, the version admission pinned (None: resolve the
+    spec's base here, for callers without admission: tests and benchmarks). ``caller`` (who
+    submitted it) becomes the owner of an alias it creates; the version's manifest names
+    ``job_id``, which makes the publish the job's commit point."""
     spec = parse_spec(spec_data)
     started = time.perf_counter()
     emit({"kind": "progress", "message": "loading base model", "base": spec.base})
-    base = load_base(spec.base, store, cache, settings)
+    base = load_base(base_version or spec.base, store, cache, settings)
     emit({"kind": "progress", "message": "base model ready", "version_id": base.version_id})
     with base.lock:
         model = copy.deepcopy(base.model)
@@ -154,12 +141,27 @@ def execute_job(
     metrics: dict[str, float] = {}
     operations: list[dict[str, Any]] = []
     suites: list[dict[str, list[dict[str, Any]]]] = []
+    protocol = (
+        job_protocol(spec.evaluation) if wants_perplexity(spec.gates, spec.operations) else None
+    )
+    measurements = JobMeasurements(
+        base.tokenizer,
+        protocol,
+        base_digest=base.digest,
+        cache=PerplexityCache(settings.cache_dir),
+    )
     try:
         for index, operation in enumerate(spec.operations):
             if is_cancelled():
                 raise JobCancelled()
             method = get_method(operation.method)
             operation = operation.resolved(model.config)
+            measures = operation_measures(index, operation, spec.gates)
+            facts = _operation_facts(operation)
+            if measures:
+                emit({"kind": "progress", "message": "measuring before", "operation": index})
+                with attach_hooks(model, artifacts):
+                    measurements.before_operation(index, model, measures, facts)
             context = MethodContext(
                 model_digest=digest,
                 cache_dir=settings.cache_dir,
@@ -175,6 +177,12 @@ def execute_job(
             changed.update({name: t.detach().cpu().clone() for name, t in result.changed.items()})
             overrides.update(result.config_overrides)
             artifacts.update(result.artifacts)
+            if measures:
+                emit({"kind": "progress", "message": "measuring after", "operation": index})
+                with attach_hooks(model, artifacts):
+                    result.metrics.update(
+                        measurements.operation_figures(index, model, measures, facts)
+                    )
             metrics.update({f"op{index}.{name}": v for name, v in result.metrics.items()})
             suites.append(result.suite)
             operations.append({**operation.model_dump(mode="json"), **result.resolved})
@@ -183,27 +191,30 @@ def execute_job(
         if is_cancelled():
             raise JobCancelled()
         emit({"kind": "progress", "message": "evaluating the final model against the base"})
-        judgement = evaluate_final(model, base, spec, suites, metrics, artifacts, store, settings)
+        with attach_hooks(model, artifacts):
+            judgement = judge(
+                model,
+                Reference(base.model, base.lock),
+                carried_suite(suites),
+                lineage_suites(store, base.version_id),
+                measurements=measurements,
+                final_state=len(spec.operations),
+            )
     except JobCancelled:
-        return JobOutcome("CANCELLED", metrics=metrics, error="cancelled by request")
+        return JobOutcome(JobState.CANCELLED, metrics=metrics, error="cancelled by request")
     finally:
         del model
     metrics.update(judgement.metrics)
     if not judgement.suite.empty:
         artifacts[SUITE_ARTIFACT] = judgement.suite.to_bytes()
     metrics["job_seconds"] = time.perf_counter() - started
-    gates = evaluate_gates(spec, metrics)
-    failed = [g for g in gates if not g["passed"]]
-    if failed:
-        reasons = ", ".join(
-            f"{g['metric']}={g['value']} (needs {g['condition']})"
-            if g["value"] is not None
-            else f"{g['metric']} not measured"
-            for g in failed
-        )
-        return JobOutcome("FAILED", metrics=metrics, gates=gates, error=f"gates failed: {reasons}")
+    outcome = JobOutcome(JobState.FAILED, metrics=metrics, gates=evaluate_gates(spec, metrics))
+    if not all(g.passed for g in outcome.gates):
+        outcome.error = outcome.failed_gates_message()
+        return outcome
     if is_cancelled():
-        return JobOutcome("CANCELLED", metrics=metrics, gates=gates, error="cancelled by request")
+        outcome.state, outcome.error = JobState.CANCELLED, "cancelled by request"
+        return outcome
     emit({"kind": "progress", "message": "writing version", "tensors": len(changed)})
     manifest = store.commit(
         base.version_id,
@@ -214,43 +225,4 @@ def execute_job(
         artifacts=artifacts or None,
         job_id=job_id,
     )
-    if spec.alias:
-        store.set_alias(spec.alias, manifest.id, owner=caller)
-    return JobOutcome("SUCCEEDED", version_id=manifest.id, metrics=metrics, gates=gates)
-
-
-def evaluate_final(
-    model: torch.nn.Module,
-    base: CachedModel,
-    spec: JobSpec,
-    suites: list[dict[str, list[dict[str, Any]]]],
-    op_metrics: dict[str, float],
-    artifacts: dict[str, bytes],
-    store: CheckpointStore,
-    settings: WorkerSettings,
-) -> Judgement:
-    """The job-level evaluation: the final model (with any hook artifacts attached) against
-    the job's base, on the operations' suites and the lineage's stored ones; perplexity when
-    a gate or an operation asks for it, reusing what the first and last operation measured
-    with the same protocol."""
-    protocol = default_protocol() if wants_perplexity(spec.gates, spec.operations) else None
-    known: dict[str, float | None] = {"base": None, "final": None}
-    if protocol is not None:
-        same = (protocol.tokens, protocol.window)
-        last = len(spec.operations) - 1
-        if operation_protocol(spec.operations[0]) == same:
-            known["base"] = op_metrics.get("op0.perplexity_before")
-        if operation_protocol(spec.operations[last]) == same:
-            known["final"] = op_metrics.get(f"op{last}.perplexity_after")
-    with attach_hooks(model, artifacts):
-        return judge(
-            model,
-            Reference(base.model, base.digest, base.lock),
-            base.tokenizer,
-            carried_suite(suites),
-            lineage_suites(store, base.version_id),
-            perplexity=protocol,
-            base_perplexity=known["base"],
-            final_perplexity=known["final"],
-            cache=PerplexityCache(settings.cache_dir),
-        )
+    return settle_published(spec, manifest, store, caller)

@@ -10,11 +10,10 @@ reference. Explicit aborts pass untouched.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from contextlib import asynccontextmanager
 
 import grpc
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
@@ -23,6 +22,7 @@ from modelsurgery.checkpoints import AliasConflictError, InvalidAliasError, Vers
 from modelsurgery.models.errors import ModelReferenceError
 from modelsurgery.proto.spec import SpecError
 from modelsurgery.server.errors import abort
+from modelsurgery.server.guard import guarded
 from modelsurgery.server.redact import ServerPlaces, scrub
 
 log = logging.getLogger("modelsurgery.server")
@@ -81,76 +81,34 @@ class FailureInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return self._guarded(handler, handler_call_details.method)
+        method = handler_call_details.method
+        return guarded(handler, lambda context: self._answering(context, method))
 
-    async def _answer(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
-        """Abort the call for ``exc``; called inside the ``except`` that caught it."""
-        known = caller_status(exc)
-        if known is None:
-            reference = secrets.token_hex(4)
-            log.exception(
-                "unexpected error in %s (reference %s)",
-                method,
-                reference,
-                extra={"method": method, "reference": reference},
-            )
-            await abort(context, StatusCode.INTERNAL, f"internal error (reference {reference})")
-        code, shown = known
-        if shown is exc and isinstance(exc, WORKER_GONE):
-            log.error("worker ended during %s", method, exc_info=exc)
-            message = "the worker serving this call ended; try again"
-        else:
-            log.info("%s answered %s: %r", method, code.name, shown)
-            message = scrub(str(shown), self._places)
-        await abort(context, code, message)
-
-    def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """The same handler, its escaping exceptions answered by ``_answer``; handlers of kinds
-        the API does not use (client streaming, synchronous) pass as they are."""
-        answer = self._answer
-        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
-            inner_unary = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await inner_unary(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await answer(context, method, exc)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is None:
-            return handler
-        inner = handler.unary_stream
-        if inspect.iscoroutinefunction(inner):
-            # A streaming handler that writes through ``context.write`` (health's Watch).
-
-            async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-                try:
-                    await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await answer(context, method, exc)
-
-            return grpc.unary_stream_rpc_method_handler(
-                writer, handler.request_deserializer, handler.response_serializer
-            )
-        if not inspect.isasyncgenfunction(inner):
-            return handler
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for response in inner(request, context):
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await answer(context, method, exc)
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer
-        )
+    @asynccontextmanager
+    async def _answering(
+        self, context: grpc.aio.ServicerContext, method: str
+    ) -> AsyncIterator[None]:
+        """Abort the call with a status for the caller when it raises; explicit aborts pass."""
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            known = caller_status(exc)
+            if known is None:
+                reference = secrets.token_hex(4)
+                log.exception(
+                    "unexpected error in %s (reference %s)",
+                    method,
+                    reference,
+                    extra={"method": method, "reference": reference},
+                )
+                await abort(context, StatusCode.INTERNAL, f"internal error (reference {reference})")
+            code, shown = known
+            if shown is exc and isinstance(exc, WORKER_GONE):
+                log.error("worker ended during %s", method, exc_info=exc)
+                message = "the worker serving this call ended; try again"
+            else:
+                log.info("%s answered %s: %r", method, code.name, shown)
+                message = scrub(str(shown), self._places)
+            await abort(context, code, message)

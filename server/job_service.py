@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
-from modelsurgery.editing.attachments import combination_error
-from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
-from modelsurgery.evaluation.metrics import LINEAGE_PREFIX
-from modelsurgery.models import ModelReferenceError, load_config
-from modelsurgery.models.stored import stored_artifact_names
+from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.proto import limits
-from modelsurgery.proto.spec import (
-    MESSAGE_FIELD,
-    JobSpec,
-    SpecError,
-    SpecTooLarge,
-    check_gates,
-    spec_from_proto,
-)
+from modelsurgery.proto.spec import SpecError, SpecTooLarge, spec_from_proto
 from modelsurgery.server import job_table as jt
+from modelsurgery.server.admission import Admission, AdmissionError, AdmittedJob
 from modelsurgery.server.auth import current_caller, current_identity
 from modelsurgery.server.convert import (
     PAGE_TOKEN,
@@ -54,6 +42,9 @@ def fill_page(jobs: list[jobs_pb2.Job], budget: int) -> list[jobs_pb2.Job]:
 
 
 class JobService(jobs_pb2_grpc.JobServiceServicer):
+    """Parses requests and hands them over: admission checks and pins a spec, the table
+    stores it, the engine runs it."""
+
     def __init__(
         self,
         table: jt.JobTable,
@@ -69,33 +60,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         self.alias_policy = alias_policy or AliasPolicy()
         self.engine = engine
         self.store = store
-        self.model_roots = model_roots
         self.max_queued_per_caller = max_queued_per_caller
-        self.max_job_seconds = max_job_seconds
-        self._configs: OrderedDict[str, Any] = OrderedDict()
+        self.admission = Admission(
+            store,
+            model_roots=model_roots,
+            max_job_seconds=max_job_seconds,
+            import_reference=engine.import_reference,
+        )
 
-    async def _model_config(self, base: str, context: grpc.aio.ServicerContext) -> Any:
-        """The base's HF config (no weights), cached per reference, to check indices early."""
-        try:
-            key = self.store.resolve(base)
-        except VersionNotFoundError:
-            key = base
-        if key not in self._configs:
-            try:
-                config = await asyncio.to_thread(
-                    load_config, base, store=self.store, allowed_roots=self.model_roots
-                )
-            except (ModelReferenceError, OSError, ValueError) as exc:
-                # OSError/ValueError: paths the OS rejects (NUL byte, name too long).
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "spec.base")
-            self._configs[key] = config
-            while len(self._configs) > 32:
-                self._configs.popitem(last=False)
-        return self._configs[key]
-
-    async def _validate(
+    async def _admit(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
-    ) -> JobSpec:
+    ) -> AdmittedJob:
         try:
             spec = spec_from_proto(request.spec)
         except SpecError as exc:
@@ -106,62 +81,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             )
             field = "spec" if exc.field == "spec" else f"spec.{exc.field}"
             await abort(context, code, str(exc), field)
-        if spec.timeout_s > self.max_job_seconds:
-            await abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"timeout_s: at most {self.max_job_seconds:g} s on this server "
-                "(serve --max-job-seconds)",
-                "spec.timeout_s",
-            )
-        config = await self._model_config(spec.base, context)
-        await self._check_lineage(spec, config, context)
-        await self._check_lineage_gates(spec, context)
-        for index, operation in enumerate(spec.operations):
-            try:
-                operation.check_against(config)
-            except ValueError as exc:
-                match = MESSAGE_FIELD.match(str(exc))
-                field = f"spec.operations[{index}]" + (f".{match.group(1)}" if match else "")
-                await abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"operations[{index}] ({operation.method}): {exc}",
-                    field,
-                )
-        return spec
-
-    async def _check_lineage_gates(self, spec: JobSpec, context: grpc.aio.ServicerContext) -> None:
-        """``lineage_*`` gates need ancestors that stored a suite of that kind (the spec's
-        parse checked every other gate); the lineage is read only when such a gate exists."""
-        gates = {n: c for n, c in spec.gates.items() if n.startswith(LINEAGE_PREFIX)}
-        if not gates:
-            return
         try:
-            version_id = self.store.resolve(spec.base)
-        except VersionNotFoundError:
-            kinds: set[str] = set()
-        else:
-            kinds = stored_kinds(await asyncio.to_thread(lineage_suites, self.store, version_id))
-        try:
-            check_gates(gates, spec.operations, kinds)
-        except SpecError as exc:
+            return await asyncio.to_thread(self.admission.admit, spec)
+        except AdmissionError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), f"spec.{exc.field}")
-
-    async def _check_lineage(
-        self, spec: JobSpec, model_config: Any, context: grpc.aio.ServicerContext
-    ) -> None:
-        """The hook methods' lineage rules (a leaf's version is no base; a leaf runs last)."""
-        try:
-            version_id = self.store.resolve(spec.base)
-        except VersionNotFoundError:
-            artifacts: list[str] = []
-        else:
-            artifacts = await asyncio.to_thread(stored_artifact_names, self.store, version_id)
-        problem = combination_error(artifacts, spec.operations, model_config)
-        if problem is not None:
-            field = problem.partition(": ")[0]
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, f"spec.{field}")
 
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
@@ -170,7 +93,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             await abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "at most 128 characters", "request_id"
             )
-        spec = await self._validate(request, context)
+        admitted = await self._admit(request, context)
+        spec = admitted.spec
         caller = current_caller()
         if spec.alias:
             await require_alias_move(
@@ -189,6 +113,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 caller=caller,
                 spec=spec.to_dict(),
                 fingerprint=spec.fingerprint(),
+                base_version=admitted.base_version,
             )
         except jt.IdempotencyConflict as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "request_id")

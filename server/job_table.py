@@ -20,16 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "QUEUED",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-    "CANCELLED",
-)
-TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
-RERUN_STATES = frozenset({FAILED, CANCELLED})
-ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+from modelsurgery.proto.job_state import RERUN_STATES, TERMINAL_STATES, JobState
+
+# The old names, while the engine and the job service still import them from here.
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = JobState
+ALL_STATES = tuple(JobState)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -70,6 +65,9 @@ _ADDED_COLUMNS = (
     # The server running the job and until when its claim holds (see ``renew_leases``).
     ("lease_owner", "TEXT NOT NULL DEFAULT ''"),
     ("lease_expires", "REAL NOT NULL DEFAULT 0"),
+    # The version admission pinned the spec's base to; the worker runs on it ('' in rows
+    # admitted before bases were pinned: the worker resolves the spec's base).
+    ("base_version", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -92,7 +90,7 @@ class JobRecord:
     caller: str
     spec: dict[str, Any]
     spec_fingerprint: str
-    state: str
+    state: JobState
     created: float
     started: float | None = None
     finished: float | None = None
@@ -105,6 +103,7 @@ class JobRecord:
     previous_attempt: str = ""
     lease_owner: str = ""
     lease_expires: float = 0.0
+    base_version: str = ""
 
 
 @dataclass
@@ -113,7 +112,7 @@ class EventRecord:
     seq: int
     time: float
     kind: str
-    state: str
+    state: JobState
     message: str
     fields: dict[str, Any]
 
@@ -125,7 +124,7 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
         caller=row["caller"],
         spec=json.loads(row["spec_json"]),
         spec_fingerprint=row["spec_fingerprint"],
-        state=row["state"],
+        state=JobState(row["state"]),
         created=row["created"],
         started=row["started"],
         finished=row["finished"],
@@ -138,6 +137,7 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
         previous_attempt=row["previous_attempt"],
         lease_owner=row["lease_owner"],
         lease_expires=row["lease_expires"],
+        base_version=row["base_version"],
     )
 
 
@@ -170,7 +170,7 @@ class JobTable:
         return _Transaction(self._db, self._lock)
 
     def _append_event(
-        self, job_id: str, kind: str, state: str, message: str, fields: dict[str, Any]
+        self, job_id: str, kind: str, state: JobState, message: str, fields: dict[str, Any]
     ) -> EventRecord:
         row = self._db.execute(
             "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)
@@ -192,9 +192,16 @@ class JobTable:
 
     # --- jobs ----------------------------------------------------------------------------
     def submit(
-        self, *, request_id: str, caller: str, spec: dict[str, Any], fingerprint: str
+        self,
+        *,
+        request_id: str,
+        caller: str,
+        spec: dict[str, Any],
+        fingerprint: str,
+        base_version: str = "",
     ) -> tuple[JobRecord, bool]:
-        """Insert a QUEUED job with its first event, or return the job this request made.
+        """Insert a QUEUED job (on the pinned ``base_version``) with its first event, or
+        return the job this request made.
 
         (caller, request_id) stays unique and names the newest attempt: a FAILED or CANCELLED
         job gives the request id up (its key becomes its own id, as for a job submitted without
@@ -220,14 +227,24 @@ class JobTable:
                     self._db.execute("UPDATE jobs SET request_id = id WHERE id = ?", (existing.id,))
             job_id = "job-" + uuid.uuid4().hex[:16]
             request_id = request_id or job_id
-            now = time.time()
+            state, now = JobState.QUEUED, time.time()
             self._db.execute(
                 "INSERT INTO jobs (id, request_id, caller, spec_json, spec_fingerprint, state,"
-                " created, previous_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request_id, caller, json.dumps(spec), fingerprint, QUEUED, now, previous),
+                " created, previous_attempt, base_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    request_id,
+                    caller,
+                    json.dumps(spec),
+                    fingerprint,
+                    state,
+                    now,
+                    previous,
+                    base_version,
+                ),
             )
             message = f"job queued (re-runs {previous})" if previous else "job queued"
-            self._append_event(job_id, "state", QUEUED, message, {})
+            self._append_event(job_id, "state", state, message, {})
         return self.get(job_id), True
 
     def get(self, job_id: str) -> JobRecord:
@@ -240,7 +257,7 @@ class JobTable:
     def list(
         self,
         *,
-        states: tuple[str, ...] = (),
+        states: tuple[JobState, ...] = (),
         limit: int = 100,
         offset: int = 0,
         caller: str | None = None,
@@ -263,18 +280,16 @@ class JobTable:
             rows = self._db.execute(query, params).fetchall()
         return [_job_from_row(r) for r in rows]
 
-    def count_by_state(self) -> dict[str, int]:
+    def count_by_state(self) -> dict[JobState, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        counts = dict.fromkeys(ALL_STATES, 0)
-        counts.update({state: n for state, n in rows})
-        return counts
+        return dict.fromkeys(JobState, 0) | {JobState(state): n for state, n in rows}
 
     def queued_count(self, caller: str) -> int:
         with self._lock:
             row = self._db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE caller = ? AND state IN (?, ?)",
-                (caller, QUEUED, RUNNING),
+                (caller, JobState.QUEUED, JobState.RUNNING),
             ).fetchone()
         return int(row[0])
 
@@ -283,7 +298,7 @@ class JobTable:
             row = self._db.execute(
                 "SELECT * FROM jobs WHERE state = ? AND cancel_requested = 0 "
                 "ORDER BY created, id LIMIT 1",
-                (QUEUED,),
+                (JobState.QUEUED,),
             ).fetchone()
         return None if row is None else _job_from_row(row)
 
@@ -292,25 +307,25 @@ class JobTable:
         transaction, so of two servers sharing the database only one gets the job."""
         with self._transaction():
             job = self.get(job_id)
-            if job.state != QUEUED:
-                raise StateConflict(f"job {job_id} is {job.state}, not QUEUED")
+            if job.state is not JobState.QUEUED:
+                raise StateConflict(f"job {job_id} is {job.state}, not {JobState.QUEUED}")
             now = time.time()
             self._db.execute(
                 "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1,"
                 " lease_owner = ?, lease_expires = ? WHERE id = ?",
-                (RUNNING, now, owner, now + lease_seconds, job_id),
+                (JobState.RUNNING, now, owner, now + lease_seconds, job_id),
             )
-            self._append_event(job_id, "state", RUNNING, f"attempt {job.attempts + 1}", {})
+            self._append_event(job_id, "state", JobState.RUNNING, f"attempt {job.attempts + 1}", {})
         return self.get(job_id)
 
     def _check_owner(self, job: JobRecord, owner: str | None) -> None:
-        if owner is not None and job.state == RUNNING and job.lease_owner != owner:
+        if owner is not None and job.state is JobState.RUNNING and job.lease_owner != owner:
             raise LeaseLost(f"job {job.id} is now run by {job.lease_owner or 'another server'}")
 
     def finish(
         self,
         job_id: str,
-        state: str,
+        state: JobState | str,
         *,
         message: str,
         version_id: str | None = None,
@@ -321,11 +336,12 @@ class JobTable:
     ) -> JobRecord:
         """Move a job to a terminal state with its results; a no-op if it already ended.
         With ``owner``, a RUNNING job must still be that server's (else ``LeaseLost``)."""
-        if state not in TERMINAL_STATES:
+        state = JobState(state)
+        if not state.is_terminal:
             raise ValueError(f"{state} is not a terminal state")
         with self._transaction():
             job = self.get(job_id)
-            if job.state in TERMINAL_STATES:
+            if job.state.is_terminal:
                 return job
             self._check_owner(job, owner)
             self._db.execute(
@@ -354,9 +370,9 @@ class JobTable:
             self._db.execute(
                 "UPDATE jobs SET state = ?, started = NULL, lease_owner = '', lease_expires = 0,"
                 " attempts = MAX(0, attempts - ?) WHERE id = ?",
-                (QUEUED, 0 if count_attempt else 1, job_id),
+                (JobState.QUEUED, 0 if count_attempt else 1, job_id),
             )
-            self._append_event(job_id, "state", QUEUED, reason, {})
+            self._append_event(job_id, "state", JobState.QUEUED, reason, {})
         return self.get(job_id)
 
     # --- leases --------------------------------------------------------------------------
@@ -366,11 +382,11 @@ class JobTable:
         with self._transaction():
             self._db.execute(
                 "UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state = ?",
-                (time.time() + lease_seconds, owner, RUNNING),
+                (time.time() + lease_seconds, owner, JobState.RUNNING),
             )
             rows = self._db.execute(
                 "SELECT id FROM jobs WHERE lease_owner = ? AND state = ? AND cancel_requested = 1",
-                (owner, RUNNING),
+                (owner, JobState.RUNNING),
             ).fetchall()
         return [row[0] for row in rows]
 
@@ -385,7 +401,7 @@ class JobTable:
             rows = self._db.execute(
                 "SELECT id, lease_owner, lease_expires FROM jobs"
                 " WHERE state = ? AND lease_owner != ?",
-                (RUNNING, owner),
+                (JobState.RUNNING, owner),
             ).fetchall()
             taken = [r["id"] for r in rows if r["lease_expires"] < now or is_dead(r["lease_owner"])]
             for job_id in taken:
@@ -398,7 +414,8 @@ class JobTable:
     def running_of(self, owner: str) -> list[str]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id FROM jobs WHERE lease_owner = ? AND state = ?", (owner, RUNNING)
+                "SELECT id FROM jobs WHERE lease_owner = ? AND state = ?",
+                (owner, JobState.RUNNING),
             ).fetchall()
         return [row[0] for row in rows]
 
@@ -422,14 +439,16 @@ class JobTable:
         """Cancel a queued job at once; flag a running one (the worker stops between steps)."""
         with self._transaction():
             job = self.get(job_id)
-            if job.state in TERMINAL_STATES:
+            if job.state.is_terminal:
                 raise StateConflict(f"job {job_id} already ended as {job.state}")
-            if job.state == QUEUED:
+            if job.state is JobState.QUEUED:
                 self._db.execute(
                     "UPDATE jobs SET state = ?, finished = ?, cancel_requested = 1 WHERE id = ?",
-                    (CANCELLED, time.time(), job_id),
+                    (JobState.CANCELLED, time.time(), job_id),
                 )
-                self._append_event(job_id, "state", CANCELLED, "cancelled before it started", {})
+                self._append_event(
+                    job_id, "state", JobState.CANCELLED, "cancelled before it started", {}
+                )
             else:
                 self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 self._append_event(job_id, "log", job.state, "cancellation requested", {})
@@ -442,13 +461,13 @@ class JobTable:
         with self._transaction():
             return self._append_event(job_id, kind, self.state_of(job_id), message, fields or {})
 
-    def state_of(self, job_id: str) -> str:
+    def state_of(self, job_id: str) -> JobState:
         """The job's state alone (no spec parse: cheap for watchers and event writes)."""
         with self._lock:
             row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(job_id)
-        return str(row[0])
+        return JobState(row[0])
 
     def event_count(self, job_id: str) -> int:
         with self._lock:
@@ -469,14 +488,14 @@ class JobTable:
                 r["seq"],
                 r["time"],
                 r["kind"],
-                r["state"],
+                JobState(r["state"]),
                 r["message"],
                 json.loads(r["fields_json"]),
             )
             for r in rows
         ]
 
-    def event_counts_after(self, rowid: int) -> tuple[dict[tuple[str, str], int], int]:
+    def event_counts_after(self, rowid: int) -> tuple[dict[tuple[str, JobState], int], int]:
         """Counts of the events stored after ``rowid`` by (kind, state), and the last rowid.
 
         Events are append-only, so a reader keeps running totals by asking only for new rows
@@ -488,7 +507,7 @@ class JobTable:
                 " GROUP BY kind, state",
                 (rowid,),
             ).fetchall()
-        counts = {(kind, state): n for kind, state, n, _ in rows}
+        counts = {(kind, JobState(state)): n for kind, state, n, _ in rows}
         return counts, max((last for *_, last in rows), default=rowid)
 
 

@@ -43,6 +43,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.server import job_table as jt
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -59,7 +60,7 @@ class JobTableCollector:
         self._table = table
         self._lock = threading.Lock()
         self._last_rowid = 0
-        self._events: Counter[tuple[str, str]] = Counter()
+        self._events: Counter[tuple[str, JobState]] = Counter()
 
     def describe(self) -> Iterator[Metric]:
         yield from self._families({}, Counter())
@@ -73,7 +74,9 @@ class JobTableCollector:
         yield from self._families(counts, events)
 
     @staticmethod
-    def _families(counts: dict[str, int], events: Counter[tuple[str, str]]) -> Iterator[Metric]:
+    def _families(
+        counts: dict[JobState, int], events: Counter[tuple[str, JobState]]
+    ) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("modelsurgery_jobs", "Jobs in each state now", labels=["state"])
         transitions = CounterMetricFamily(
             "modelsurgery_job_transitions", "Times a job entered each state", labels=["state"]
@@ -81,12 +84,14 @@ class JobTableCollector:
         by_kind: Counter[str] = Counter()
         for (kind, _state), n in events.items():
             by_kind[kind] += n
-        for state in jt.ALL_STATES:
+        for state in JobState:
             jobs.add_metric([state], counts.get(state, 0))
             transitions.add_metric([state], events[("state", state)])
         yield jobs
         yield GaugeMetricFamily(
-            "modelsurgery_queue_depth", "Jobs waiting for a worker", value=counts.get(jt.QUEUED, 0)
+            "modelsurgery_queue_depth",
+            "Jobs waiting for a worker",
+            value=counts.get(JobState.QUEUED, 0),
         )
         yield transitions
         kinds = CounterMetricFamily(

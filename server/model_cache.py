@@ -63,6 +63,12 @@ class ModelCache:
                 self._evict()
                 return entry
 
+    def remember(self, reference: str, digest: str) -> None:
+        """Name a cached model by one more reference (a model reference's imported version)."""
+        with self._lock:
+            if digest in self._entries:
+                self._by_reference[reference] = digest
+
     def _evict(self) -> None:
         while len(self._entries) > 1 and self.total_bytes() > self.max_bytes:
             digest, _ = self._entries.popitem(last=False)

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -23,12 +22,17 @@ import torch
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.attachments import attach_hooks, stored_hook_artifacts
-from modelsurgery.evaluation.judge import PerplexityCache, Reference, judge
+from modelsurgery.evaluation.judge import Reference, judge
 from modelsurgery.evaluation.lineage import lineage_suites, own_suite
-from modelsurgery.evaluation.suite import Suite, default_protocol
+from modelsurgery.evaluation.measure import JobMeasurements
+from modelsurgery.evaluation.metrics import EvaluationSettings
+from modelsurgery.evaluation.perplexity import PerplexityCache
+from modelsurgery.evaluation.suite import Suite, job_protocol
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
 from modelsurgery.server.model_cache import CachedModel, ModelCache
+from modelsurgery.server.outcome import JobOutcome
 from modelsurgery.server.redact import caller_message
 
 _DONE = object()
@@ -79,30 +83,31 @@ class SurgeryWorker:
             return job_id in self._cancelled
 
     def run_job(
-        self, job_id: str, spec: dict[str, Any], caller: str = ""
-    ) -> Iterator[dict[str, Any]]:
-        """Yields progress events, then ``{"kind": "outcome", ...}``."""
+        self, job_id: str, spec: dict[str, Any], base_version: str | None, caller: str = ""
+    ) -> Iterator[dict[str, Any] | JobOutcome]:
+        """Yields progress events, then the ``JobOutcome`` (the last item)."""
         events: queue.Queue[Any] = queue.Queue()
-        outcome: dict[str, Any] = {}
+        outcome = JobOutcome(JobState.FAILED, error="no outcome")
 
         def work() -> None:
+            nonlocal outcome
             try:
-                result = execute_job(
+                outcome = execute_job(
                     spec,
                     store=self.store,
                     cache=self.cache,
                     settings=self.settings,
                     emit=events.put,
                     is_cancelled=lambda: self._is_cancelled(job_id),
+                    base_version=base_version,
                     caller=caller,
                     job_id=job_id,
                 )
-                outcome.update(asdict(result))
             except Exception as exc:
                 # The traceback stays in the worker's log; the job row gets a message for the
                 # caller, without the server's paths.
                 log.exception("job %s failed", job_id)
-                outcome.update(state="FAILED", error=caller_message(exc, self.settings))
+                outcome = JobOutcome(JobState.FAILED, error=caller_message(exc, self.settings))
             finally:
                 events.put(_DONE)
 
@@ -113,7 +118,7 @@ class SurgeryWorker:
         thread.join()
         with self._lock:
             self._cancelled.discard(job_id)
-        yield {"kind": "outcome", **outcome}
+        yield outcome
 
     def import_model(self, reference: str) -> str:
         return load_base(reference, self.store, self.cache, self.settings).version_id
@@ -169,7 +174,7 @@ class SurgeryWorker:
         suite = suite or Suite()
         parent = self.store.get(version_id).parent
         lineage = lineage_suites(self.store, parent) if parent else []
-        protocol = suite.perplexity or (default_protocol() if perplexity else None)
+        protocol = suite.perplexity or (job_protocol(EvaluationSettings()) if perplexity else None)
         final = load_base(version_id, self.store, self.cache, self.settings)
         reference = load_base(against_id, self.store, self.cache, self.settings)
         artifacts = stored_hook_artifacts(self.store, version_id)
@@ -178,12 +183,12 @@ class SurgeryWorker:
             for _, lock in sorted({version_id: final.lock, against_id: reference.lock}.items()):
                 held.enter_context(lock)
             held.enter_context(attach_hooks(final.model, artifacts))
-            return judge(
-                final.model,
-                Reference(reference.model, reference.digest),
+            measurements = JobMeasurements(
                 final.tokenizer,
-                suite,
-                lineage,
-                perplexity=protocol,
+                protocol,
+                base_digest=reference.digest,
                 cache=PerplexityCache(self.settings.cache_dir),
+            )
+            return judge(
+                final.model, Reference(reference.model), suite, lineage, measurements=measurements
             ).metrics

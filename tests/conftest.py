@@ -10,12 +10,10 @@ import torch
 from junitparser import JUnitXml, TestSuite
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
+    CONFIG_MAPPING,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
@@ -52,57 +50,50 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(seed: int = 0, **overrides: object) -> LlamaForCausalLM:
+# Each family's small dims, by Hugging Face model_type; all use the tiny tokenizer's vocabulary
+# and special token ids.
+_DIMS = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+    "vocab_size": TINY_VOCAB_SIZE,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+}
+_MLP = {**_DIMS, "intermediate_size": 128}
+_GQA = {**_MLP, "num_key_value_heads": 2}
+TINY_FAMILIES: dict[str, dict[str, object]] = {
+    "llama": _GQA,
+    "mistral": _GQA,  # no bias on either residual write (o_proj, down_proj)
+    "qwen2": _GQA,
+    "qwen3": {**_GQA, "head_dim": 16},
+    "gemma": {**_GQA, "head_dim": 16},
+    "gemma2": {**_GQA, "head_dim": 16},
+    "gemma3_text": {**_GQA, "head_dim": 16},
+    "phi": _MLP,
+    "gpt_neox": _MLP,
+    "opt": {**_DIMS, "ffn_dim": 128, "word_embed_proj_dim": 64},
+    "gpt2": _DIMS,  # ties lm_head to the token embedding
+    "gptj": {**_DIMS, "rotary_dim": 8},
+}
+
+
+def tiny_config(family: str, **overrides: object) -> PretrainedConfig:
+    """The config of ``tiny_model(family)``: the family's small dims, then ``overrides`` (under
+    either name where the family has two: ``hidden_size`` or GPT-2's ``n_embd``)."""
+    config_class = CONFIG_MAPPING[family]
+    fields = {**TINY_FAMILIES[family], **overrides}
+    return config_class(**{config_class.attribute_map.get(k, k): v for k, v in fields.items()})
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: object) -> PreTrainedModel:
+    """A tiny random causal LM of ``family`` (a model_type), seeded; ``overrides`` are config
+    fields, under the names the family's config takes."""
+    config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB_SIZE,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        **overrides,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def build_tiny_mistral(seed: int = 0) -> MistralForCausalLM:
-    """A family with no bias on either residual write (o_proj, down_proj): hook-only steering."""
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB_SIZE,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    return MistralForCausalLM(config).eval()
-
-
-def build_tiny_gpt2(seed: int = 0, **overrides: object) -> GPT2LMHeadModel:
-    """GPT-2 ties lm_head to the token embedding (tie_word_embeddings defaults to True)."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=128,
-        vocab_size=TINY_VOCAB_SIZE,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        **overrides,
-    )
-    return GPT2LMHeadModel(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def greedy_text(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int) -> str:
@@ -133,13 +124,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture
-def tiny_llama() -> LlamaForCausalLM:
-    return build_tiny_llama()
+def tiny_llama() -> PreTrainedModel:
+    return tiny_model("llama")
 
 
 @pytest.fixture
-def tiny_gpt2() -> GPT2LMHeadModel:
-    return build_tiny_gpt2()
+def tiny_gpt2() -> PreTrainedModel:
+    return tiny_model("gpt2")
 
 
 @pytest.fixture
@@ -151,6 +142,6 @@ def store(tmp_path: Path) -> CheckpointStore:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama and its tokenizer saved as a Hugging Face folder, once per test module."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(seed=3).save_pretrained(folder)
+    tiny_model("llama", seed=3).save_pretrained(folder)
     build_tiny_tokenizer().save_pretrained(folder)
     return folder

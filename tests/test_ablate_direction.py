@@ -6,11 +6,12 @@ rebuilds either."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_VOCAB_SIZE, build_tiny_gpt2, build_tiny_llama
+from conftest import TINY_VOCAB_SIZE, tiny_model
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, GemmaConfig, MistralConfig, OPTConfig
 
@@ -30,8 +31,7 @@ from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.digest import persistent_state_dict
 
 BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
-    "llama": build_tiny_llama,
-    "gpt2": build_tiny_gpt2,
+    family: partial(tiny_model, family) for family in ("llama", "gpt2")
 }
 PAIRS_TEXT = [
     {"positive": f"she is a good {role} .", "negative": f"he is a good {role} ."}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers as tf
+from conftest import tiny_model
 from torch import nn
 
 from modelsurgery.models.adapters import (
@@ -22,9 +23,9 @@ VOCAB = 128
 
 @dataclass(frozen=True)
 class Case:
-    """A tiny config and the figures the adapter must read off the built model."""
+    """Config fields over ``tiny_model``'s and the figures the adapter must read off the model."""
 
-    config: tf.PretrainedConfig
+    fields: dict[str, object]
     hidden: int
     intermediate: int
     heads: int
@@ -33,96 +34,33 @@ class Case:
     layers: int = 2
 
 
-def _llama_like(cls: type[tf.PretrainedConfig], **extra: object) -> tf.PretrainedConfig:
-    kwargs: dict[str, object] = {
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": VOCAB,
-    }
-    return cls(**(kwargs | extra))
-
-
+MLP = {"intermediate_size": 96}
 CASES: dict[str, Case] = {
-    "llama": Case(_llama_like(tf.LlamaConfig), 64, 96, 4, 2, 16),
-    "mistral": Case(_llama_like(tf.MistralConfig), 64, 96, 4, 2, 16),
-    "qwen2": Case(_llama_like(tf.Qwen2Config), 64, 96, 4, 2, 16),
-    "qwen3": Case(_llama_like(tf.Qwen3Config, head_dim=24), 64, 96, 4, 2, 24),
+    "llama": Case(MLP, 64, 96, 4, 2, 16),
+    "mistral": Case(MLP, 64, 96, 4, 2, 16),
+    "qwen2": Case(MLP, 64, 96, 4, 2, 16),
+    "qwen3": Case({**MLP, "head_dim": 24}, 64, 96, 4, 2, 24),
     # Gemma: head_dim * heads != hidden, so o_proj is [hidden, heads * head_dim].
-    "gemma": Case(_llama_like(tf.GemmaConfig, head_dim=32), 64, 96, 4, 2, 32),
-    "gemma2": Case(_llama_like(tf.Gemma2Config, head_dim=32), 64, 96, 4, 2, 32),
-    "gemma3_text": Case(
-        _llama_like(tf.Gemma3TextConfig, head_dim=32, num_key_value_heads=1), 64, 96, 4, 1, 32
-    ),
+    "gemma": Case({**MLP, "head_dim": 32}, 64, 96, 4, 2, 32),
+    "gemma2": Case({**MLP, "head_dim": 32}, 64, 96, 4, 2, 32),
+    "gemma3_text": Case({**MLP, "head_dim": 32, "num_key_value_heads": 1}, 64, 96, 4, 1, 32),
     # GPT-2 / GPT-J leave n_inner unset: the MLP is 4 * hidden wide.
-    "gpt2": Case(
-        tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB), 64, 256, 4, 4, 16
-    ),
-    "gpt_neox": Case(
-        tf.GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=VOCAB,
-        ),
-        64,
-        96,
-        4,
-        4,
-        16,
-    ),
-    "gptj": Case(
-        tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, rotary_dim=8),
-        64,
-        256,
-        4,
-        4,
-        16,
-    ),
-    "opt": Case(
-        tf.OPTConfig(
-            hidden_size=64,
-            ffn_dim=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=VOCAB,
-            word_embed_proj_dim=32,
-        ),
-        64,
-        96,
-        4,
-        4,
-        16,
-    ),
-    "phi": Case(
-        tf.PhiConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=VOCAB,
-        ),
-        64,
-        96,
-        4,
-        4,
-        16,
-    ),
+    "gpt2": Case({}, 64, 256, 4, 4, 16),
+    "gpt_neox": Case(MLP, 64, 96, 4, 4, 16),
+    "gptj": Case({}, 64, 256, 4, 4, 16),
+    "opt": Case({"ffn_dim": 96, "word_embed_proj_dim": 32}, 64, 96, 4, 4, 16),
+    "phi": Case(MLP, 64, 96, 4, 4, 16),
 }
 
 
-def _build(config: tf.PretrainedConfig) -> nn.Module:
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config).eval()
+def _build(family: str, **fields: object) -> nn.Module:
+    return tiny_model(family, **{**CASES[family].fields, **fields})
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def built(request: pytest.FixtureRequest) -> tuple[Case, nn.Module, ArchitectureAdapter]:
     case = CASES[request.param]
-    model = _build(case.config)
+    model = _build(request.param)
     return case, model, get_adapter(model)
 
 
@@ -222,7 +160,7 @@ def test_layer_index_out_of_range(built: tuple[Case, nn.Module, ArchitectureAdap
 
 
 def test_conv1d_weight_is_transposed_view_that_writes_through() -> None:
-    model = _build(CASES["gpt2"].config)
+    model = _build("gpt2")
     proj = get_adapter(model).mlp_out(0)
     assert proj.module.weight.shape == (256, 64)  # Conv1D keeps [in, out]
     with torch.no_grad():
@@ -231,35 +169,27 @@ def test_conv1d_weight_is_transposed_view_that_writes_through() -> None:
 
 
 def test_gqa_kv_groups() -> None:
-    adapter = get_adapter(_build(CASES["llama"].config))
+    adapter = get_adapter(_build("llama"))
     assert [adapter.kv_group(h) for h in range(4)] == [0, 0, 1, 1]
 
 
 def test_opt_projections() -> None:
-    adapter = get_adapter(_build(CASES["opt"].config))
+    adapter = get_adapter(_build("opt"))
     project_in, project_out = adapter.project_in(), adapter.project_out()
     assert project_in is not None and project_out is not None
     assert project_in.weight.shape == (64, 32)
     assert project_out.weight.shape == (32, 64)
-    square = get_adapter(_build(_llama_like(tf.LlamaConfig)))
+    square = get_adapter(_build("llama"))
     assert square.project_in() is None and square.project_out() is None
 
 
 def test_opt_without_final_norm_gets_identity() -> None:
-    config = tf.OPTConfig(
-        hidden_size=64,
-        ffn_dim=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        do_layer_norm_before=False,
-    )
-    adapter = get_adapter(_build(config))
+    adapter = get_adapter(_build("opt", word_embed_proj_dim=768, do_layer_norm_before=False))
     assert isinstance(adapter.final_norm(), nn.Identity)
 
 
 def test_gpt_neox_lm_head_is_not_tied() -> None:
-    model = _build(CASES["gpt_neox"].config)
+    model = _build("gpt_neox")
     adapter = get_adapter(model)
     assert adapter.lm_head().weight.shape == (VOCAB, 64)
     assert adapter.lm_head().weight.data_ptr() != adapter.embed().weight.data_ptr()

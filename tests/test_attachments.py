@@ -4,8 +4,7 @@ lineage rules submit validation applies."""
 from __future__ import annotations
 
 import pytest
-from conftest import build_tiny_llama
-from transformers import MistralConfig
+from conftest import tiny_config
 
 from modelsurgery.editing import registry
 from modelsurgery.editing.attachments import (
@@ -19,8 +18,7 @@ from modelsurgery.editing.reft import ReftConfig
 from modelsurgery.editing.steer import CONFIG_ARTIFACT as STEER_CONFIG
 from modelsurgery.editing.steer import SteerConfig
 
-LLAMA = build_tiny_llama().config
-MISTRAL = MistralConfig(num_hidden_layers=2)
+LLAMA, MISTRAL = tiny_config("llama"), tiny_config("mistral")
 PAIRS = [{"positive": "good", "negative": "bad"}, {"positive": "yes", "negative": "no"}]
 
 

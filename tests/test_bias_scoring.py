@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from conftest import tiny_model
+from transformers import PreTrainedModel
 
 from modelsurgery.editing.bias.scoring import (
     HeadMask,
@@ -26,26 +28,8 @@ from modelsurgery.editing.stereotypes.metrics import (
 from modelsurgery.models.adapters import get_adapter
 
 DRIVER = (1, 2)  # the head the constructed case makes responsible for the gap
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
+TINY = {"max_position_embeddings": 64, "pad_token_id": None}
+tiny_llama, tiny_gpt2 = partial(tiny_model, "llama", **TINY), partial(tiny_model, "gpt2", **TINY)
 
 
 def minimal_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
@@ -61,7 +45,7 @@ def minimal_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
     return pairs
 
 
-def driven_case() -> tuple[LlamaForCausalLM, list[TokenizedPair]]:
+def driven_case() -> tuple[PreTrainedModel, list[TokenizedPair]]:
     """A model whose head DRIVER is amplified, and pairs each oriented so that this head
     raises the gap: it drives the bias on every pair, while the other heads' effects have
     mixed signs and partly cancel."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -18,7 +18,7 @@ from modelsurgery.client.cli import app
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     model_dir = tmp_path / "tiny"
-    build_tiny_llama(seed=1).save_pretrained(model_dir)
+    tiny_model("llama", seed=1).save_pretrained(model_dir)
     build_tiny_tokenizer().save_pretrained(model_dir)
     monkeypatch.setenv("MODELSURGERY_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MODELSURGERY_SERVER", raising=False)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.server import job_table as jt
-from modelsurgery.server.engine import EngineSettings, JobEngine, owner_is_dead, server_identity
+from modelsurgery.server.engine import EngineSettings, JobEngine
+from modelsurgery.server.leases import owner_is_dead, server_identity
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.metrics import ServerMetrics
 
@@ -46,7 +47,7 @@ def running_job(engine: JobEngine, base: str, *, owner: str, lease: float) -> jt
 
 def test_a_published_job_is_recorded_succeeded_with_its_version(engine: JobEngine) -> None:
     store = engine.store
-    root = store.import_model(build_tiny_llama(), build_tiny_tokenizer(), reference="tiny")
+    root = store.import_model(tiny_model("llama"), build_tiny_tokenizer(), reference="tiny")
     job = running_job(engine, root.id, owner=DEAD_OWNER, lease=-1)
     name = "model.layers.0.self_attn.o_proj.weight"
     published = store.commit(

@@ -86,7 +86,7 @@ def test_gates_judge_the_final_model_against_the_base(env: dict[str, Any]) -> No
     gated = {"perplexity_ratio": f"<= {threshold}"}
     failed = run(env, {"base": str(env["folder"]), "operations": ops, "gates": gated})
     assert failed.state == "FAILED"
-    assert failed.gates[0]["value"] == pytest.approx(m["perplexity_ratio"])
+    assert failed.gates[0].value == pytest.approx(m["perplexity_ratio"])
 
 
 def test_a_gate_decides_what_is_measured(env: dict[str, Any]) -> None:
@@ -145,7 +145,7 @@ def test_lineage_gates_are_refused_without_a_stored_suite(env: dict[str, Any]) -
         ({"heads_masked": ">= 1"}, "gates.heads_masked", "op0.heads_masked"),
         ({"efficacy": ">= 1"}, "gates.efficacy", "no part of this job"),
         ({"op1.heads_masked": ">= 1"}, "gates.op1.heads_masked", "does not exist"),
-        ({"op0.perplexity_ratio": "<= 2"}, "gates.op0.perplexity_ratio", "does not report"),
+        ({"op0.efficacy": ">= 1"}, "gates.op0.efficacy", "does not report"),
         ({"perplexity_ratoi": "<= 2"}, "gates.perplexity_ratoi", "perplexity_ratio"),
     ],
 )
@@ -160,3 +160,66 @@ def test_suite_is_stored_only_when_there_is_something_to_recheck(env: dict[str, 
     done = run(env, {"base": str(env["folder"]), "operations": [mask(["0.2"])]})
     assert own_suite(env["store"], done.version_id) is None
     assert torch.isfinite(torch.tensor(done.metrics["parameter_ratio"]))
+
+
+def test_one_operation_figures_are_the_job_figures(env: dict[str, Any]) -> None:
+    """In a one-operation job op0.X is X: one measurement with the spec's one protocol,
+    recorded in the stored suite."""
+    operation = {**rome(FACT), "evaluate_perplexity": True}
+    spec = {
+        "base": str(env["folder"]),
+        "operations": [operation],
+        "evaluation": {"perplexity_tokens": 64, "perplexity_window": 32},
+    }
+    done = run(env, spec)
+    assert done.state == "SUCCEEDED", done.error
+    for name in ("perplexity_ratio", "efficacy", "paraphrase", "locality", "probability_gain"):
+        assert done.metrics[f"op0.{name}"] == done.metrics[name], name
+    assert done.metrics["op0.perplexity_before"] == done.metrics["perplexity_base"]
+    suite = own_suite(env["store"], done.version_id)
+    assert suite is not None and suite.perplexity is not None
+    assert (suite.perplexity.tokens, suite.perplexity.window) == (64, 32)
+
+
+def test_a_one_operation_edit_scores_its_facts_twice(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before and after the edit, shared by the operation's figures and the job's."""
+    from modelsurgery.evaluation import measure
+
+    calls: list[int] = []
+    score = measure.score_facts
+
+    def counted(*args: Any) -> Any:
+        calls.append(len(args[3]))
+        return score(*args)
+
+    monkeypatch.setattr(measure, "score_facts", counted)
+    memit = {**rome(FACT), "method": "memit", "layers": [1]}
+    memit.pop("layer")
+    done = run(env, {"base": str(env["folder"]), "operations": [memit]})
+    assert done.state == "SUCCEEDED", done.error
+    assert "op0.efficacy" in done.metrics and "efficacy" in done.metrics
+    assert calls == [1, 1]
+
+
+def test_a_later_operation_is_measured_on_the_model_it_changed(env: dict[str, Any]) -> None:
+    """op1's figures compare the model after op0 with the model after op1."""
+    ops = [mask(["0.1"]), mask(["1.0"])]
+    gates = {"op1.perplexity_ratio": "> 0"}
+    done = run(env, {"base": str(env["folder"]), "operations": ops, "gates": gates})
+    assert done.state == "SUCCEEDED", done.error
+    m = done.metrics
+    assert "op0.perplexity_ratio" not in m
+    assert m["op1.perplexity_after"] == m["perplexity"]
+    assert m["op1.perplexity_before"] != m["perplexity_base"]
+    assert m["op1.perplexity_ratio"] == pytest.approx(
+        m["op1.perplexity_after"] / m["op1.perplexity_before"]
+    )
+
+
+def test_per_operation_perplexity_settings_point_to_the_job_protocol() -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec({"base": "b", "operations": [mask(["0.1"], perplexity_tokens=128)]})
+    assert error.value.field == "operations[0].perplexity_tokens"
+    assert "evaluation.perplexity_tokens" in str(error.value)

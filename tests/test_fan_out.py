@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from test_memit import FACTS
 from test_rome import QUICK, context
 
@@ -43,7 +43,7 @@ def reversed_fan_out(task, model, tokenizer, payloads, ctx):
 
 
 def targets_with(fan_out, tmp_path: Path, model=None) -> torch.Tensor:
-    model = model or build_tiny_llama(seed=3)
+    model = model or tiny_model("llama", seed=3)
     tok = build_tiny_tokenizer()
     config = memit_config()
     defaults = family_defaults(get_adapter(model).model_type)
@@ -88,7 +88,7 @@ def local_ray():
 
 
 def memit_weights(fan_out, tmp_path: Path, events: list) -> dict[str, torch.Tensor]:
-    model, tok = build_tiny_llama(seed=3), build_tiny_tokenizer()
+    model, tok = tiny_model("llama", seed=3), build_tiny_tokenizer()
     ctx = context(tmp_path, events)
     ctx.fan_out = fan_out
     result = get_method("memit").run(model, tok, memit_config(vstar_dtype="float32"), ctx)
@@ -114,7 +114,7 @@ def test_two_ray_helpers_give_the_single_worker_edit(local_ray, tmp_path: Path) 
 
 @pytest.mark.e2e
 def test_helpers_that_cannot_be_placed_leave_the_batches_here(local_ray, tmp_path: Path) -> None:
-    model = build_tiny_llama(seed=3)
+    model = tiny_model("llama", seed=3)
     unplaceable = RayFanOut(helpers=2, cpus_per_helper=64, start_timeout_s=2)
     torch.testing.assert_close(
         targets_with(unplaceable, tmp_path, copy.deepcopy(model)),

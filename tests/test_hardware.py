@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.models.hardware import describe, resolve_dtype
@@ -46,7 +46,7 @@ def test_prune_version_records_the_resolved_calibration_dtype(
 ) -> None:
     pretend_cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=False)
     folder = tmp_path / "tiny"
-    build_tiny_llama().save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
     build_tiny_tokenizer().save_pretrained(folder)
     data = tmp_path / "data"
     data.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.models import load
@@ -23,7 +23,7 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hub"
     repo = cache / "models--tiny-org--tiny-llama"
     snapshot = repo / "snapshots" / COMMIT
-    build_tiny_llama().save_pretrained(snapshot)
+    tiny_model("llama").save_pretrained(snapshot)
     build_tiny_tokenizer().save_pretrained(snapshot)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
@@ -51,7 +51,7 @@ def test_an_existing_local_folder_wins_over_the_hub(
     hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local = tmp_path / "work" / "tiny-org" / "tiny-llama"
-    build_tiny_llama().save_pretrained(local)
+    tiny_model("llama").save_pretrained(local)
     monkeypatch.chdir(tmp_path / "work")
     assert resolve_reference("tiny-org/tiny-llama").kind is SourceKind.FOLDER
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_mistral
+from conftest import tiny_model
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, MistralConfig
 
@@ -159,7 +159,7 @@ def test_probes_refuse_one_label() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_bake_equals_shift_at_the_projection_input(family: str, tiny_tokenizer) -> None:
-    model = build_tiny_llama(seed=1) if family == "llama" else build_tiny_gpt2(seed=1)
+    model = tiny_model(family, seed=1)
     adapter = get_adapter(model)
     generator = torch.Generator().manual_seed(2)
     shifts = {
@@ -202,7 +202,7 @@ def test_bake_equals_shift_at_the_projection_input(family: str, tiny_tokenizer) 
 
 
 def test_run_records_reloads_from_store_and_export(store, tiny_tokenizer, tmp_path: Path) -> None:
-    base = build_tiny_llama(seed=3)
+    base = tiny_model("llama", seed=3)
     version = store.import_model(base, tiny_tokenizer, reference="tiny")
     model = copy.deepcopy(base)
     method = get_method("iti")
@@ -280,7 +280,7 @@ def test_run_gpt2_pairs_file_probe_direction(tiny_gpt2, tiny_tokenizer, tmp_path
 
 
 def test_run_refuses_a_family_without_attention_output_bias(tiny_tokenizer, tmp_path) -> None:
-    mistral = build_tiny_mistral()
+    mistral = tiny_model("mistral")
     config = get_method("iti").config_class(records=RECORDS, evaluate_perplexity=False, top_k=2)
     with pytest.raises(ValueError, match="'mistral' models cannot have"):
         get_method("iti").run(mistral, tiny_tokenizer, config, context(tmp_path))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.server import job_table as jt
 
 
@@ -38,35 +39,42 @@ def test_submit_is_idempotent_per_request_id(table: jt.JobTable) -> None:
 
 def test_lifecycle_and_events(table: jt.JobTable) -> None:
     job = submit(table)
-    assert job.state == jt.QUEUED
+    assert job.state is JobState.QUEUED
     assert [e.message for e in table.events_after(job.id, 0)] == ["job queued"]
     table.mark_running(job.id)
     with pytest.raises(jt.StateConflict):
         table.mark_running(job.id)
     table.add_event(job.id, "progress", "step", {"step": 1})
-    done = table.finish(job.id, jt.SUCCEEDED, message="ok", version_id="v1", metrics={"m": 1.0})
+    done = table.finish(
+        job.id, JobState.SUCCEEDED, message="ok", version_id="v1", metrics={"m": 1.0}
+    )
     assert (done.state, done.version_id, done.metrics, done.attempts) == (
-        jt.SUCCEEDED,
+        JobState.SUCCEEDED,
         "v1",
         {"m": 1.0},
         1,
     )
     events = table.events_after(job.id, 0)
     assert [e.seq for e in events] == [1, 2, 3, 4]
-    assert [e.state for e in events] == [jt.QUEUED, jt.RUNNING, jt.RUNNING, jt.SUCCEEDED]
+    assert [e.state for e in events] == [
+        JobState.QUEUED,
+        JobState.RUNNING,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
+    ]
     assert table.events_after(job.id, 2)[0].seq == 3
-    assert table.finish(job.id, jt.FAILED, message="late").state == jt.SUCCEEDED
+    assert table.finish(job.id, JobState.FAILED, message="late").state == JobState.SUCCEEDED
 
 
 def test_cancel(table: jt.JobTable) -> None:
     queued = submit(table)
-    assert table.request_cancel(queued.id).state == jt.CANCELLED
+    assert table.request_cancel(queued.id).state == JobState.CANCELLED
     with pytest.raises(jt.StateConflict):
         table.request_cancel(queued.id)
     running = submit(table)
     table.mark_running(running.id)
     flagged = table.request_cancel(running.id)
-    assert flagged.state == jt.RUNNING and flagged.cancel_requested
+    assert flagged.state == JobState.RUNNING and flagged.cancel_requested
     assert table.next_queued() is None
 
 
@@ -87,10 +95,13 @@ def test_a_server_that_lost_its_lease_cannot_record_a_result(table: jt.JobTable)
     table.mark_running(job.id, "a", lease_seconds=-1)
     table.claim_abandoned("b", 30, lambda owner: False)
     with pytest.raises(jt.LeaseLost):
-        table.finish(job.id, jt.SUCCEEDED, message="late", version_id="v1", owner="a")
+        table.finish(job.id, JobState.SUCCEEDED, message="late", version_id="v1", owner="a")
     with pytest.raises(jt.LeaseLost):
         table.requeue(job.id, "retry", owner="a")
-    assert table.finish(job.id, jt.FAILED, message="b decides", owner="b").state == jt.FAILED
+    assert (
+        table.finish(job.id, JobState.FAILED, message="b decides", owner="b").state
+        == JobState.FAILED
+    )
 
 
 def test_renewal_extends_the_lease_and_reports_cancellations(table: jt.JobTable) -> None:
@@ -109,47 +120,50 @@ def test_requeue_on_stop_gives_the_attempt_back(table: jt.JobTable) -> None:
     table.mark_running(job.id, "a", lease_seconds=30)
     assert table.running_of("a") == [job.id]
     queued = table.requeue(job.id, "server stopped", owner="a", count_attempt=False)
-    assert (queued.state, queued.attempts, queued.lease_owner) == (jt.QUEUED, 0, "")
+    assert (queued.state, queued.attempts, queued.lease_owner) == (JobState.QUEUED, 0, "")
     assert table.running_of("a") == []
 
 
 def test_retention_deletes_old_finished_jobs_with_their_events(table: jt.JobTable) -> None:
     old, running = submit(table), submit(table)
     table.mark_running(old.id)
-    table.finish(old.id, jt.SUCCEEDED, message="ok")
+    table.finish(old.id, JobState.SUCCEEDED, message="ok")
     table.mark_running(running.id)
     assert table.delete_finished(before=0) == 0
     assert table.delete_finished(before=time.time() + 1) == 1
     with pytest.raises(KeyError):
         table.get(old.id)
     assert table.events_after(old.id, 0) == []
-    assert table.state_of(running.id) == jt.RUNNING
+    assert table.state_of(running.id) is JobState.RUNNING
     assert table.event_count(running.id) == 2
 
 
 def test_list_filters_and_pages(table: jt.JobTable) -> None:
     jobs = [submit(table) for _ in range(5)]
     table.mark_running(jobs[0].id)
-    assert [j.id for j in table.list(states=(jt.QUEUED,), limit=2)] == [jobs[1].id, jobs[2].id]
+    assert [j.id for j in table.list(states=(JobState.QUEUED,), limit=2)] == [
+        jobs[1].id,
+        jobs[2].id,
+    ]
     assert [j.id for j in table.list(limit=2, offset=4)] == [jobs[4].id]
-    assert table.count_by_state()[jt.QUEUED] == 4
+    assert table.count_by_state()[JobState.QUEUED] == 4
     assert table.queued_count("alice") == 5
 
 
-@pytest.mark.parametrize("ending", [jt.FAILED, jt.CANCELLED])
+@pytest.mark.parametrize("ending", [JobState.FAILED, JobState.CANCELLED])
 def test_request_id_reruns_a_failed_or_cancelled_job(table: jt.JobTable, ending: str) -> None:
     first = submit(table, "ci-run")
-    if ending == jt.CANCELLED:
+    if ending == JobState.CANCELLED:
         table.request_cancel(first.id)
     else:
         table.mark_running(first.id)
-        table.finish(first.id, jt.FAILED, message="gates failed", error="gate")
+        table.finish(first.id, JobState.FAILED, message="gates failed", error="gate")
     second, created = table.submit(
         request_id="ci-run", caller="alice", spec={"base": "x"}, fingerprint="f1"
     )
     assert created and second.id != first.id
     assert (second.state, second.request_id, second.previous_attempt) == (
-        jt.QUEUED,
+        JobState.QUEUED,
         "ci-run",
         first.id,
     )
@@ -166,7 +180,7 @@ def test_request_id_reuses_a_queued_running_or_succeeded_job(table: jt.JobTable)
     assert submit(table, "ci-run").id == job.id
     table.mark_running(job.id)
     assert submit(table, "ci-run").id == job.id
-    table.finish(job.id, jt.SUCCEEDED, message="ok", version_id="v1")
+    table.finish(job.id, JobState.SUCCEEDED, message="ok", version_id="v1")
     again, created = table.submit(
         request_id="ci-run", caller="alice", spec={"base": "x"}, fingerprint="f1"
     )
@@ -203,5 +217,5 @@ def test_database_without_previous_attempt_column_is_migrated(tmp_path: Path) ->
         table.close()
     table = jt.JobTable(path)
     rerun = submit(table, "ci-run")
-    assert rerun.previous_attempt == "job-old" and table.get("job-old").state == jt.FAILED
+    assert rerun.previous_attempt == "job-old" and table.get("job-old").state == JobState.FAILED
     table.close()

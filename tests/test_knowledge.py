@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from pydantic import ValidationError
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from modelsurgery.editing.data import DATA_ENV, shared_data_dir
 from modelsurgery.editing.knowledge import Fact, StatsSettings, second_moments
@@ -76,45 +68,18 @@ CORPUS_WORDS = [
 ]
 
 
-def build_tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=128,
-    )
-    return GPTNeoXForCausalLM(config).eval()
-
-
 def build_editable(family: str, seed: int = 0, layers: int = 4) -> torch.nn.Module:
     """A 4-layer model with larger initial weights than HF's default 0.02, so an edit at an
     early layer can move the next-token distribution measurably."""
-    torch.manual_seed(seed)
-    common = {"vocab_size": 128, "initializer_range": 0.1}
-    if family == "llama":
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        return LlamaForCausalLM(config).eval()
-    if family == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **common)
-        return GPT2LMHeadModel(config).eval()
-    config = GPTNeoXConfig(
-        hidden_size=64,
-        intermediate_size=128,
+    positions = 128 if family == "gpt2" else 2048
+    return tiny_model(
+        family,
+        seed=seed,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        **common,
+        initializer_range=0.1,
+        max_position_embeddings=positions,
+        pad_token_id=None,
     )
-    return GPTNeoXForCausalLM(config).eval()
 
 
 def write_corpus(root: Path, words: int = 6000, seed: int = 0) -> Path:
@@ -166,9 +131,9 @@ def test_subject_last_token_and_answer_positions() -> None:
     assert tk.subject_last_token(tok, "france . the capital of france", "france", 3) == 5
 
 
-@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_gpt2, build_tiny_neox])
-def test_suffix_run_matches_full_forward(builder) -> None:
-    model = builder()
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_suffix_run_matches_full_forward(family: str) -> None:
+    model = tiny_model(family)
     adapter = get_adapter(model)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 3, 3, 3]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
@@ -184,10 +149,10 @@ def test_suffix_run_matches_full_forward(builder) -> None:
     torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_gpt2, build_tiny_neox])
-def test_cached_prefix_tail_matches_full_forward(builder) -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_cached_prefix_tail_matches_full_forward(family: str) -> None:
     """Left-aligned lookups + KV-cached prefix + suffix layers == the plain full forward."""
-    model = builder()
+    model = tiny_model(family)
     adapter = get_adapter(model)
     seqs = [
         tk.Sequence(ids=[5, 6, 7, 8, 9, 10, 11], lookup=4),
@@ -207,7 +172,7 @@ def test_cached_prefix_tail_matches_full_forward(builder) -> None:
 
 
 def test_suffix_run_skips_prefix_layers() -> None:
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     adapter = get_adapter(model)
     calls: list[int] = []
     for i in range(2):
@@ -225,7 +190,7 @@ def test_suffix_run_skips_prefix_layers() -> None:
 def test_statistics_cached_per_key_digest_and_layer(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "data"))
     write_corpus(tmp_path / "data")
-    model, tok = build_tiny_llama(), build_tiny_tokenizer()
+    model, tok = tiny_model("llama"), build_tiny_tokenizer()
     adapter = get_adapter(model)
     events: list[dict] = []
     context = MethodContext(model_digest="d1", cache_dir=tmp_path / "cache", report=events.append)
@@ -262,7 +227,7 @@ def test_statistics_cached_per_key_digest_and_layer(tmp_path: Path, monkeypatch)
 def test_statistics_match_direct_computation(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "data"))
     write_corpus(tmp_path / "data")
-    model, tok = build_tiny_gpt2(), build_tiny_tokenizer()
+    model, tok = tiny_model("gpt2"), build_tiny_tokenizer()
     adapter = get_adapter(model)
     context = MethodContext(model_digest="g", cache_dir=tmp_path / "cache")
     settings = StatsSettings(samples=4, window=16, batch_size=3)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from conftest import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from modelsurgery.checkpoints import CheckpointStore
@@ -40,17 +41,8 @@ def _tokenizer() -> tf.PreTrainedTokenizerBase:
 
 
 def _llama() -> tf.PreTrainedModel:
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=True,
-    )
-    return tf.AutoModelForCausalLM.from_config(config).eval()
+    dims = {"hidden_size": 32, "intermediate_size": 64, "vocab_size": VOCAB}
+    return tiny_model("llama", **dims, tie_word_embeddings=True, pad_token_id=None)
 
 
 @pytest.fixture(scope="module")
@@ -384,10 +376,9 @@ def test_load_child_version_with_changed_shapes(
 
 
 def test_load_stored_gpt2_keeps_tied_head(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB))
+    model = tiny_model("gpt2", n_embd=32, n_positions=1024, vocab_size=VOCAB)
     store = CheckpointStore(tmp_path / "store")
-    version_id = store.import_model(model.eval(), _tokenizer(), reference="tiny-gpt2").id
+    version_id = store.import_model(model, _tokenizer(), reference="tiny-gpt2").id
     loaded = load(version_id, store=store)
     assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight
     assert loaded.digest == model_digest(model)

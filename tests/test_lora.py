@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from peft import PeftModel
 from pydantic import ValidationError
 from test_knowledge import build_editable, write_corpus
@@ -76,7 +76,7 @@ def test_config_errors_name_the_field(fields: dict[str, Any], field: str) -> Non
 
 
 def test_targets_are_checked_against_the_model_config() -> None:
-    config = build_tiny_llama().config
+    config = tiny_model("llama").config
     LoraEditConfig(facts=[FACT], target_modules=["q_proj", "down_proj"]).check_against(config)
     with pytest.raises(ValueError, match=r"^target_modules\[1\]: 'c_attn'"):
         LoraEditConfig(facts=[FACT], target_modules=["q_proj", "c_attn"]).check_against(config)
@@ -85,7 +85,7 @@ def test_targets_are_checked_against_the_model_config() -> None:
 
 
 def test_unmerged_lora_is_a_leaf_and_runs_last() -> None:
-    config = build_tiny_llama().config
+    config = tiny_model("llama").config
     merged = LoraEditConfig(examples=EXAMPLES)
     adapter = LoraEditConfig(examples=EXAMPLES, merge=False)
     mask = MaskHeadsConfig(heads=["0.1"])
@@ -98,7 +98,7 @@ def test_unmerged_lora_is_a_leaf_and_runs_last() -> None:
 
 # --- merged ------------------------------------------------------------------------------
 def test_merged_facts_edit_changes_only_the_targets_and_is_seeded(tmp_path: Path) -> None:
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fields = {"facts": [FACT], "target_modules": ["down_proj"], "layers": [0], "epochs": 4}
     result = run_lora(model, tmp_path, **fields)
@@ -112,12 +112,12 @@ def test_merged_facts_edit_changes_only_the_targets_and_is_seeded(tmp_path: Path
     assert result.suite["facts"][0]["target_new"] == "japanese"
     assert result.resolved["lr"] == 1e-3 and "epochs" not in result.resolved
     assert result.resolved["train_dtype"] in {"float32", "bfloat16"}
-    again = run_lora(build_tiny_llama(), tmp_path, **fields)
+    again = run_lora(tiny_model("llama"), tmp_path, **fields)
     assert torch.equal(again.changed[moved[0]], result.changed[moved[0]])
 
 
 def test_fact_edits_default_to_the_mlp_outputs_of_the_memit_layers(tmp_path: Path) -> None:
-    result = run_lora(build_tiny_llama(), tmp_path, facts=[FACT], epochs=1)
+    result = run_lora(tiny_model("llama"), tmp_path, facts=[FACT], epochs=1)
     assert result.resolved["target_modules"] == ["down_proj"]
     assert result.resolved["layers"] == [0, 1]
     assert sorted(result.changed) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
@@ -125,12 +125,12 @@ def test_fact_edits_default_to_the_mlp_outputs_of_the_memit_layers(tmp_path: Pat
 
 
 def test_kl_term_keeps_the_kl_prompts_closer_to_the_base(tmp_path: Path) -> None:
-    base = build_tiny_llama()
+    base = tiny_model("llama")
     tokenizer = build_tiny_tokenizer()
     probe = tokenizer(["he speaks one two", "red blue green big"], return_tensors="pt").input_ids
 
     def drift(kl_factor: float) -> float:
-        model = build_tiny_llama()
+        model = tiny_model("llama")
         fields = {"facts": [FACT], "kl_prompts": ["he speaks one two", "red blue green big"]}
         run_lora(model, tmp_path, **fields, kl_factor=kl_factor, epochs=6, lr=0.02)
         with torch.no_grad():
@@ -143,10 +143,10 @@ def test_kl_term_keeps_the_kl_prompts_closer_to_the_base(tmp_path: Path) -> None
 
 def test_merge_equals_the_unmerged_adapter_on_gpt2_conv1d(tmp_path: Path) -> None:
     fields = {"examples": EXAMPLES, "epochs": 3, "lr": 0.02, "train_dtype": "float32"}
-    merged_model = build_tiny_gpt2()
+    merged_model = tiny_model("gpt2")
     merged = run_lora(merged_model, tmp_path, **fields)
     assert any(name.endswith("attn.c_attn.weight") for name in merged.changed)
-    adapter_model = build_tiny_gpt2()
+    adapter_model = tiny_model("gpt2")
     adapter = run_lora(adapter_model, tmp_path, **fields, merge=False)
     with attach_adapter(adapter_model, adapter.artifacts):
         hooked = logits(adapter_model)
@@ -157,7 +157,7 @@ def test_merge_equals_the_unmerged_adapter_on_gpt2_conv1d(tmp_path: Path) -> Non
 def test_unmerged_adapter_leaves_the_model_and_attaches_through_the_seam(
     tmp_path: Path,
 ) -> None:
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     plain = logits(model)
     result = run_lora(model, tmp_path, examples=EXAMPLES, merge=False, lr=0.05)
     assert result.changed == {}
@@ -178,7 +178,7 @@ def test_unmerged_adapter_leaves_the_model_and_attaches_through_the_seam(
 def test_exported_adapter_loads_with_peft_as_our_loader_applies_it(
     tmp_path: Path, store: CheckpointStore
 ) -> None:
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     root = store.import_model(model, build_tiny_tokenizer(), reference="tiny-llama")
     result = run_lora(model, tmp_path, examples=EXAMPLES, merge=False, lr=0.05)
     version = store.commit(
@@ -199,7 +199,7 @@ def test_exported_adapter_loads_with_peft_as_our_loader_applies_it(
 
 
 def test_cancelled_training_restores_the_model(tmp_path: Path) -> None:
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     plain = logits(model)
     steps: list[int] = []
     ctx = context(
@@ -230,11 +230,11 @@ def test_text_objective_reads_data_roots_and_shared_data(
     ctx = context(tmp_path, data_roots=(root,))
     common = {**QUICK, "text_samples": 4, "text_window": 8, "target_modules": ["q_proj"]}
     for text in ("notes.jsonl", "wikitext-2/valid.tokens"):
-        result = run(build_tiny_llama(), tokenizer, LoraEditConfig(text=text, **common), ctx)
+        result = run(tiny_model("llama"), tokenizer, LoraEditConfig(text=text, **common), ctx)
         assert result.metrics["train_steps"] == 1
     for text in (str(tmp_path / "outside.txt"), "../outside.txt", "missing.txt"):
         with pytest.raises(ValueError, match=r"^text: "):
-            run(build_tiny_llama(), tokenizer, LoraEditConfig(text=text, **common), ctx)
+            run(tiny_model("llama"), tokenizer, LoraEditConfig(text=text, **common), ctx)
 
 
 @pytest.fixture

@@ -3,40 +3,22 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from pydantic import ValidationError
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import modelsurgery.editing.mask_heads  # noqa: F401  (registers the method)
 from modelsurgery.editing.registry import MethodContext, get_method
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.digest import persistent_state_dict
 
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    return GPT2LMHeadModel(config).eval()
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+# MODELS[family]() builds a fresh seeded model with 64 positions and no pad id.
+TINY = {"max_position_embeddings": 64, "pad_token_id": None}
+MODELS = {family: partial(tiny_model, family, **TINY) for family in ("llama", "gpt2")}
 
 
 def context(tmp_path: Path) -> MethodContext:
@@ -107,7 +89,7 @@ def test_only_masked_columns_change(family: str, tmp_path: Path) -> None:
 
 def test_gqa_masks_one_query_head_not_its_kv_group(tmp_path: Path) -> None:
     """Heads 0 and 1 share KV head 0; masking head 0 must leave head 1's output intact."""
-    model = tiny_llama()
+    model = MODELS["llama"]()
     adapter = get_adapter(model)
     assert adapter.kv_group(0) == adapter.kv_group(1)
     method = get_method("mask_heads")
@@ -132,11 +114,11 @@ def test_config_rejects_bad_heads() -> None:
 
 def test_check_against_names_the_field() -> None:
     config_class = get_method("mask_heads").config_class
-    model_config = tiny_llama().config
+    model_config = MODELS["llama"]().config
     config_class(heads=["1.3"]).check_against(model_config)
     with pytest.raises(ValueError, match=r"^heads\[1\]: head 4 out of range \(model has 4 heads\)"):
         config_class(heads=["0.0", "1.4"]).check_against(model_config)
     with pytest.raises(ValueError, match=r"^heads\[0\]: layer 2 out of range \(model has 2 "):
         config_class(heads=["2.0"]).check_against(model_config)
     with pytest.raises(ValueError, match=r"^heads\[0\]: head 4 out of range"):
-        config_class(heads=["0.4"]).check_against(tiny_gpt2().config)
+        config_class(heads=["0.4"]).check_against(MODELS["gpt2"]().config)

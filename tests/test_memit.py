@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from test_knowledge import build_editable
 from test_rome import FACT, QUICK, context
 from test_rome import data_dir as data_dir
 
 from modelsurgery.editing import memit
-from modelsurgery.editing.knowledge.evaluate import answer_scores
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.registry import get_method
+from modelsurgery.evaluation.facts import answer_scores
 from modelsurgery.models.adapters import get_adapter
 
 FACTS = [
@@ -92,7 +92,7 @@ def test_update_solves_normal_equations() -> None:
 
 
 def test_layers_validation_names_the_field() -> None:
-    llama = build_tiny_llama().config
+    llama = tiny_model("llama").config
     with pytest.raises(ValueError, match=r"^layers\[1\]: layer 9 out of range"):
         memit.MemitConfig(facts=FACTS, layers=[1, 9]).check_against(llama)
     with pytest.raises(ValueError, match=r"layers\[1\]: layers must be strictly ascending"):

@@ -33,6 +33,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from modelsurgery.client import Client
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.auth import BearerTokenInterceptor, Caller, Role
 from modelsurgery.server.logs import JsonFormatter, native_record, native_threshold
@@ -83,7 +84,7 @@ def test_job_gauges_are_read_from_the_table_at_scrape(
     assert sample(registry, "modelsurgery_jobs", state="QUEUED") == 1
     assert sample(registry, "modelsurgery_queue_depth") == 1
 
-    table.finish(first.id, jt.SUCCEEDED, message="done")
+    table.finish(first.id, JobState.SUCCEEDED, message="done")
     table.mark_running(second.id)
     table.add_event(second.id, "progress", "step 1")
     assert sample(registry, "modelsurgery_jobs", state="RUNNING") == 1

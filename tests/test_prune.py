@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-)
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.checkpoints.sparse import MIN_ELEMENTS, SPARSE_BITMASK
@@ -34,71 +26,20 @@ from modelsurgery.pruning.prune import prune_model
 VOCAB = 128
 
 
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
+def tiny(family: str) -> nn.Module:
+    """64 positions, bos = eos = 0 and no pad id (OPT's is 1); GPT-2 gets non-zero biases."""
+    pad = 1 if family == "opt" else None
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": pad}
+    model = tiny_model(family, max_position_embeddings=64, **ids)
+    if family == "gpt2":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
     return model
 
 
-def tiny_opt() -> nn.Module:
-    torch.manual_seed(0)
-    config = OPTConfig(
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        word_embed_proj_dim=64,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
-    )
-    return OPTForCausalLM(config).eval()
-
-
-def tiny_neox() -> nn.Module:
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPTNeoXForCausalLM(config).eval()
-
-
-FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt, "neox": tiny_neox}
+FAMILIES = {family: partial(tiny, family) for family in ("llama", "gpt2", "opt", "gpt_neox")}
 
 
 @pytest.fixture
@@ -175,7 +116,7 @@ def test_structured_forward_equals_masked_dense(family: str, score: str, context
 
 def test_structured_scores_prefer_active_neurons(context) -> None:
     """A neuron whose down column is zero contributes nothing and is removed first."""
-    model = tiny_llama()
+    model = tiny("llama")
     with torch.no_grad():
         get_adapter(model).mlp_out(0).weight[:, :32] = 0
     result = prune_model(model, config(kind="structured", ratio=0.25), calib_ids(), context)
@@ -258,7 +199,7 @@ def test_unstructured_sparsity_exact_per_row(family: str, score: str, context) -
 
 def test_wanda_removes_lowest_weight_times_input_norm(context) -> None:
     """Layer 0's q_proj sees the dense model's normed embeddings: its mask follows from them."""
-    model = tiny_llama()
+    model = tiny("llama")
     ids = calib_ids()
     seen: list[torch.Tensor] = []
     q_proj = get_adapter(model).attn_qkv(0)["q"]
@@ -297,7 +238,7 @@ def test_structured_export_reloads_with_from_pretrained(family: str, context, tm
 
 
 def test_nm_export_reloads_dense(context, tmp_path) -> None:
-    model = tiny_llama()
+    model = tiny("llama")
     prune_model(model, config(kind="nm"), calib_ids(), context)
     reloaded = _save_and_reload(model, tmp_path / "export")
     ids = calib_ids(2, 16)
@@ -306,7 +247,7 @@ def test_nm_export_reloads_dense(context, tmp_path) -> None:
 
 @pytest.mark.parametrize("kind", ["unstructured", "nm"])
 def test_sparse_result_is_stored_compactly_and_exports_dense(kind, context, tmp_path) -> None:
-    model = tiny_llama()
+    model = tiny("llama")
     store = CheckpointStore(tmp_path / "store")
     base = store.import_model(model, None, reference="tiny")
     result = prune_model(model, config(kind=kind, ratio=0.5), calib_ids(), context)
@@ -322,7 +263,7 @@ def test_sparse_result_is_stored_compactly_and_exports_dense(kind, context, tmp_
 
 
 def test_non_uniform_widths_load_through_apply_pruned_config(context, tmp_path) -> None:
-    model = tiny_llama()
+    model = tiny("llama")
     result = prune_model(
         model,
         config(
@@ -355,7 +296,7 @@ def test_non_uniform_widths_load_through_apply_pruned_config(context, tmp_path) 
 
 
 def test_head_pruning_gqa_shapes(context) -> None:
-    model = tiny_llama()
+    model = tiny("llama")
     prune_model(model, config(kind="structured", ratio=0.1, prune_heads=0.5), calib_ids(), context)
     adapter = get_adapter(model)
     for i in range(adapter.num_layers):

@@ -8,23 +8,16 @@ import string
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_config, tiny_model
 from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from modelsurgery.editing.registry import MethodContext, get_method
 from modelsurgery.pruning import prune as prune_module
 from modelsurgery.pruning.config import PruneConfig
 
-LLAMA = LlamaConfig(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
+LLAMA = tiny_config("llama")
 
 
 def check(fields: dict[str, object], model_config: object = LLAMA) -> str:
@@ -76,8 +69,7 @@ def test_valid_configs_pass() -> None:
 
 
 def test_head_pruning_rejected_for_fused_qkv() -> None:
-    gpt2 = GPT2Config(n_embd=64, n_layer=2, n_head=4)
-    assert check({"kind": "structured", "prune_heads": 1}, gpt2).startswith(
+    assert check({"kind": "structured", "prune_heads": 1}, tiny_config("gpt2")).startswith(
         "prune_heads: head pruning is not supported for model type 'gpt2'"
     )
 
@@ -104,8 +96,7 @@ def data_root(tmp_path: Path) -> Path:
 
 def test_registered_run_uses_jsonl_under_data_roots(data_root: Path, tmp_path: Path) -> None:
     assert get_method("prune").run is prune_module.run
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LLAMA).eval()
+    model = tiny_model("llama")
     events: list[dict[str, object]] = []
     context = MethodContext(
         model_digest="t", cache_dir=tmp_path, data_roots=(data_root,), report=events.append
@@ -128,7 +119,7 @@ def test_registered_run_uses_jsonl_under_data_roots(data_root: Path, tmp_path: P
 def test_calibration_data_outside_roots_is_rejected(data_root: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside.jsonl"
     outside.write_text(json.dumps({"text": "x" * 100}), encoding="utf-8")
-    model = LlamaForCausalLM(LLAMA).eval()
+    model = tiny_model("llama")
     context = MethodContext(model_digest="t", cache_dir=tmp_path, data_roots=(data_root,))
     for path in (str(outside), "../outside.jsonl"):
         config = PruneConfig(calibration_data=path, evaluate_perplexity=False)

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from pydantic import ValidationError
 from safetensors.torch import load as safetensors_load
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import (
-    DynamicCache,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import DynamicCache, PreTrainedTokenizerFast
 
 import modelsurgery.editing.reft  # noqa: F401  (registers the method)
 from modelsurgery.editing.reft import (
@@ -40,28 +35,13 @@ from modelsurgery.models.decoding import past_length
 VOCAB = 128
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        initializer_range=0.1,  # a 2-layer model at 0.02 can barely move its logits
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128)
-    return GPT2LMHeadModel(config).eval()
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+# No pad id; GPT-2 never stops at an eos (its default, 50256, is outside VOCAB); Llama with
+# larger initial weights: a 2-layer model at 0.02 can barely move its logits.
+MODELS = {
+    "llama": partial(tiny_model, "llama", pad_token_id=None, initializer_range=0.1),
+    "gpt2": partial(tiny_model, "gpt2", pad_token_id=None, eos_token_id=None),
+}
+tiny_llama = MODELS["llama"]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

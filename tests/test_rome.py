@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from pydantic import ValidationError
 from test_knowledge import build_editable, write_corpus
 
 from modelsurgery.editing import rome
 from modelsurgery.editing.data import DATA_ENV
-from modelsurgery.editing.knowledge.evaluate import answer_scores
 from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
+from modelsurgery.evaluation.facts import answer_scores
 from modelsurgery.models.adapters import get_adapter
 
 FACT = {
@@ -108,19 +108,19 @@ def test_sequential_facts_and_edited_model(data_dir: Path) -> None:
 
 
 def test_statistics_reused_by_second_job(data_dir: Path) -> None:
-    model, tok = build_tiny_llama(), build_tiny_tokenizer()
+    model, tok = tiny_model("llama"), build_tiny_tokenizer()
     events: list[dict] = []
     config = rome.RomeConfig(facts=[FACT], layer=1, evaluate=False, **QUICK)
     rome.run(model, tok, config, context(data_dir, events))
     assert any(e["message"].endswith("computing") for e in events)
     events.clear()
-    rome.run(build_tiny_llama(), tok, config, context(data_dir, events))
+    rome.run(tiny_model("llama"), tok, config, context(data_dir, events))
     assert not any(e["message"].endswith("computing") for e in events)
     assert any(e["message"].endswith("cache hit") for e in events)
 
 
 def test_config_errors_name_the_field() -> None:
-    llama = build_tiny_llama().config
+    llama = tiny_model("llama").config
     with pytest.raises(ValueError, match=r"^layer: layer 5 out of range \(model has 2 layers\)"):
         rome.RomeConfig(facts=[FACT], layer=5).check_against(llama)
     with pytest.raises(ValidationError) as info:
@@ -134,7 +134,7 @@ def test_config_errors_name_the_field() -> None:
 
 
 def test_cancellation_stops_the_edit(data_dir: Path) -> None:
-    model, tok = build_tiny_llama(), build_tiny_tokenizer()
+    model, tok = tiny_model("llama"), build_tiny_tokenizer()
     ctx = context(data_dir)
     ctx.is_cancelled = lambda: True
     original = get_adapter(model).mlp_out(1).weight.detach().clone()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_mistral
+from conftest import tiny_model
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
@@ -64,9 +65,9 @@ def test_check_against_layers_and_bake(tiny_llama) -> None:
     with pytest.raises(ValueError, match=r"^layers\[0\]: layer 7 out of range"):
         config(layers=[7]).check_against(tiny_llama.config)
     with pytest.raises(ValueError, match=r"^bake: mistral has no MLP output bias"):
-        config(bake=True).check_against(build_tiny_mistral().config)
+        config(bake=True).check_against(tiny_model("mistral").config)
     assert config().bakes(tiny_llama.config) and not config().leaves_hooks(tiny_llama.config)
-    assert config().leaves_hooks(build_tiny_mistral().config)
+    assert config().leaves_hooks(tiny_model("mistral").config)
     assert config(positions="generated").leaves_hooks(tiny_llama.config)
     assert config(layers=None).layer_indices(tiny_llama.config) == [0]
 
@@ -76,7 +77,7 @@ def steered(builder, tokenizer, tmp_path: Path, **overrides: object):
     return model, get_method("steer").run(model, tokenizer, config(**overrides), context(tmp_path))
 
 
-@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_gpt2])
+@pytest.mark.parametrize("builder", [partial(tiny_model, "llama"), partial(tiny_model, "gpt2")])
 def test_baked_bias_equals_the_hook(builder, tiny_tokenizer, tmp_path) -> None:
     baked_model, baked = steered(builder, tiny_tokenizer, tmp_path)
     hooked_model, hooked = steered(builder, tiny_tokenizer, tmp_path, bake=False)
@@ -110,7 +111,7 @@ def test_llama_bake_sets_the_flag_and_stores_every_new_bias(tiny_llama, tiny_tok
 
 
 def test_baked_version_exports_to_plain_transformers(store, tiny_tokenizer, tmp_path) -> None:
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     base = store.import_model(model, tiny_tokenizer, reference="tiny")
     result = get_method("steer").run(model, tiny_tokenizer, config(), context(tmp_path))
     version = store.commit(
@@ -129,7 +130,7 @@ def test_baked_version_exports_to_plain_transformers(store, tiny_tokenizer, tmp_
 
 
 def test_hook_version_loads_with_its_vectors(store, tiny_tokenizer, tmp_path) -> None:
-    model = build_tiny_mistral()
+    model = tiny_model("mistral")
     base = store.import_model(model, tiny_tokenizer, reference="tiny-mistral")
     result = get_method("steer").run(model, tiny_tokenizer, config(), context(tmp_path))
     assert result.metrics["baked"] == 0.0
@@ -151,7 +152,7 @@ def test_hook_version_loads_with_its_vectors(store, tiny_tokenizer, tmp_path) ->
 
 
 def test_generated_positions_leave_the_prompt_alone(tiny_tokenizer) -> None:
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     steering = SteeringVectors([0], torch.full((1, 64), 0.5), positions="generated")
     prompt = ids(tiny_tokenizer)
     with torch.no_grad():
@@ -172,7 +173,7 @@ def test_generated_positions_leave_the_prompt_alone(tiny_tokenizer) -> None:
 
 def test_generated_positions_with_left_padding(tiny_tokenizer) -> None:
     """A left-padded row is steered at its own last token, like the same prompt alone."""
-    model = build_tiny_llama()
+    model = tiny_model("llama")
     steering = SteeringVectors([1], torch.full((1, 64), 0.5), positions="generated")
     short = tiny_tokenizer("hi").input_ids
     long = tiny_tokenizer(PROMPT).input_ids
@@ -194,9 +195,9 @@ def test_pairs_file_under_data_roots(tiny_tokenizer, tmp_path) -> None:
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     cfg = config(pairs=None, pairs_file="pairs.jsonl")
     ctx = MethodContext(model_digest="t", cache_dir=tmp_path, data_roots=(root,))
-    result = get_method("steer").run(build_tiny_llama(), tiny_tokenizer, cfg, ctx)
+    result = get_method("steer").run(tiny_model("llama"), tiny_tokenizer, cfg, ctx)
     assert result.metrics["pairs_fitted"] == 3.0
     with pytest.raises(ValueError, match="pairs_file"):
         get_method("steer").run(
-            build_tiny_llama(), tiny_tokenizer, config(pairs=None, pairs_file="../x.jsonl"), ctx
+            tiny_model("llama"), tiny_tokenizer, config(pairs=None, pairs_file="../x.jsonl"), ctx
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import tiny_model
 
 from modelsurgery.checkpoints import (
     AliasConflictError,
@@ -56,10 +56,10 @@ def test_import_stores_every_tensor_config_and_tokenizer(store, tiny_llama, base
 
 def test_import_is_idempotent_and_writes_nothing_new(store, tiny_tokenizer, base):
     before = store_files(store.root)
-    again = store.import_model(build_tiny_llama(), tiny_tokenizer, reference="again")
+    again = store.import_model(tiny_model("llama"), tiny_tokenizer, reference="again")
     assert again.id == base.id
     assert store_files(store.root) == before
-    other = store.import_model(build_tiny_llama(seed=1), tiny_tokenizer, reference="other")
+    other = store.import_model(tiny_model("llama", seed=1), tiny_tokenizer, reference="other")
     assert other.id != base.id
 
 

@@ -7,8 +7,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from modelsurgery.editing.contrast import PairsSource, TextPair
+from modelsurgery.editing.knowledge.config import layer_count
 from modelsurgery.editing.mask_heads import config_sizes
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.registry import MethodConfig
 from modelsurgery.evaluation.metrics import PAIRS
 from modelsurgery.proto import limits
 
@@ -65,7 +66,7 @@ class AblateDirectionConfig(MethodConfig):
         removes less of the dev bias than zero fill does there.
     calibration_windows / calibration_window: the calibration text of ``fill: "mean"``.
     seed: the held-out split and the calibration windows. batch_size: texts per forward pass.
-    evaluate_perplexity / perplexity_max_tokens: WikiText-2 test perplexity before and after.
+    evaluate_perplexity: WikiText-2 test perplexity before and after (the job's protocol).
 
     Metrics: ``pairs_fit``, ``pairs_heldout`` (contrast pairs), ``direction_norm`` (length of
     the raw contrast direction before normalising), ``projection_before`` (held-out texts'
@@ -94,7 +95,6 @@ class AblateDirectionConfig(MethodConfig):
     seed: int = 0
     batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     @model_validator(mode="after")
     def _one_source(self) -> AblateDirectionConfig:
@@ -118,6 +118,10 @@ class AblateDirectionConfig(MethodConfig):
     def resolved_layer(self, num_layers: int) -> int:
         return self.layer if self.layer is not None else round(DEFAULT_DEPTH * (num_layers - 1))
 
+    def resolved(self, model_config: Any) -> AblateDirectionConfig:
+        """The layer d is read at, as ``run`` picks it."""
+        return self.model_copy(update={"layer": self.resolved_layer(layer_count(model_config))})
+
     def metric_names(self) -> set[str]:
         names = {"pairs_fit", "pairs_heldout", "direction_norm", "fill_at_layer"}
         names |= {f"{m}_{w}" for m in ("projection", "separation") for w in ("before", "after")}
@@ -126,7 +130,7 @@ class AblateDirectionConfig(MethodConfig):
             names |= {
                 f"{m}_{w}" for m in ("stereotype_share", "bias_gap") for w in ("before", "after")
             }
-        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+        return names
 
     def check_against(self, model_config: Any) -> None:
         from modelsurgery.editing.ablate_direction.orthogonalize import unsupported_reason

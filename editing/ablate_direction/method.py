@@ -20,7 +20,6 @@ from modelsurgery.editing.contrast import (
 from modelsurgery.editing.contrast.activations import TokenChoice
 from modelsurgery.editing.contrast.directions import Aggregate
 from modelsurgery.editing.data import calibration_windows
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.editing.stereotypes.metrics import bias_metrics, tokenize_pairs
 from modelsurgery.evaluation.metrics import PAIRS
@@ -96,9 +95,6 @@ def run(
         raise ValueError("pairs: the positive and negative texts give the same activations")
     unit = raw / raw.norm()  # (H,)
 
-    def perplexity() -> float:
-        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
-
     n = len(data.heldout)
     bias_ids = tokenize_pairs(tokenizer, data.bias_heldout) if data.bias_heldout else None
 
@@ -117,8 +113,6 @@ def run(
             bias = bias_metrics(model, bias_ids, config.batch_size)
             metrics[f"stereotype_share_{when}"] = bias["stereotype_share"]
             metrics[f"bias_gap_{when}"] = bias["bias_gap"]
-        if config.evaluate_perplexity:
-            metrics[f"perplexity_{when}"] = perplexity()
 
     measure("before")
     calibration = None
@@ -130,8 +124,6 @@ def run(
     edit = ablate_in_place(model, unit, fill=config.fill, calibration=calibration)
     metrics["fill_at_layer"] = float(edit.held[layer])
     measure("after", edit.held)
-    if config.evaluate_perplexity:
-        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
     suite = {}
     if data.bias_heldout is not None:
         metrics["bias_pairs_heldout"] = float(len(data.bias_heldout))

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from modelsurgery.editing.mask_heads import config_sizes
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.registry import MethodConfig
 from modelsurgery.evaluation.metrics import PAIRS
 from modelsurgery.proto import limits
 
@@ -64,14 +64,13 @@ class MaskBiasedHeadsConfig(MethodConfig):
     calibration_windows: int = Field(default=8, ge=1, le=limits.MAX_CALIBRATION_SAMPLES)
     batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     carries: ClassVar[frozenset[str]] = frozenset({PAIRS})
 
     def metric_names(self) -> set[str]:
         names = {"heads_masked", "pairs_scored", "pairs_heldout"}
         names |= {f"{m}_{w}" for m in ("stereotype_share", "bias_gap") for w in ("before", "after")}
-        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+        return names
 
     @model_validator(mode="after")
     def _consistent(self) -> MaskBiasedHeadsConfig:
@@ -90,6 +89,10 @@ class MaskBiasedHeadsConfig(MethodConfig):
         if self.z_threshold is not None:
             return {"z_threshold": self.z_threshold}
         return {"top_k": self.top_k or DEFAULT_TOP_K}
+
+    def resolved(self, model_config: Any) -> MaskBiasedHeadsConfig:
+        """The head selection as ``run`` applies it (``top_k`` defaults without a z cut)."""
+        return self.model_copy(update=self.selection())
 
     def check_against(self, model_config: Any) -> None:
         layers, heads = config_sizes(model_config)

@@ -13,7 +13,6 @@ from modelsurgery.editing.bias.config import MaskBiasedHeadsConfig
 from modelsurgery.editing.bias.scoring import score_heads, select_heads
 from modelsurgery.editing.data import calibration_windows, resolve_data_file
 from modelsurgery.editing.mask_heads import format_head, mask_heads_in_place
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.editing.stereotypes.metrics import BiasObjective, bias_metrics, tokenize_pairs
 from modelsurgery.editing.stereotypes.pairs import (
@@ -58,13 +57,8 @@ def run(
         "pairs_heldout": float(len(holdout)),
     }
 
-    def perplexity() -> float:
-        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
-
     context.progress("bias before masking")
     before = bias_metrics(model, holdout_ids, config.batch_size)
-    if config.evaluate_perplexity:
-        metrics["perplexity_before"] = perplexity()
 
     def on_step(message: str, step: int, total: int) -> None:
         context.check_cancelled()
@@ -97,10 +91,6 @@ def run(
         metrics[f"{name}_before"] = before[name]
         metrics[f"{name}_after"] = after[name]
     metrics["heads_masked"] = float(len(chosen))
-    if config.evaluate_perplexity:
-        context.check_cancelled()
-        metrics["perplexity_after"] = perplexity()
-        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
     table = scores.to_json_dict(chosen)
     return SurgeryResult(
         changed=changed,

@@ -7,9 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelsurgery.editing.contrast import PairsSource, TextPair
-from modelsurgery.editing.knowledge.config import check_layer
+from modelsurgery.editing.knowledge.config import check_layer, layer_count
 from modelsurgery.editing.mask_heads import config_sizes
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.registry import MethodConfig
 from modelsurgery.editing.validators import unique_layers
 from modelsurgery.proto import limits
 
@@ -95,8 +95,8 @@ class ItiConfig(MethodConfig):
     ``mc1_before`` / ``mc1_after`` on the held-out records (share whose highest-likelihood
     answer is true: MC1 when each has one true answer; answer log-likelihood = sum of its
     token log-probabilities after ``"Q: {question}\\nA:"``); with ``evaluate_perplexity``
-    ``perplexity_before/after/ratio`` (WikiText-2 test, first ``perplexity_max_tokens``
-    tokens). Artifact ``iti_heads.json``: every head's held-out accuracy, the chosen heads,
+    ``perplexity_before/after/ratio`` (WikiText-2 test, the job's
+    protocol). Artifact ``iti_heads.json``: every head's held-out accuracy, the chosen heads,
     their sigma and shift norm.
     """
 
@@ -114,14 +114,13 @@ class ItiConfig(MethodConfig):
     token: Literal["last", "mean"] = "last"
     batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     def metric_names(self) -> set[str]:
         names = {"heads_shifted", "probe_accuracy_mean", "probe_accuracy_best"}
         names |= {"texts_fit", "texts_heldout"}
         if self.uses_records():
             names |= {"mc1_before", "mc1_after"}
-        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+        return names
 
     _unique_layers = field_validator("layers")(unique_layers)
 
@@ -147,6 +146,12 @@ class ItiConfig(MethodConfig):
 
     def layer_indices(self, num_layers: int) -> list[int]:
         return sorted(self.layers) if self.layers is not None else list(range(num_layers))
+
+    def resolved(self, model_config: Any) -> ItiConfig:
+        """The probed layers as ``run`` picks them (all, by default)."""
+        if self.layers is not None:
+            return self
+        return self.model_copy(update={"layers": self.layer_indices(layer_count(model_config))})
 
     def check_against(self, model_config: Any) -> None:
         from modelsurgery.models.output_bias import bias_overrides

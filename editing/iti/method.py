@@ -29,7 +29,6 @@ from modelsurgery.editing.iti.records import (
     read_records_jsonl,
 )
 from modelsurgery.editing.mask_heads import format_head
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.output_bias import enable_output_bias
@@ -199,7 +198,6 @@ def heads_table(
 def run(
     model: nn.Module, tokenizer: Any, config: ItiConfig, context: MethodContext
 ) -> SurgeryResult:
-    config.check_against(model.config)
     adapter = get_adapter(model)
     layers = config.layer_indices(adapter.num_layers)
     contrast = load_contrast(config, context)
@@ -208,17 +206,11 @@ def run(
         "texts_heldout": float(len(contrast.held)),
     }
 
-    def perplexity() -> float:
-        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
-
     if contrast.held_records:
         context.progress("held-out MC1 before")
         metrics["mc1_before"] = mc_accuracy(
             model, tokenizer, contrast.held_records, config.batch_size
         )
-    if config.evaluate_perplexity:
-        context.progress("perplexity before")
-        metrics["perplexity_before"] = perplexity()
 
     activations = collect_heads(model, tokenizer, contrast.texts, layers, config, context)
     context.progress("probes", heads=len(layers) * adapter.num_heads)
@@ -238,10 +230,6 @@ def run(
         metrics["mc1_after"] = mc_accuracy(
             model, tokenizer, contrast.held_records, config.batch_size
         )
-    if config.evaluate_perplexity:
-        context.check_cancelled()
-        metrics["perplexity_after"] = perplexity()
-        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
     table = heads_table(config, fit, chosen, layers, adapter.num_heads)
     return SurgeryResult(
         changed=changed,

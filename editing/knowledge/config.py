@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
+from modelsurgery.editing.registry import DtypeSetting, MethodConfig
 from modelsurgery.editing.validators import one_slot_templates
 from modelsurgery.evaluation.metrics import FACT_METRICS, FACTS
 from modelsurgery.proto import limits
@@ -91,6 +91,12 @@ def depth_layer(fraction: float, num_layers: int) -> int:
     return min(num_layers - 1, max(0, round(fraction * num_layers)))
 
 
+def default_memit_layers(model_type: str | None, num_layers: int) -> list[int]:
+    """The family's MEMIT layer range at this depth (MEMIT's and fact LoRA's default)."""
+    first, last = (depth_layer(f, num_layers) for f in family_defaults(model_type).memit_layers)
+    return list(range(first, last + 1))
+
+
 def check_layer(field: str, layer: int, num_layers: int) -> None:
     if not 0 <= layer < num_layers:
         raise ValueError(f"{field}: layer {layer} out of range (model has {num_layers} layers)")
@@ -125,8 +131,8 @@ class KnowledgeEditConfig(MethodConfig):
         update stay in the model's dtype); ``auto`` = bfloat16 where its matmuls are fast
         (``models.hardware``), else float32. Recorded resolved in the version's config.
     evaluate: compute efficacy/paraphrase/locality/probability_gain before and after.
-    evaluate_perplexity, perplexity_tokens: WikiText-2 perplexity before/after on that many
-        test tokens (``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``).
+    evaluate_perplexity: WikiText-2 perplexity before/after with the job's protocol
+        (``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``).
     """
 
     facts: list[Fact] = Field(min_length=1)
@@ -149,7 +155,6 @@ class KnowledgeEditConfig(MethodConfig):
     vstar_dtype: DtypeSetting = "auto"
     evaluate: bool = True
     evaluate_perplexity: bool = True
-    perplexity_tokens: int = Field(default=4096, ge=16, le=limits.MAX_PERPLEXITY_TOKENS)
 
     carries: ClassVar[frozenset[str]] = frozenset({FACTS})
 
@@ -170,8 +175,6 @@ class KnowledgeEditConfig(MethodConfig):
         names = {"v_loss", "v_steps_used"}
         if self.evaluate:
             names |= set(FACT_METRICS)
-        if self.evaluate_perplexity:
-            names |= PERPLEXITY_FIGURES
         return names
 
     _one_slot = field_validator("context_templates")(one_slot_templates)
@@ -194,17 +197,41 @@ class KnowledgeEditConfig(MethodConfig):
         threshold = self.nullspace_threshold or defaults.nullspace_threshold
         return threshold, self.nullspace_l2 or defaults.nullspace_l2
 
+    def vstar_settings(self, defaults: FamilyDefaults, clamp: float) -> dict[str, Any]:
+        """The v* fields as run: the spec's value, else the family's (``clamp`` is the
+        method's clamp default)."""
+        chosen = {
+            "v_steps": defaults.v_steps,
+            "v_lr": defaults.v_lr,
+            "kl_factor": defaults.kl_factor,
+            "weight_decay": defaults.weight_decay,
+            "clamp_factor": clamp,
+        }
+        return {
+            name: default if getattr(self, name) is None else getattr(self, name)
+            for name, default in chosen.items()
+        }
+
     def vstar_params(self, defaults: FamilyDefaults, clamp: float) -> VStarParams:
         from .vstar import VStarParams
 
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
-
+        settings = self.vstar_settings(defaults, clamp)
         return VStarParams(
-            steps=pick(self.v_steps, defaults.v_steps),
-            lr=pick(self.v_lr, defaults.v_lr),
-            kl_factor=pick(self.kl_factor, defaults.kl_factor),
-            weight_decay=pick(self.weight_decay, defaults.weight_decay),
-            clamp_factor=pick(self.clamp_factor, clamp),
+            steps=settings["v_steps"],
+            lr=settings["v_lr"],
+            kl_factor=settings["kl_factor"],
+            weight_decay=settings["weight_decay"],
+            clamp_factor=settings["clamp_factor"],
             early_stop_loss=self.early_stop_loss,
         )
+
+    def shared_settings(self, defaults: FamilyDefaults, clamp: float) -> dict[str, Any]:
+        """Every shared field ``run`` fills from the family defaults, for ``resolved``;
+        ``projection`` and ``vstar_dtype`` are decided while running and reported then."""
+        threshold, ridge = self.projection_settings(defaults)
+        return {
+            **self.vstar_settings(defaults, clamp),
+            "context_templates": list(self.templates()),
+            "nullspace_threshold": threshold,
+            "nullspace_l2": ridge,
+        }

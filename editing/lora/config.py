@@ -7,8 +7,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from modelsurgery.editing.examples import Example
+from modelsurgery.editing.knowledge.config import default_memit_layers, layer_count
 from modelsurgery.editing.knowledge.facts import Fact
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, DtypeSetting, MethodConfig
+from modelsurgery.editing.knowledge.templates import DEFAULT_CONTEXT_TEMPLATES
+from modelsurgery.editing.registry import DtypeSetting, MethodConfig
 from modelsurgery.editing.validators import one_slot_templates, unique_layers
 from modelsurgery.evaluation.metrics import FACTS
 from modelsurgery.proto import limits
@@ -98,7 +100,6 @@ class LoraEditConfig(MethodConfig):
     merge: bool = True
     train_dtype: DtypeSetting = "auto"
     evaluate_perplexity: bool = True
-    perplexity_tokens: int = Field(default=4096, ge=16, le=limits.MAX_PERPLEXITY_TOKENS)
     seed: int = 0
 
     carries: ClassVar[frozenset[str]] = frozenset({FACTS})
@@ -140,6 +141,25 @@ class LoraEditConfig(MethodConfig):
         value = getattr(self, name)
         return OBJECTIVE_DEFAULTS[self.objective][name] if value is None else value
 
+    def templates(self) -> tuple[str, ...]:
+        """The context templates fact prompts train under."""
+        return tuple(self.context_templates or DEFAULT_CONTEXT_TEMPLATES)
+
+    def resolved(self, model_config: Any) -> LoraEditConfig:
+        """Every hyperparameter as ``run`` picks it, and the layers it adapts: for ``facts``
+        the family's MEMIT layers, else all. ``target_modules`` stays unset when not given:
+        its default is the family's module names, which live beside torch."""
+        update = {name: self.setting(name) for name in OBJECTIVE_DEFAULTS[self.objective]}
+        if self.objective == "facts":
+            update["context_templates"] = list(self.templates())
+        if self.layers is None:
+            depth = layer_count(model_config)
+            update["layers"] = list(range(depth))
+            if self.objective == "facts":
+                model_type = getattr(model_config, "model_type", None)
+                update["layers"] = default_memit_layers(model_type, depth)
+        return self.model_copy(update=update)
+
     def resolved_settings(self) -> dict[str, Any]:
         """The defaulted hyperparameters, recorded in the version's operation config."""
         return {
@@ -156,7 +176,7 @@ class LoraEditConfig(MethodConfig):
     def metric_names(self) -> set[str]:
         names = {"initial_loss", "final_loss", "trainable_parameters", "train_steps"}
         names.add("train_seconds")
-        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+        return names
 
     def leaves_hooks(self, model_config: Any) -> bool:
         return not self.merge

@@ -11,7 +11,6 @@ from typing import Any
 from modelsurgery.editing.data import read_text, resolve_text_source, text_windows
 from modelsurgery.editing.examples import TokenizedExample, load_examples, tokenize_examples
 from modelsurgery.editing.knowledge import tokens as tk
-from modelsurgery.editing.knowledge.templates import DEFAULT_CONTEXT_TEMPLATES
 from modelsurgery.editing.lora.config import LoraEditConfig
 
 
@@ -39,11 +38,10 @@ def training_data(
 def fact_data(config: LoraEditConfig, tokenizer: Any) -> TrainingData:
     """Each fact's prompt under every context template, followed by ``target_new``."""
     assert config.facts is not None
-    templates = config.context_templates or DEFAULT_CONTEXT_TEMPLATES
     items = []
     for fact in config.facts:
         answer = tk.encode_answer(tokenizer, fact.target)
-        for template in templates:
+        for template in config.templates():
             prompt = tk.encode(tokenizer, template.format(fact.text))
             items.append(TokenizedExample(input_ids=prompt + answer, prompt_length=len(prompt)))
     if config.kl_prompts is not None:

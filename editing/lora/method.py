@@ -15,7 +15,6 @@ from modelsurgery.editing.lora.config import LoraEditConfig
 from modelsurgery.editing.lora.data import training_data
 from modelsurgery.editing.lora.targets import default_targets, target_paths
 from modelsurgery.editing.lora.train import TrainSettings, mean_nll, train
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import resolve_dtype
@@ -57,11 +56,6 @@ def run(
         autocast=None if train_dtype == torch.float32 else train_dtype,
     )
     metrics: dict[str, float] = {}
-    if config.evaluate_perplexity:
-        context.progress("lora: perplexity before")
-        metrics["perplexity_before"] = wikitext_perplexity(
-            model, tokenizer, max_tokens=config.perplexity_tokens
-        )
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     # The adapter's init (A ~ kaiming, B = 0) and dropout draw from a seeded RNG of their own.
@@ -72,11 +66,6 @@ def run(
             metrics["initial_loss"] = mean_nll(model, data.items, settings)
             stats = train(model, data, settings, context)
             metrics["final_loss"] = mean_nll(model, data.items, settings)
-            if config.evaluate_perplexity:
-                context.progress("lora: perplexity after")
-                metrics["perplexity_after"] = wikitext_perplexity(
-                    model, tokenizer, max_tokens=config.perplexity_tokens
-                )
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             artifacts: dict[str, bytes] = {}
             if config.merge:
@@ -90,8 +79,6 @@ def run(
         finally:
             for name, p in model.named_parameters():
                 p.requires_grad_(requires_grad.get(name, False))
-    if config.evaluate_perplexity:
-        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
     metrics.update(
         trainable_parameters=float(trainable),
         train_steps=float(stats.steps),

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from modelsurgery.editing.knowledge.config import depth_layer, family_defaults, layer_count
+from modelsurgery.editing.knowledge.config import default_memit_layers, layer_count
 from modelsurgery.models.adapters import FAMILIES, FamilyLayout, get_adapter
 
 
@@ -48,9 +48,8 @@ def check_targets(
 def default_targets(model: nn.Module) -> tuple[list[str], list[int]]:
     """Where fact edits go by default: the MLP output projection of the family's MEMIT layers."""
     adapter = get_adapter(model)
-    depth = len(adapter.layers())
-    first, last = (depth_layer(f, depth) for f in family_defaults(adapter.model_type).memit_layers)
-    return [leaf(adapter.layout.mlp_out)], list(range(first, last + 1))
+    layers = default_memit_layers(adapter.model_type, len(adapter.layers()))
+    return [leaf(adapter.layout.mlp_out)], layers
 
 
 def target_paths(

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
+from modelsurgery.editing.registry import MethodConfig
 from modelsurgery.proto import limits
 
 _HEAD_RE = re.compile(r"^\s*(\d+)\s*\.\s*(\d+)\s*$")
@@ -70,7 +70,7 @@ class MaskHeadsConfig(MethodConfig):
     evaluate_perplexity: bool = False
 
     def metric_names(self) -> set[str]:
-        return {"heads_masked"} | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+        return {"heads_masked"}
 
     @field_validator("heads")
     @classmethod

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from modelsurgery.editing.mask_heads.config import MaskHeadsConfig
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import get_adapter
 
@@ -42,17 +41,7 @@ def mask_heads_in_place(
 def run(
     model: torch.nn.Module, tokenizer: Any, config: MaskHeadsConfig, context: MethodContext
 ) -> SurgeryResult:
-    metrics: dict[str, float] = {}
-    if config.evaluate_perplexity:
-        context.progress("perplexity before masking")
-        metrics["perplexity_before"] = wikitext_perplexity(model, tokenizer)
     context.check_cancelled()
     changed = mask_heads_in_place(model, config.parsed_heads())
     context.progress(f"masked {len(config.heads)} heads", step=1, total=1)
-    metrics["heads_masked"] = float(len(config.heads))
-    if config.evaluate_perplexity:
-        context.check_cancelled()
-        context.progress("perplexity after masking")
-        metrics["perplexity_after"] = wikitext_perplexity(model, tokenizer)
-        metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
-    return SurgeryResult(changed=changed, metrics=metrics)
+    return SurgeryResult(changed=changed, metrics={"heads_masked": float(len(config.heads))})

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from modelsurgery.editing.knowledge.config import (
     KnowledgeEditConfig,
     check_layer,
-    depth_layer,
+    default_memit_layers,
     family_defaults,
     layer_count,
 )
@@ -90,15 +90,21 @@ class MemitConfig(KnowledgeEditConfig):
     def edit_layers(self, model_config: Any) -> list[int]:
         if self.layers is not None:
             return list(self.layers)
-        defaults = family_defaults(getattr(model_config, "model_type", None))
-        n = layer_count(model_config)
-        first, last = (depth_layer(f, n) for f in defaults.memit_layers)
-        return list(range(first, last + 1))
+        model_type = getattr(model_config, "model_type", None)
+        return default_memit_layers(model_type, layer_count(model_config))
 
     def lambda_weight(self, model_config: Any) -> float:
         if self.mom2_weight is not None:
             return self.mom2_weight
         return family_defaults(getattr(model_config, "model_type", None)).mom2_weight
+
+    def resolved(self, model_config: Any) -> MemitConfig:
+        """The layers, lambda and every hyperparameter as ``run`` picks them for this model."""
+        defaults = family_defaults(getattr(model_config, "model_type", None))
+        update = self.shared_settings(defaults, defaults.memit_clamp)
+        update["layers"] = self.edit_layers(model_config)
+        update["mom2_weight"] = self.lambda_weight(model_config)
+        return self.model_copy(update=update)
 
     def check_against(self, model_config: Any) -> None:
         n = layer_count(model_config)

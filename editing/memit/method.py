@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from modelsurgery.editing.knowledge.config import family_defaults
-from modelsurgery.editing.knowledge.evaluate import EditEvaluation
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.knowledge.nullspace import (
     null_space,
@@ -73,20 +72,10 @@ def run(
     model: nn.Module, tokenizer: Any, config: MemitConfig, context: MethodContext
 ) -> SurgeryResult:
     adapter = get_adapter(model)
-    config.check_against(model.config)
     layers = config.edit_layers(model.config)
     last = layers[-1]
     defaults = family_defaults(adapter.model_type)
     facts = config.facts
-    evaluation = EditEvaluation(
-        model,
-        tokenizer,
-        adapter,
-        facts,
-        facts_metrics=config.evaluate,
-        perplexity_tokens=config.perplexity_tokens if config.evaluate_perplexity else None,
-    )
-    evaluation.start()
     stats = layer_statistics(model, tokenizer, adapter, layers, context, config.stats_settings())
     preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
     targets = vstar_targets(model, tokenizer, config, context)
@@ -125,9 +114,10 @@ def run(
         preserved.add(module, keys)
         changed[f"{module}.weight"] = projection.module.weight.detach().clone()
     context.progress("memit: edited", step=len(layers), total=len(layers))
-    metrics = evaluation.finish()
-    metrics["v_loss"] = sum(targets.losses) / len(facts)
-    metrics["v_steps_used"] = sum(targets.steps) / len(facts)
+    metrics = {
+        "v_loss": sum(targets.losses) / len(facts),
+        "v_steps_used": sum(targets.steps) / len(facts),
+    }
     resolved: dict[str, Any] = {
         "vstar_dtype": str(targets.dtype).removeprefix("torch."),
         "projection": "null_space" if spaces else "none",

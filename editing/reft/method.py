@@ -47,7 +47,6 @@ def new_interventions(spec: InterventionSpec, config: ReftConfig) -> ReftInterve
 def run(
     model: nn.Module, tokenizer: Any, config: ReftConfig, context: MethodContext
 ) -> SurgeryResult:
-    config.check_against(model.config)
     examples = load_examples(config.examples, config.examples_file, context.data_roots)
     items = tokenize_examples(
         tokenizer, examples, max_length=config.max_length, append_eos=config.append_eos

@@ -49,5 +49,11 @@ class RomeConfig(KnowledgeEditConfig):
         defaults = family_defaults(getattr(model_config, "model_type", None))
         return depth_layer(defaults.rome_layer, layer_count(model_config))
 
+    def resolved(self, model_config: Any) -> RomeConfig:
+        """The layer and every hyperparameter as ``run`` picks them for this model."""
+        defaults = family_defaults(getattr(model_config, "model_type", None))
+        update = self.shared_settings(defaults, defaults.rome_clamp)
+        return self.model_copy(update={**update, "layer": self.edit_layer(model_config)})
+
     def check_against(self, model_config: Any) -> None:
         check_layer("layer", self.edit_layer(model_config), layer_count(model_config))

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from modelsurgery.editing.knowledge.config import family_defaults
-from modelsurgery.editing.knowledge.evaluate import EditEvaluation
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.knowledge.nullspace import (
     null_space,
@@ -55,18 +54,8 @@ def run(
 ) -> SurgeryResult:
     adapter = get_adapter(model)
     layer = config.edit_layer(model.config)
-    config.check_against(model.config)
     defaults = family_defaults(adapter.model_type)
     params = config.vstar_params(defaults, defaults.rome_clamp)
-    evaluation = EditEvaluation(
-        model,
-        tokenizer,
-        adapter,
-        config.facts,
-        facts_metrics=config.evaluate,
-        perplexity_tokens=config.perplexity_tokens if config.evaluate_perplexity else None,
-    )
-    evaluation.start()
     preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
     module = adapter.mlp_out_path(layer)
     preserved_before = preserved.count(module)
@@ -106,9 +95,7 @@ def run(
         losses += fact_losses
         steps += fact_steps
     context.progress("rome: edited", step=len(config.facts), total=len(config.facts))
-    metrics = evaluation.finish()
-    metrics["v_loss"] = sum(losses) / len(losses)
-    metrics["v_steps_used"] = sum(steps) / len(steps)
+    metrics = {"v_loss": sum(losses) / len(losses), "v_steps_used": sum(steps) / len(steps)}
     resolved: dict[str, Any] = {
         "layer": layer,
         "vstar_dtype": str(dtype).removeprefix("torch."),

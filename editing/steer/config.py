@@ -9,8 +9,7 @@ from pydantic import Field, model_validator
 from modelsurgery.editing.contrast import PairsSource
 from modelsurgery.editing.knowledge.config import check_layer
 from modelsurgery.editing.mask_heads import config_sizes
-from modelsurgery.editing.registry import PERPLEXITY_FIGURES, MethodConfig
-from modelsurgery.proto import limits
+from modelsurgery.editing.registry import MethodConfig
 
 # Chosen on SmolLM2-135M by benchmarks/steer_sentiment.py --tune on its 20 dev prompts (never
 # the 50 it reports on), 16 sentiment pairs, WikiText-2 ratio on 2,048 tokens. The rule: the
@@ -68,7 +67,6 @@ class SteerConfig(MethodConfig, PairsSource):
     holdout_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
     seed: int = 0
     evaluate_perplexity: bool = True
-    perplexity_max_tokens: int = Field(default=4096, ge=2, le=limits.MAX_PERPLEXITY_TOKENS)
 
     @model_validator(mode="after")
     def _consistent(self) -> SteerConfig:
@@ -81,12 +79,17 @@ class SteerConfig(MethodConfig, PairsSource):
     def metric_names(self) -> set[str]:
         names = {"projection_before", "projection_after", "heldout_separation", "vector_norm"}
         names |= {"baked", "pairs_fitted"}
-        return names | (PERPLEXITY_FIGURES if self.evaluate_perplexity else set())
+        return names
 
     def layer_indices(self, model_config: Any) -> list[int]:
         if self.layers is not None:
             return list(self.layers)
         return [int(config_sizes(model_config)[0] * DEFAULT_DEPTH_FRACTION)]
+
+    def resolved(self, model_config: Any) -> SteerConfig:
+        """The steered layers as ``run`` picks them. ``bake`` is decided on a meta-device model
+        (torch), so ``run`` reports it."""
+        return self.model_copy(update={"layers": self.layer_indices(model_config)})
 
     def bakes(self, model_config: Any) -> bool:
         """Whether ``run`` writes biases (else it stores hooks)."""

@@ -10,7 +10,6 @@ from torch import nn
 
 from modelsurgery.editing.contrast import load_text_pairs
 from modelsurgery.editing.contrast.pairs import split_held_out
-from modelsurgery.editing.perplexity import wikitext_perplexity
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.editing.steer.artifacts import to_artifacts
 from modelsurgery.editing.steer.bake import bake
@@ -28,19 +27,11 @@ from modelsurgery.editing.steer.vectors import (
 def run(
     model: nn.Module, tokenizer: Any, config: SteerConfig, context: MethodContext
 ) -> SurgeryResult:
-    config.check_against(model.config)
     pairs = load_text_pairs(config, context.data_roots)
     fit, held_out = split_held_out(pairs, config.holdout_fraction, config.seed)
     probe = held_out or fit
     layers = config.layer_indices(model.config)
     metrics: dict[str, float] = {"pairs_fitted": float(len(fit))}
-
-    def perplexity() -> float:
-        return wikitext_perplexity(model, tokenizer, max_tokens=config.perplexity_max_tokens)
-
-    if config.evaluate_perplexity:
-        context.progress("perplexity before steering")
-        metrics["perplexity_before"] = perplexity()
     context.check_cancelled()
     context.progress("steering vectors from contrast pairs", pairs=len(fit))
     # Residual-stream activations of both sides at each steered layer: (N, L, H) each.
@@ -66,10 +57,6 @@ def run(
     try:
         after = read_sides(model, tokenizer, probe, layers, config.token)
         metrics["projection_after"] = mean_projection(after, direction)
-        if config.evaluate_perplexity:
-            context.progress("perplexity after steering")
-            metrics["perplexity_after"] = perplexity()
-            metrics["perplexity_ratio"] = metrics["perplexity_after"] / metrics["perplexity_before"]
     finally:
         if handle is not None:
             handle.remove()

@@ -13,7 +13,7 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from modelsurgery.client import Client
-from modelsurgery.server.engine import worker_cpus
+from modelsurgery.server.ray_pool import worker_cpus
 from modelsurgery.server.process import start_server
 from modelsurgery.v1 import jobs_pb2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from google.protobuf import struct_pb2
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -274,7 +274,7 @@ def test_cli_batch_and_idempotent_apply_with_junit(
 ) -> None:
     options = ["--server", server.address, "--token", TOKEN]
     other = tmp_path / "other-model"
-    build_tiny_llama(seed=4).save_pretrained(other)
+    tiny_model("llama", seed=4).save_pretrained(other)
     build_tiny_tokenizer().save_pretrained(other)
     spec = tmp_path / "patch.yaml"
     spec.write_text(

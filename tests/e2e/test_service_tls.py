@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,7 +78,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServerProcess, Path
     home = tmp_path_factory.mktemp("tls-home")
     ca, cert, key = write_certificates(home)
     model = home / "tiny"
-    build_tiny_llama(seed=5).save_pretrained(model)
+    tiny_model("llama", seed=5).save_pretrained(model)
     build_tiny_tokenizer().save_pretrained(model)
     server = start_server(
         home,

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from pydantic import ValidationError
@@ -273,7 +273,7 @@ def test_list_jobs_pages_large_jobs_under_the_message_limit(tmp_path: Path) -> N
 def versions(store: CheckpointStore) -> list[str]:
     tokenizer = build_tiny_tokenizer()
     return [
-        store.import_model(build_tiny_llama(seed=s), tokenizer, reference=f"tiny-{s}").id
+        store.import_model(tiny_model("llama", seed=s), tokenizer, reference=f"tiny-{s}").id
         for s in range(3)
     ]
 

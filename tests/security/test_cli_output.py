@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer, tiny_model
 from google.protobuf import struct_pb2
 from rich.table import Table
 from typer.testing import CliRunner
@@ -69,7 +69,7 @@ def test_versions_list_and_show_print_references_and_methods_as_written(
     monkeypatch.delenv("MODELSURGERY_SERVER", raising=False)
     root = tmp_path / "store"
     store = CheckpointStore(root)
-    base = store.import_model(build_tiny_llama(), build_tiny_tokenizer(), reference="[/oops]")
+    base = store.import_model(tiny_model("llama"), build_tiny_tokenizer(), reference="[/oops]")
     child = store.commit(base.id, {}, operations=[{"method": "[bold]m"}])
     runner = CliRunner()
     listed = runner.invoke(app, ["versions", "list", "--store", str(root)])

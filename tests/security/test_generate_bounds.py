@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import ray
-from conftest import build_tiny_llama, build_tiny_tokenizer, greedy_text
+from conftest import build_tiny_tokenizer, greedy_text, tiny_model
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from ray.exceptions import TaskCancelledError
@@ -41,7 +41,7 @@ from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 
 @pytest.fixture
 def version(store: CheckpointStore) -> str:
-    return store.import_model(build_tiny_llama(), build_tiny_tokenizer(), reference="tiny").id
+    return store.import_model(tiny_model("llama"), build_tiny_tokenizer(), reference="tiny").id
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_the_prompt_bound_is_the_smaller_of_the_limit_and_the_positions() -> Non
 
 
 def test_a_long_prompt_is_refused_by_index_before_anything_is_generated() -> None:
-    model, tokenizer = build_tiny_llama(), build_tiny_tokenizer()
+    model, tokenizer = tiny_model("llama"), build_tiny_tokenizer()
     calls: list[int] = []
 
     def count() -> bool:
@@ -79,7 +79,7 @@ def test_prompt_errors_keep_their_field_through_pickling() -> None:
 
 
 def test_generation_stops_at_the_next_token_once_told() -> None:
-    model, tokenizer = build_tiny_llama(), build_tiny_tokenizer()
+    model, tokenizer = tiny_model("llama"), build_tiny_tokenizer()
     polls: list[int] = []
 
     def after_four_tokens() -> bool:
@@ -100,7 +100,7 @@ def test_worker_generates_on_its_replica_within_its_deadline(
     with pytest.raises(GenerationStopped):
         worker.generate(version, ["the city of"], options, 0.0)
     text = worker.generate(version, ["the city of"], options, 60.0)
-    assert text == [greedy_text(build_tiny_llama(), build_tiny_tokenizer(), "the city of", 4)]
+    assert text == [greedy_text(tiny_model("llama"), build_tiny_tokenizer(), "the city of", 4)]
     base = load_base(version, worker.store, worker.cache, worker.settings)
     replica = worker._replica
     assert replica is not None and replica.model is not base.model

@@ -1,4 +1,4 @@
-"""CounterFact-style edit metrics, computed before and after an edit.
+"""CounterFact-style fact metrics, one definition for operations, jobs and benchmarks.
 
 - ``efficacy``: share of facts whose edit prompt gives target_new a higher mean token
   log-probability than ground_truth (ROME/EasyEdit's comparison, fair to multi-token answers);
@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelsurgery.editing.knowledge import tokens as tk
+from modelsurgery.editing.knowledge.facts import Fact
+from modelsurgery.editing.knowledge.runner import logits_at, run_base
 from modelsurgery.models.adapters import ArchitectureAdapter
-
-from . import tokens as tk
-from .facts import Fact
-from .runner import logits_at, run_base
 
 
 @dataclass
@@ -119,12 +118,34 @@ def prefers_new(new: Answer, true: list[Answer]) -> float:
     return float(all(new.mean_logp > t.mean_logp for t in true))
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def edit_metrics(before: list[FactScores], after: list[FactScores]) -> dict[str, float]:
-    """The metrics named in the module docstring; absent when nothing could be measured."""
+def locality_references(scores: Sequence[FactScores]) -> list[list[list[int]]]:
+    """Each fact's locality answers as the reference model argmaxes them: what "unchanged"
+    means for ``locality``, stored with a version's suite."""
+    return [[answer.argmax for answer in fact.locality] for fact in scores]
+
+
+def fact_figures(
+    after: Sequence[FactScores],
+    *,
+    before: Sequence[FactScores] | None = None,
+    references: Sequence[Sequence[Sequence[int]]] | None = None,
+) -> dict[str, float]:
+    """The metrics named in the module docstring, of ``after`` against the reference model:
+    its scores ``before`` (``probability_gain``; locality references from them), or only the
+    locality argmaxes it stored (``references``, one possibly empty entry per fact, for a
+    later judgement); absent when nothing could be measured."""
+    if references is None:
+        references = locality_references(before or [])
+    locality = [
+        sum(x == y for x, y in zip(ref, answer.argmax, strict=True)) / len(ref)
+        for fact, refs in zip(after, references, strict=True)
+        if refs
+        for ref, answer in zip(refs, fact.locality, strict=True)
+    ]
     values: dict[str, float | None] = {
         "efficacy": _mean([prefers_new(a.new, a.true) for a in after]),
         "paraphrase": _mean(
@@ -134,62 +155,13 @@ def edit_metrics(before: list[FactScores], after: list[FactScores]) -> dict[str,
                 for new, true in zip(a.rephrase_new, a.rephrase_true, strict=True)
             ]
         ),
-        "locality": _mean(
-            [
-                sum(x == y for x, y in zip(lb.argmax, la.argmax, strict=True)) / len(lb.argmax)
-                for b, a in zip(before, after, strict=True)
-                for lb, la in zip(b.locality, a.locality, strict=True)
-            ]
-        ),
-        "probability_gain": _mean(
+        "locality": _mean(locality),
+    }
+    if before is not None:
+        values["probability_gain"] = _mean(
             [
                 math.exp(a.new.mean_logp) - math.exp(b.new.mean_logp)
                 for b, a in zip(before, after, strict=True)
             ]
-        ),
-    }
+        )
     return {name: value for name, value in values.items() if value is not None}
-
-
-class EditEvaluation:
-    """Scores taken before an edit and compared after it, plus WikiText-2 perplexity."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        adapter: ArchitectureAdapter,
-        facts: Sequence[Fact],
-        *,
-        facts_metrics: bool,
-        perplexity_tokens: int | None,
-    ) -> None:
-        self.model, self.tokenizer, self.adapter, self.facts = model, tokenizer, adapter, facts
-        self.facts_metrics = facts_metrics
-        self.perplexity_tokens = perplexity_tokens
-        self.before: list[FactScores] = []
-        self.ppl_before: float | None = None
-
-    def _perplexity(self) -> float:
-        from modelsurgery.editing.perplexity import wikitext_perplexity
-
-        assert self.perplexity_tokens is not None
-        return wikitext_perplexity(self.model, self.tokenizer, max_tokens=self.perplexity_tokens)
-
-    def start(self) -> None:
-        if self.facts_metrics:
-            self.before = score_facts(self.model, self.tokenizer, self.adapter, self.facts)
-        if self.perplexity_tokens:
-            self.ppl_before = self._perplexity()
-
-    def finish(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if self.facts_metrics:
-            after = score_facts(self.model, self.tokenizer, self.adapter, self.facts)
-            metrics.update(edit_metrics(self.before, after))
-        if self.ppl_before is not None:
-            after_ppl = self._perplexity()
-            metrics["perplexity_before"] = self.ppl_before
-            metrics["perplexity_after"] = after_ppl
-            metrics["perplexity_ratio"] = after_ppl / self.ppl_before
-        return metrics

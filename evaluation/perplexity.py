@@ -1,13 +1,19 @@
-"""WikiText-2 perplexity: the fluency check every method reports before and after."""
+"""WikiText-2 perplexity: the fluency check of every job, and the reference models' values
+kept on disk."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from modelsurgery.editing.data import shared_data_path
+
+from .suite import PerplexityProtocol
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_WINDOW = 512
@@ -55,3 +61,29 @@ def wikitext_perplexity(
         total_nll += nll.item()
         total_count += batch[:, 1:].numel()
     return math.exp(total_nll / total_count)
+
+
+class PerplexityCache:
+    """Perplexities of reference models by (digest, protocol), kept on disk: the base of a
+    CI patch is the same model job after job."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def _path(self, digest: str, protocol: PerplexityProtocol) -> Path | None:
+        if self.root is None:
+            return None
+        name = f"{digest}-{protocol.tokens}-{protocol.window}-{protocol.dataset_sha256[:16]}.json"
+        return self.root / "evaluation" / "perplexity" / name
+
+    def get(self, digest: str, protocol: PerplexityProtocol, compute: Callable[[], float]) -> float:
+        path = self._path(digest, protocol)
+        if path is not None and path.is_file():
+            return float(json.loads(path.read_text())["perplexity"])
+        value = compute()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"perplexity": value}))
+            tmp.replace(path)
+        return value
