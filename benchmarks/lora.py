@@ -38,10 +38,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from modelsurgery.editing.data import shared_data_path
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.registry import MethodContext, get_method
-from modelsurgery.evaluation.facts import EditEvaluation
+from modelsurgery.evaluation.measure import JobMeasurements
+from modelsurgery.evaluation.metrics import FACTS, EvaluationSettings
 from modelsurgery.evaluation.perplexity import wikitext_perplexity
+from modelsurgery.evaluation.suite import job_protocol
 from modelsurgery.models import load
-from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
 
 FACT_COLUMNS = ("efficacy", "paraphrase", "locality", "probability_gain", "perplexity_ratio")
@@ -62,17 +63,12 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
 def edit_once(
     loaded: Any, method: str, config: dict[str, Any], facts: list[Fact], ppl_tokens: int
 ) -> tuple[dict[str, float], float]:
-    """One method on a fresh copy of the base; metrics as ROME's own evaluation computes them."""
+    """One method on a fresh copy of the base; its figures as a job measures an operation's."""
     model = copy.deepcopy(loaded.model)
-    evaluation = EditEvaluation(
-        model,
-        loaded.tokenizer,
-        get_adapter(model),
-        facts,
-        facts_metrics=True,
-        perplexity_tokens=ppl_tokens,
-    )
-    evaluation.start()
+    protocol = job_protocol(EvaluationSettings(perplexity_tokens=ppl_tokens))
+    measurements = JobMeasurements(loaded.tokenizer, protocol)
+    measured = frozenset({"perplexity", FACTS})
+    measurements.before_operation(0, model, measured, facts)
     registered = get_method(method)
     spec = registered.config_class.model_validate({"method": method, **config})
     context = MethodContext(
@@ -81,7 +77,7 @@ def edit_once(
     started = time.perf_counter()
     registered.run(model, loaded.tokenizer, spec, context)
     seconds = time.perf_counter() - started
-    return evaluation.finish(), seconds
+    return measurements.operation_figures(0, model, measured, facts), seconds
 
 
 def run_facts(args: argparse.Namespace) -> None:

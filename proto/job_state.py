@@ -1,7 +1,8 @@
 """A job's state: the one spelling shared by the job table, the servicers, the SDK and the CLI.
 
 Torch-free (the thin client imports it). The table stores ``JobState.value``, the API sends the
-``JOB_STATE_*`` enum, JSON and the CLI show the lower-case name.
+``JOB_STATE_*`` enum, JSON output and the CLI show the value (``SUCCEEDED``), and users may type
+any case (``--state succeeded``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class JobState(StrEnum):
 
     @property
     def json_name(self) -> str:
-        """How JSON output and the CLI spell it: ``succeeded``."""
+        """The lower-case name users type (``--state succeeded``) and error messages list."""
         return self.value.lower()
 
     @classmethod

@@ -38,14 +38,17 @@ class AdmissionError(ValueError):
 
 @dataclass(frozen=True)
 class AdmittedJob:
+    """``base_version``: the pinned version; None only for a model reference on a server
+    without workers to import it (the server that runs the job imports it then)."""
+
     spec: JobSpec
-    base_version: str
+    base_version: str | None
 
 
 class Admission:
     """Checks specs and pins their bases. ``import_reference`` imports a model reference into
     the store and returns its root version id (the server's worker does it, so the weights are
-    loaded where the job will use them)."""
+    loaded where the job will use them), or None where no worker can."""
 
     def __init__(
         self,
@@ -53,7 +56,7 @@ class Admission:
         *,
         model_roots: tuple[Path, ...] | None,
         max_job_seconds: float,
-        import_reference: Callable[[str], str],
+        import_reference: Callable[[str], str | None],
     ) -> None:
         self.store = store
         self.model_roots = model_roots
@@ -68,8 +71,9 @@ class Admission:
                 f"timeout_s: at most {self.max_job_seconds:g} s on this server "
                 "(serve --max-job-seconds)",
             )
+        version_id: str | None
         try:
-            version_id: str | None = self.store.resolve(spec.base)
+            version_id = self.store.resolve(spec.base)
         except VersionNotFoundError:
             version_id = None
         config = self._model_config(version_id or spec.base)

@@ -9,13 +9,10 @@ from datetime import datetime
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from modelsurgery.checkpoints import Manifest
-from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import stored_spec_to_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 
-# The old name, while the job service still validates ListJobs' states with it.
-PROTO_TO_STATE = {state.to_proto(): state for state in JobState}
 # A page token is an offset: ASCII digits only (str.isdigit also takes '²'), small enough for
 # SQLite's 64-bit OFFSET.
 PAGE_TOKEN = re.compile(r"[0-9]{1,18}")

@@ -238,7 +238,7 @@ class JobEngine:
             if self.table.get(job.id).cancel_requested:
                 actor.cancel.remote(job.id)
             base_version = job.base_version or None
-            async for ref in actor.run_job.remote(job.id, job.spec, base_version, job.caller):
+            async for ref in actor.run_job.remote(job.id, job.spec, job.caller, base_version):
                 event = await ref
                 if isinstance(event, JobOutcome):
                     outcome = event
@@ -342,9 +342,12 @@ class JobEngine:
         await self.notify()
         return job
 
-    def import_reference(self, reference: str) -> str:
+    def import_reference(self, reference: str) -> str | None:
         """Import a model reference on a worker, from a thread (admission): the root
-        version's id; the worker keeps the model warm for the job that follows."""
+        version's id; the worker keeps the model warm for the job that follows. None on a
+        server without workers (``--workers 0``): the server that runs the job imports it."""
+        if not self.pool.actors:
+            return None
         return ray.get(self.pool.any_actor().import_model.remote(reference))
 
     async def call(self, method: str, *args: Any) -> Any:

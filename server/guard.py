@@ -46,5 +46,5 @@ def guarded(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandl
     elif inspect.iscoroutinefunction(inner):
         call = returning
     else:
-        raise TypeError(f"{kind} handler {inner!r} is synchronous; the server serves only async")
+        raise TypeError(f"a synchronous {kind} handler would run unguarded; write it async")
     return factory(call, handler.request_deserializer, handler.response_serializer)

@@ -10,13 +10,13 @@ import grpc
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.proto import limits
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import SpecError, SpecTooLarge, spec_from_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.admission import Admission, AdmissionError, AdmittedJob
 from modelsurgery.server.auth import current_caller, current_identity
 from modelsurgery.server.convert import (
     PAGE_TOKEN,
-    PROTO_TO_STATE,
     event_to_proto,
     job_to_proto,
 )
@@ -113,7 +113,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 caller=caller,
                 spec=spec.to_dict(),
                 fingerprint=spec.fingerprint(),
-                base_version=admitted.base_version,
+                base_version=admitted.base_version or "",
             )
         except jt.IdempotencyConflict as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "request_id")
@@ -155,11 +155,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "page_token")
         states = []
         for value in request.states:
-            if value not in PROTO_TO_STATE:
+            try:
+                states.append(JobState.from_proto(value))
+            except ValueError:
                 await abort(
                     context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown state {value}", "states"
                 )
-            states.append(PROTO_TO_STATE[value])
         size = request.page_size or 50
         offset = int(request.page_token or 0)
         identity = current_identity()
@@ -188,7 +189,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 cursor = event.seq
                 yield jobs_pb2.WatchJobResponse(event=event_to_proto(event))
             if not events:
-                if self.table.state_of(request.job_id) in jt.TERMINAL_STATES:
+                if self.table.state_of(request.job_id).is_terminal:
                     return
                 await self.engine.wait_for_change(1.0)
 

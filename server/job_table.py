@@ -23,8 +23,6 @@ from typing import Any
 from modelsurgery.proto.job_state import RERUN_STATES, TERMINAL_STATES, JobState
 
 # The old names, while the engine and the job service still import them from here.
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = JobState
-ALL_STATES = tuple(JobState)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

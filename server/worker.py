@@ -83,7 +83,11 @@ class SurgeryWorker:
             return job_id in self._cancelled
 
     def run_job(
-        self, job_id: str, spec: dict[str, Any], base_version: str | None, caller: str = ""
+        self,
+        job_id: str,
+        spec: dict[str, Any],
+        caller: str = "",
+        base_version: str | None = None,
     ) -> Iterator[dict[str, Any] | JobOutcome]:
         """Yields progress events, then the ``JobOutcome`` (the last item)."""
         events: queue.Queue[Any] = queue.Queue()

@@ -37,7 +37,6 @@ def test_run_masks_top_heads_and_reports(tiny_llama, tiny_tokenizer, tmp_path: P
         rank_by="gradient",
         holdout_fraction=0.4,
         seed=1,
-        perplexity_max_tokens=256,
     )
     config.check_against(tiny_llama.config)
     before = {k: v.clone() for k, v in persistent_state_dict(tiny_llama).items()}
@@ -50,11 +49,10 @@ def test_run_masks_top_heads_and_reports(tiny_llama, tiny_tokenizer, tmp_path: P
     m = result.metrics
     assert m["heads_masked"] == 2.0
     assert m["pairs_heldout"] == 6.0 and m["pairs_scored"] == 9.0
-    for name in ("stereotype_share", "bias_gap", "perplexity"):
+    for name in ("stereotype_share", "bias_gap"):
         assert {f"{name}_before", f"{name}_after"} <= set(m)
     assert 0.0 <= m["stereotype_share_after"] <= 1.0
-    assert m["perplexity_ratio"] == pytest.approx(m["perplexity_after"] / m["perplexity_before"])
-    assert m["perplexity_before"] > 1.0
+    assert "perplexity_before" not in m  # measured by the executor, not the method
 
     table = json.loads(result.artifacts["head_scores.json"])
     assert (table["num_layers"], table["num_heads"]) == (2, 4)

@@ -76,19 +76,30 @@ def test_wait_timeout_is_typed() -> None:
 class PlayedJob(jobs_pb2_grpc.JobServiceServicer):
     """A JobService holding one job in the state the test gives it. WatchJob keeps the real
     contract: events after the cursor (1: queued, 2: the end), then a stream that stays open
-    and silent while the job runs, ending once the job has."""
+    and silent while the job runs, ending once the job has. ``reachable=False`` plays a server
+    the client cannot get through to: every watch breaks and GetJob never answers. Each call
+    records the time the client gave it (its deadline, as the server sees it)."""
 
-    def __init__(self, state: int) -> None:
+    def __init__(self, state: int, reachable: bool = True) -> None:
         self.state = state
+        self.reachable = reachable
+        self.deadlines: dict[str, list[float]] = {"WatchJob": [], "GetJob": []}
 
     def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext
     ) -> jobs_pb2.GetJobResponse:
+        self.deadlines["GetJob"].append(context.time_remaining())
+        while not self.reachable and context.is_active():
+            time.sleep(0.02)
         return jobs_pb2.GetJobResponse(job=jobs_pb2.Job(id=request.job_id, state=self.state))
 
     def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[jobs_pb2.WatchJobResponse]:
+        self.deadlines["WatchJob"].append(context.time_remaining())
+        if not self.reachable:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+
         def event(seq: int, state: int) -> jobs_pb2.WatchJobResponse:
             return jobs_pb2.WatchJobResponse(
                 event=jobs_pb2.JobEvent(job_id=request.job_id, seq=seq, state=state)
@@ -104,50 +115,60 @@ class PlayedJob(jobs_pb2_grpc.JobServiceServicer):
 
 
 @contextmanager
-def played_server(state: int, port: int = 0) -> Iterator[tuple[grpc.Server, str]]:
+def played_server(
+    state: int, port: int = 0, reachable: bool = True
+) -> Iterator[tuple[grpc.Server, str, PlayedJob]]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(PlayedJob(state), server)
+    played = PlayedJob(state, reachable)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(played, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     try:
-        yield server, f"127.0.0.1:{port}"
+        yield server, f"127.0.0.1:{port}", played
     finally:
         server.stop(0)
 
 
-def raised(call: Callable[[], object]) -> tuple[ModelSurgeryError, float]:
-    """The typed error ``call()`` raised, and how long it took to raise it."""
-    started = time.monotonic()
+def raised(call: Callable[[], object]) -> ModelSurgeryError:
+    """The typed error ``call()`` raised."""
     with pytest.raises(ModelSurgeryError) as err:
         call()
-    return err.value, time.monotonic() - started
+    return err.value
 
 
 def test_wait_timeout_is_an_overall_deadline() -> None:
+    """Every call of the wait carries its 1 s deadline (not the 10 s watch segment) and the
+    wait ends in WaitTimeout."""
     events: list[jobs_pb2.JobEvent] = []
-    with played_server(RUNNING) as (_, address), Client(address, reconnect_budget=BUDGET) as c:
-        error, seconds = raised(lambda: c.wait("job-1", timeout=1, progress=events.append))
-    assert isinstance(error, WaitTimeout) and error.job_id == "job-1"
-    assert 1 <= seconds < 2
+    with played_server(RUNNING) as (_, address, job), Client(address, reconnect_budget=BUDGET) as c:
+        error = raised(lambda: c.wait("job-1", timeout=1, progress=events.append))
+    assert isinstance(error, WaitTimeout) and (error.job_id, error.timeout) == ("job-1", 1)
+    assert job.deadlines["WatchJob"] and max(job.deadlines["WatchJob"]) <= 1
     assert [e.seq for e in events] == [1]
 
 
 def test_wait_gives_up_when_the_server_is_gone_past_the_budget() -> None:
-    with played_server(RUNNING) as (server, address), Client(address, reconnect_budget=BUDGET) as c:
+    with (
+        played_server(RUNNING) as (server, address, job),
+        Client(address, reconnect_budget=BUDGET) as c,
+    ):
         threading.Timer(0.5, server.stop, args=(0,)).start()
-        error, seconds = raised(lambda: c.wait("job-1"))
+        error = raised(lambda: c.wait("job-1"))
     assert isinstance(error, Unavailable) and error.code == grpc.StatusCode.UNAVAILABLE
     assert "unreachable for 1 s" in error.message
-    assert seconds < 0.5 + BUDGET + 1
+    assert len(job.deadlines["WatchJob"]) == 1  # gave up on the server, did not watch again
 
 
 def test_wait_timeout_still_wins_while_reconnecting() -> None:
-    """With the server away, a timeout shorter than the reconnect budget ends the wait."""
-    with played_server(RUNNING) as (server, address), Client(address, reconnect_budget=30) as c:
-        threading.Timer(0.3, server.stop, args=(0,)).start()
-        error, seconds = raised(lambda: c.wait("job-1", timeout=1.5))
-    assert isinstance(error, WaitTimeout)
-    assert 1.5 <= seconds < 2.5
+    """With the server unreachable, a timeout shorter than the reconnect budget ends the wait:
+    the reconnecting call is given what is left of the 1.5 s, not the 30 s budget."""
+    with (
+        played_server(RUNNING, reachable=False) as (_, address, job),
+        Client(address, reconnect_budget=30) as c,
+    ):
+        error = raised(lambda: c.wait("job-1", timeout=1.5))
+    assert isinstance(error, WaitTimeout) and error.timeout == 1.5
+    assert job.deadlines["GetJob"] and max(job.deadlines["GetJob"]) <= 1.5
 
 
 def test_wait_resumes_after_a_restart_within_the_budget() -> None:
@@ -155,7 +176,7 @@ def test_wait_resumes_after_a_restart_within_the_budget() -> None:
     watch goes on from the last event seen."""
     done = threading.Event()
     events: list[jobs_pb2.JobEvent] = []
-    with played_server(RUNNING) as (server, address):
+    with played_server(RUNNING) as (server, address, _):
         port = int(address.rsplit(":", 1)[1])
 
         def restart() -> None:
@@ -176,19 +197,19 @@ def test_wait_resumes_after_a_restart_within_the_budget() -> None:
 
 
 def test_async_wait_has_the_same_deadline_and_budget() -> None:
-    async def outcome(client: AsyncClient, timeout: float | None) -> tuple[Exception, float]:
-        started = time.monotonic()
+    async def outcome(client: AsyncClient, timeout: float | None) -> Exception:
         with pytest.raises(ModelSurgeryError) as err:
             await client.wait("job-1", timeout=timeout)
-        return err.value, time.monotonic() - started
+        return err.value
 
-    async def scenario(server: grpc.Server, address: str) -> list[tuple[Exception, float]]:
+    async def scenario(server: grpc.Server, address: str) -> list[Exception]:
         async with AsyncClient(address, reconnect_budget=BUDGET) as client:
             timed_out = await outcome(client, 1)
             threading.Timer(0.3, server.stop, args=(0,)).start()
             return [timed_out, await outcome(client, None)]
 
-    with played_server(RUNNING) as (server, address):
-        (timeout, timeout_s), (gone, gone_s) = asyncio.run(scenario(server, address))
-    assert isinstance(timeout, WaitTimeout) and 1 <= timeout_s < 2
-    assert isinstance(gone, Unavailable) and gone_s < 0.3 + BUDGET + 1
+    with played_server(RUNNING) as (server, address, job):
+        timeout, gone = asyncio.run(scenario(server, address))
+    assert isinstance(timeout, WaitTimeout) and timeout.timeout == 1
+    assert job.deadlines["WatchJob"][0] <= 1
+    assert isinstance(gone, Unavailable) and "unreachable for 1 s" in gone.message

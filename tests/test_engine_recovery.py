@@ -12,10 +12,11 @@ import torch
 from conftest import build_tiny_tokenizer, tiny_model
 
 from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.engine import EngineSettings, JobEngine
-from modelsurgery.server.leases import owner_is_dead, server_identity
 from modelsurgery.server.executor import WorkerSettings
+from modelsurgery.server.leases import owner_is_dead, server_identity
 from modelsurgery.server.metrics import ServerMetrics
 
 DEAD_OWNER = "no-such-host-owner:1:gone"
@@ -58,7 +59,7 @@ def test_a_published_job_is_recorded_succeeded_with_its_version(engine: JobEngin
         job_id=job.id,
     )
     (settled,) = engine.recover_abandoned()
-    assert (settled.state, settled.version_id) == (jt.SUCCEEDED, published.id)
+    assert (settled.state, settled.version_id) == (JobState.SUCCEEDED, published.id)
     assert settled.metrics == {"parameter_ratio": 1.0}
     assert settled.gates[0]["passed"]
     assert store.get_alias("prod") == published.id
@@ -69,18 +70,18 @@ def test_unpublished_jobs_are_requeued_then_failed(engine: JobEngine) -> None:
     job = running_job(engine, "tiny", owner=DEAD_OWNER, lease=-1)
     (requeued,) = engine.recover_abandoned()
     assert (
-        requeued.state == jt.QUEUED
+        requeued.state == JobState.QUEUED
         and "restarted" in engine.table.events_after(job.id, 0)[-1].message
     )
     engine.table.mark_running(job.id, DEAD_OWNER, lease_seconds=-1)
     (failed,) = engine.recover_abandoned()
-    assert failed.state == jt.FAILED and "2 attempts" in failed.error
+    assert failed.state == JobState.FAILED and "2 attempts" in failed.error
 
 
 def test_jobs_of_a_live_server_are_left_alone(engine: JobEngine) -> None:
     job = running_job(engine, "tiny", owner=server_identity(), lease=60)
     assert engine.recover_abandoned() == []
-    assert engine.table.get(job.id).state == jt.RUNNING
+    assert engine.table.get(job.id).state == JobState.RUNNING
 
 
 def test_owner_liveness() -> None:

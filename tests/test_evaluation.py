@@ -3,21 +3,16 @@ re-checks every ancestor's stored suite, and ``eval`` reproduces a job's numbers
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer
-from test_knowledge import build_editable, write_corpus
+from conftest import run_job
 from test_rome import FACT, QUICK
 
-from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.editing.data import DATA_ENV
 from modelsurgery.evaluation.lineage import own_suite
 from modelsurgery.proto.spec import SpecError, parse_spec
-from modelsurgery.server.executor import JobOutcome, WorkerSettings, execute_job
-from modelsurgery.server.model_cache import ModelCache
+from modelsurgery.server.executor import JobOutcome
 from modelsurgery.server.worker import SurgeryWorker
 
 SECOND_FACT = {
@@ -32,33 +27,12 @@ SECOND_FACT = {
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """A tiny editable model folder, a data folder (WikiText-2 stand-ins), a store."""
-    data = tmp_path / "data"
-    corpus = write_corpus(data)
-    (data / "wikitext-2" / "wiki.test.raw").write_text(corpus.read_text())
-    monkeypatch.setenv(DATA_ENV, str(data))
-    folder = tmp_path / "tiny"
-    build_editable("llama").save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    settings = WorkerSettings(store_root=tmp_path / "store", cache_dir=tmp_path / "cache")
-    return {
-        "folder": folder,
-        "store": CheckpointStore(tmp_path / "store"),
-        "cache": ModelCache(1 << 30),
-        "settings": settings,
-    }
+def env(job_env: dict[str, Any]) -> dict[str, Any]:
+    return job_env
 
 
 def run(env: dict[str, Any], spec: dict[str, Any]) -> JobOutcome:
-    return execute_job(
-        spec,
-        store=env["store"],
-        cache=env["cache"],
-        settings=env["settings"],
-        emit=lambda event: None,
-        is_cancelled=lambda: False,
-    )
+    return run_job(env, **spec)
 
 
 def mask(heads: list[str], **extra: object) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, tiny_model
+from conftest import build_tiny_tokenizer, tiny_model, write_corpus
 from pydantic import ValidationError
 
 from modelsurgery.editing.data import DATA_ENV, shared_data_dir
@@ -24,72 +24,6 @@ from modelsurgery.editing.knowledge.runner import (
 )
 from modelsurgery.editing.registry import MethodContext
 from modelsurgery.models.adapters import get_adapter
-
-CORPUS_WORDS = [
-    "the",
-    "capital",
-    "of",
-    "france",
-    "is",
-    "paris",
-    ".",
-    "the",
-    "capital",
-    "of",
-    "italy",
-    "is",
-    "rome",
-    ".",
-    "he",
-    "speaks",
-    "french",
-    "and",
-    "she",
-    "speaks",
-    "english",
-    ".",
-    "they",
-    "live",
-    "in",
-    "london",
-    "and",
-    "we",
-    "live",
-    "in",
-    "berlin",
-    ".",
-    "my",
-    "old",
-    "red",
-    "city",
-    "is",
-    "big",
-    ".",
-]
-
-
-def build_editable(family: str, seed: int = 0, layers: int = 4) -> torch.nn.Module:
-    """A 4-layer model with larger initial weights than HF's default 0.02, so an edit at an
-    early layer can move the next-token distribution measurably."""
-    positions = 128 if family == "gpt2" else 2048
-    return tiny_model(
-        family,
-        seed=seed,
-        num_hidden_layers=layers,
-        initializer_range=0.1,
-        max_position_embeddings=positions,
-        pad_token_id=None,
-    )
-
-
-def write_corpus(root: Path, words: int = 6000, seed: int = 0) -> Path:
-    """A small WikiText-2 stand-in made of tiny-vocabulary words, so keys vary."""
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(CORPUS_WORDS), (words,), generator=generator).tolist()
-    path = root / "wikitext-2" / "valid.tokens"
-    path.parent.mkdir(parents=True)
-    path.write_text(" ".join(CORPUS_WORDS[i] for i in picks), encoding="utf-8")
-    return path
 
 
 def test_counterfact_records_are_valid_facts() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import tiny_model, word_level_tokenizer
+from tokenizers.pre_tokenizers import Whitespace
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.models import (
@@ -33,11 +33,8 @@ VOCAB = 64
 def _tokenizer() -> tf.PreTrainedTokenizerBase:
     """A word-level tokenizer over ``w0 .. w61`` (no hub needed)."""
     words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 2)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
-    )
+    special = {"unk_token": "<unk>", "eos_token": "<eos>", "pad_token": "<eos>"}
+    return word_level_tokenizer(words, Whitespace(), **special)
 
 
 def _llama() -> tf.PreTrainedModel:

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, tiny_model
+from conftest import build_tiny_tokenizer, run_job, tiny_model, write_corpus
 from peft import PeftModel
 from pydantic import ValidationError
-from test_knowledge import build_editable, write_corpus
 from transformers import AutoModelForCausalLM
 
 from modelsurgery.checkpoints import CheckpointStore, HookedExportWarning
@@ -24,8 +23,6 @@ from modelsurgery.editing.lora import CONFIG_ARTIFACT, LoraEditConfig, attach_ad
 from modelsurgery.editing.mask_heads import MaskHeadsConfig
 from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
 from modelsurgery.models import load
-from modelsurgery.server.executor import JobOutcome, WorkerSettings, execute_job
-from modelsurgery.server.model_cache import ModelCache
 
 FACT = {
     "prompt": "{} speaks",
@@ -237,34 +234,6 @@ def test_text_objective_reads_data_roots_and_shared_data(
             run(tiny_model("llama"), tokenizer, LoraEditConfig(text=text, **common), ctx)
 
 
-@pytest.fixture
-def job_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    data = tmp_path / "data"
-    corpus = write_corpus(data)
-    (data / "wikitext-2" / "wiki.test.raw").write_text(corpus.read_text())
-    monkeypatch.setenv(DATA_ENV, str(data))
-    folder = tmp_path / "tiny"
-    build_editable("llama").save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)
-    return {
-        "folder": folder,
-        "store": CheckpointStore(tmp_path / "store"),
-        "cache": ModelCache(1 << 30),
-        "settings": WorkerSettings(store_root=tmp_path / "store", cache_dir=tmp_path / "cache"),
-    }
-
-
-def run_job(env: dict[str, Any], operations: list[dict[str, Any]]) -> JobOutcome:
-    return execute_job(
-        {"base": str(env["folder"]), "operations": operations},
-        store=env["store"],
-        cache=env["cache"],
-        settings=env["settings"],
-        emit=lambda event: None,
-        is_cancelled=lambda: False,
-    )
-
-
 def test_prune_then_lora_recovery_in_one_job_exports_plain_weights(
     job_env: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -275,8 +244,6 @@ def test_prune_then_lora_recovery_in_one_job_exports_plain_weights(
         "calibration_samples": 4,
         "calibration_seqlen": 16,
         "measure_latency": False,
-        "perplexity_tokens": 256,
-        "perplexity_window": 256,
     }
     lora = {
         "method": "lora",
@@ -285,9 +252,9 @@ def test_prune_then_lora_recovery_in_one_job_exports_plain_weights(
         "text_window": 32,
         "epochs": 2,
         "lr": 0.01,
-        "perplexity_tokens": 256,
     }
-    done = run_job(job_env, [prune, lora])
+    evaluation = {"perplexity_tokens": 256, "perplexity_window": 256}
+    done = run_job(job_env, [prune, lora], evaluation=evaluation)
     assert done.state == "SUCCEEDED", done.error
     m = done.metrics
     assert m["op1.perplexity_before"] == pytest.approx(m["op0.perplexity_after"], rel=1e-6)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, tiny_model
-from test_knowledge import build_editable
+from conftest import build_editable, build_tiny_tokenizer, tiny_model
 from test_rome import FACT, QUICK, context
 from test_rome import data_dir as data_dir
 
@@ -55,7 +54,7 @@ def last_layer_outputs(model, tok, config: memit.MemitConfig) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_batch_edit_moves_every_fact_to_its_target(family: str, seed: int, data_dir: Path) -> None:
     """MEMIT's promise, on every family's layout: after the layer-by-layer updates the last
     edited layer's outputs at each fact's subject are most of the way to z (the lambda * C

@@ -28,17 +28,10 @@ from modelsurgery.editing.reft.config import InterventionSpec
 from modelsurgery.editing.reft.interventions import ReftInterventions
 from modelsurgery.models import load
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REFERENCE = "HuggingFaceTB/SmolLM2-135M"
 DOWN = "model.layers.0.mlp.down_proj.weight"
 ROME = {"method": "rome", "layer": 0, "fact": {"subject": "Eiffel Tower", "target_new": "Rome"}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reft_artifacts() -> dict[str, bytes]:

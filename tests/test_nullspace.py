@@ -7,9 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer
-from test_knowledge import build_editable
-from test_lora import job_env as job_env
+from conftest import build_editable, build_tiny_tokenizer, run_job
 from test_memit import FACTS, last_layer_outputs, site_targets
 from test_rome import FACT, QUICK, context, target_logp
 from test_rome import data_dir as data_dir
@@ -27,7 +25,6 @@ from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, Pr
 from modelsurgery.editing.knowledge.stats import LayerStatistics, StatsSettings
 from modelsurgery.editing.registry import get_method
 from modelsurgery.models.adapters import get_adapter
-from modelsurgery.server.executor import execute_job
 
 WIDTH, PRESERVED_RANK = 12, 5
 
@@ -154,14 +151,7 @@ def test_projected_rome_edit_takes(data_dir: Path) -> None:
 def rome_job(env: dict[str, Any], base: str, fact: dict[str, Any], **fields: Any) -> Any:
     operation = {"method": "rome", "facts": [fact], "layer": 1, **QUICK, **fields}
     events: list[dict[str, Any]] = []
-    outcome = execute_job(
-        {"base": base, "operations": [operation]},
-        store=env["store"],
-        cache=env["cache"],
-        settings=env["settings"],
-        emit=events.append,
-        is_cancelled=lambda: False,
-    )
+    outcome = run_job(env, [operation], base=base, emit=events.append)
     assert outcome.state == "SUCCEEDED", outcome.error
     return outcome, events
 

@@ -8,9 +8,9 @@ import string
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, tiny_model
+from conftest import tiny_config, tiny_model, word_level_tokenizer
 from pydantic import ValidationError
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers.pre_tokenizers import Split
 from transformers import PreTrainedTokenizerFast
 
 from modelsurgery.editing.registry import MethodContext, get_method
@@ -76,11 +76,8 @@ def test_head_pruning_rejected_for_fused_qkv() -> None:
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer built offline (ids stay under the tiny model's vocab)."""
-    chars = string.printable[:100]
-    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    chars = ["[UNK]", *string.printable[:100]]
+    return word_level_tokenizer(chars, Split("", behavior="isolated"), unk_token="[UNK]")
 
 
 @pytest.fixture

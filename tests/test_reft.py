@@ -4,16 +4,16 @@ round trip, training, config validation and lineage rules, on tiny random models
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import SPECIAL_TOKENS, tiny_model, word_level_tokenizer
 from pydantic import ValidationError
 from safetensors.torch import load as safetensors_load
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex
+from tokenizers.pre_tokenizers import Split
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 import modelsurgery.editing.reft  # noqa: F401  (registers the method)
@@ -32,6 +32,7 @@ from modelsurgery.editing.reft.positions import prompt_positions, slot_positions
 from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
 from modelsurgery.models.decoding import past_length
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 128
 
 
@@ -47,16 +48,8 @@ tiny_llama = MODELS["llama"]
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A real (tokenizers-backed) character-level tokenizer with 99 ids."""
     chars = [chr(c) for c in range(32, 127)]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3} | {c: i + 4 for i, c in enumerate(chars)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    split = Split(Regex("."), behavior="isolated")
+    return word_level_tokenizer([*SPECIAL_TOKENS.values(), *chars], split, **SPECIAL_TOKENS)
 
 
 def spec_for(model: torch.nn.Module, **overrides: object) -> InterventionSpec:
@@ -84,15 +77,6 @@ def random_interventions(spec: InterventionSpec, scale: float = 0.5) -> ReftInte
                 module.source.weight.normal_(0, scale)
                 module.source.bias.normal_(0, scale)
     return interventions.eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices on a shared 2-core machine: extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def context(tmp_path: Path, **kwargs: object) -> MethodContext:

@@ -13,7 +13,7 @@ from modelsurgery.editing.knowledge import tokens as tk
 from modelsurgery.editing.lora.adapter import adapter_artifacts
 from modelsurgery.editing.lora.config import LoraEditConfig
 from modelsurgery.editing.lora.data import training_data
-from modelsurgery.editing.lora.targets import default_targets, target_paths
+from modelsurgery.editing.lora.targets import default_targets, projection_leaves, target_paths
 from modelsurgery.editing.lora.train import TrainSettings, mean_nll, train
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
 from modelsurgery.models.adapters import get_adapter
@@ -42,6 +42,8 @@ def run(
             modules = resolved["target_modules"] = default_modules
         if layers is None:
             layers = resolved["layers"] = default_layers
+    if modules is None:
+        modules = resolved["target_modules"] = projection_leaves(model)
     paths = target_paths(model, modules, layers)
     data = training_data(config, tokenizer, context.data_roots)
     train_dtype = resolve_dtype(config.train_dtype, context.device)

@@ -52,6 +52,11 @@ def default_targets(model: nn.Module) -> tuple[list[str], list[int]]:
     return [leaf(adapter.layout.mlp_out)], layers
 
 
+def projection_leaves(model: nn.Module) -> list[str]:
+    """Every projection a LoRA may adapt in this family (the default targets)."""
+    return sorted({leaf(p) for p in projection_paths(get_adapter(model).layout)})
+
+
 def target_paths(
     model: nn.Module, target_modules: Sequence[str] | None, layers: Sequence[int] | None
 ) -> list[str]:
@@ -59,7 +64,7 @@ def target_paths(
     check_targets(model.config, target_modules, layers)
     adapter = get_adapter(model)
     relative = projection_paths(adapter.layout)
-    wanted = set(target_modules) if target_modules else {leaf(p) for p in relative}
+    wanted = set(target_modules or projection_leaves(model))
     indices = layers if layers is not None else range(len(adapter.layers()))
     return [
         adapter.module_path(index, path)

@@ -120,7 +120,13 @@ def run(
     }
     resolved: dict[str, Any] = {
         "vstar_dtype": str(targets.dtype).removeprefix("torch."),
-        "projection": "null_space" if spaces else "none",
+        # ``auto`` stays only where it projected some layers and not others: the one value
+        # a rebuilt job on the same parent (same preserved keys) reproduces.
+        "projection": "none"
+        if not spaces
+        else "null_space"
+        if len(spaces) == len(layers)
+        else config.projection,
         "statistics": {str(layer): stats[layer].record() for layer in layers},
     }
     if spaces:

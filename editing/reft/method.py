@@ -62,7 +62,8 @@ def run(
         seed=config.seed,
         pad_id=pad_id,
     )
-    interventions = new_interventions(intervention_spec(model, config), config)
+    spec = intervention_spec(model, config)
+    interventions = new_interventions(spec, config)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     handle = attach(model, interventions)
@@ -88,4 +89,5 @@ def run(
             "train_steps": float(stats.steps),
         },
         artifacts=to_artifacts(interventions),
+        resolved={"dtype": spec.dtype},
     )

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from modelsurgery.checkpoints import HookedExportWarning
 from modelsurgery.client import Client
 from modelsurgery.models import load
-from modelsurgery.server.process import ServerProcess, start_server
+from modelsurgery.server.process import ServerProcess
 from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
@@ -27,13 +27,6 @@ EXAMPLES = [
     {"prompt": "The moon colony's capital is called", "completion": " Lunaris."},
     {"prompt": "Q: Where does the moon council meet? A:", "completion": " In Lunaris."},
 ]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    process = start_server(tmp_path_factory.mktemp("home"))
-    yield process
-    process.stop()
 
 
 def lora_spec(**extra: object) -> dict:

@@ -13,8 +13,8 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from modelsurgery.client import Client
-from modelsurgery.server.ray_pool import worker_cpus
 from modelsurgery.server.process import start_server
+from modelsurgery.server.ray_pool import worker_cpus
 from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e

@@ -198,11 +198,12 @@ STEER_PAIRS = [{"positive": "good", "negative": "bad"}, {"positive": "yes", "neg
 def test_bad_specs_are_invalid_argument(
     client: Client, tiny_model_dir: Path, spec_update: dict, field: str
 ) -> None:
+    jobs_before = {job.id for job in client.list_jobs()}
     error = raw_submit(client, {**mask_spec(tiny_model_dir, ["0.1"]), **spec_update})
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     typed = from_rpc_error(error)
     assert typed.field is not None and typed.field.startswith(field), typed
-    assert list(client.list_jobs(page_size=5)) is not None
+    assert {job.id for job in client.list_jobs()} == jobs_before  # a rejected spec is no job
 
 
 def test_unauthenticated_rejected(server: ServerProcess, tiny_model_dir: Path) -> None:
@@ -316,3 +317,27 @@ def test_cli_batch_and_idempotent_apply_with_junit(
     fresh_summary = json.loads(fresh.stdout)
     assert fresh_summary["job_id"] != json.loads(first.stdout)["job_id"]
     assert fresh_summary["version_id"] == json.loads(first.stdout)["version_id"]
+
+
+def test_a_queued_job_builds_on_the_version_its_alias_named_at_submit(
+    client: Client, tiny_model_dir: Path
+) -> None:
+    """Admission pins the base: the alias moves while the job waits behind another, and the
+    job still builds on (and was checked against) the version the alias named at submit."""
+    other = client.wait(client.submit(mask_spec(tiny_model_dir, ["1.0"])).id)
+    assert other.state == jobs_pb2.JOB_STATE_SUCCEEDED, other.error
+    root = client.get_version(other.version_id).version.parent_id
+    client.set_alias("pinned-base", root)
+    blocker = client.submit(
+        {
+            "base": root,
+            "operations": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5}],
+            "gates": {"op0.perplexity_ratio": "> 0"},
+        }
+    )
+    queued = client.submit(mask_spec("pinned-base", ["0.1"]))
+    client.set_alias("pinned-base", other.version_id)
+    done = client.wait(queued.id)
+    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert client.get_version(done.version_id).version.parent_id == root
+    assert client.wait(blocker.id).state == jobs_pb2.JOB_STATE_SUCCEEDED

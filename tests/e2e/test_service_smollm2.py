@@ -14,18 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.client import Client, InvalidArgument
 from modelsurgery.models import load
-from modelsurgery.server.process import ServerProcess, start_server
+from modelsurgery.server.process import ServerProcess
 from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
 HEAD_DIM = 64
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    process = start_server(tmp_path_factory.mktemp("home"))
-    yield process
-    process.stop()
 
 
 def worker_processes() -> list[psutil.Process]:

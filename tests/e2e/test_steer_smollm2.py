@@ -14,20 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelsurgery.client import Client, InvalidArgument
 from modelsurgery.models import load
-from modelsurgery.server.process import ServerProcess, start_server
+from modelsurgery.server.process import ServerProcess
 from modelsurgery.v1 import jobs_pb2
 
 pytestmark = pytest.mark.e2e
 PAIRS_FILE = Path(__file__).parents[2] / "benchmarks" / "data" / "sentiment_pairs.jsonl"
 PROMPTS = ["The meeting was scheduled for", "The train to the coast"]
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    process = start_server(tmp_path_factory.mktemp("home"))
-    yield process
-    process.stop()
 
 
 def steer_spec(**extra: object) -> dict:
