@@ -115,28 +115,18 @@ class EventRecord:
     fields: dict[str, Any]
 
 
+# Columns stored as JSON, and the record field each one fills.
+_JSON_COLUMNS = {"spec_json": "spec", "metrics_json": "metrics", "gates_json": "gates"}
+
+
 def _job_from_row(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(
-        id=row["id"],
-        request_id=row["request_id"],
-        caller=row["caller"],
-        spec=json.loads(row["spec_json"]),
-        spec_fingerprint=row["spec_fingerprint"],
-        state=JobState(row["state"]),
-        created=row["created"],
-        started=row["started"],
-        finished=row["finished"],
-        version_id=row["version_id"],
-        metrics=json.loads(row["metrics_json"]),
-        gates=json.loads(row["gates_json"]),
-        error=row["error"],
-        attempts=row["attempts"],
-        cancel_requested=bool(row["cancel_requested"]),
-        previous_attempt=row["previous_attempt"],
-        lease_owner=row["lease_owner"],
-        lease_expires=row["lease_expires"],
-        base_version=row["base_version"],
-    )
+    """Every column is a field of the same name (JSON columns decoded into theirs)."""
+    values = {
+        _JSON_COLUMNS.get(name, name): json.loads(row[name]) if name in _JSON_COLUMNS else row[name]
+        for name in row.keys()  # noqa: SIM118 (sqlite3.Row iterates values)
+    }
+    values.update(state=JobState(row["state"]), cancel_requested=bool(row["cancel_requested"]))
+    return JobRecord(**values)
 
 
 class JobTable:

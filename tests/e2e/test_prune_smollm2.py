@@ -12,9 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modelsurgery.editing.registry import MethodContext, get_method
+from modelsurgery.editing.registry import MethodContext, SurgeryResult, get_method
+from modelsurgery.evaluation.measure import JobMeasurements
+from modelsurgery.evaluation.metrics import EvaluationSettings
+from modelsurgery.evaluation.suite import job_protocol
 from modelsurgery.models.adapters import get_adapter
-from modelsurgery.pruning import prune  # noqa: F401  (registers the method)
 from modelsurgery.pruning.config import PruneConfig
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +37,16 @@ def smollm2() -> tuple[torch.nn.Module, Any]:
     return model.eval(), tokenizer
 
 
+def prune(model, tokenizer, config: PruneConfig, tmp_path: Path) -> tuple[SurgeryResult, float]:
+    """The method's result, and the perplexity ratio a job measures around it (1,024 tokens)."""
+    protocol = job_protocol(EvaluationSettings(perplexity_tokens=1024))
+    measurements, measured = JobMeasurements(tokenizer, protocol), frozenset({"perplexity"})
+    measurements.before_operation(0, model, measured, [])
+    context = MethodContext(model_digest="e2e", cache_dir=tmp_path)
+    result = get_method("prune").run(model, tokenizer, config, context)
+    return result, measurements.operation_figures(0, model, measured, [])["perplexity_ratio"]
+
+
 def test_structured_20_percent_is_smaller_and_reloads(smollm2, tmp_path: Path) -> None:
     dense, tokenizer = smollm2
     model = copy.deepcopy(dense)
@@ -44,14 +56,12 @@ def test_structured_20_percent_is_smaller_and_reloads(smollm2, tmp_path: Path) -
         bias_compensation=True,
         calibration_samples=8,
         calibration_seqlen=256,
-        perplexity_tokens=1024,
         measure_latency=False,
     )
-    context = MethodContext(model_digest="e2e", cache_dir=tmp_path)
-    result = get_method("prune").run(model, tokenizer, config, context)
+    result, perplexity_ratio = prune(model, tokenizer, config, tmp_path)
     assert result.config_overrides["intermediate_size"] == 1229
     assert result.metrics["parameter_ratio"] < 0.9
-    assert result.metrics["perplexity_ratio"] < 1.7
+    assert perplexity_ratio < 1.7
 
     model.save_pretrained(tmp_path / "export")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
@@ -63,13 +73,10 @@ def test_structured_20_percent_is_smaller_and_reloads(smollm2, tmp_path: Path) -
 def test_wanda_2_4_keeps_pattern(smollm2, tmp_path: Path) -> None:
     dense, tokenizer = smollm2
     model = copy.deepcopy(dense)
-    config = PruneConfig(
-        kind="nm", calibration_samples=8, calibration_seqlen=256, perplexity_tokens=1024
-    )
-    context = MethodContext(model_digest="e2e", cache_dir=tmp_path)
-    result = get_method("prune").run(model, tokenizer, config, context)
+    config = PruneConfig(kind="nm", calibration_samples=8, calibration_seqlen=256)
+    result, perplexity_ratio = prune(model, tokenizer, config, tmp_path)
     assert result.metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert result.metrics["perplexity_ratio"] < 12
+    assert perplexity_ratio < 12
     weight = get_adapter(model).mlp_out(3).weight
     # At most 2 non-zeros in every group of 4 (dequantised Q4 weights hold some zeros already).
     assert torch.all((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2)

@@ -166,9 +166,9 @@ def test_structured_prune_job_exports_a_smaller_model(
                 "ratio": 0.2,
                 "calibration_samples": 8,
                 "calibration_seqlen": 256,
-                "perplexity_tokens": 1024,
             }
         ],
+        "evaluation": {"perplexity_tokens": 1024},
         "gates": {"parameter_ratio": "< 0.9", "perplexity_ratio": "< 1.7"},
     }
     with Client(server.address, timeout=120) as client:
