@@ -29,9 +29,11 @@ from modelsurgery.editing.data import read_text
 from modelsurgery.editing.examples import load_examples
 from modelsurgery.editing.iti.records import read_records_jsonl
 from modelsurgery.editing.stereotypes.pairs import load_pairs_jsonl
+from modelsurgery.proto.job_state import JobState
 from modelsurgery.server.app import ServerSettings
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.failures import FailureInterceptor
+from modelsurgery.server.outcome import JobOutcome
 from modelsurgery.server.process import start_server
 from modelsurgery.server.redact import MAX_MESSAGE_CHARS, scrub
 from modelsurgery.server.reflection import enable_server_reflection
@@ -297,11 +299,10 @@ def test_job_failing_on_a_data_file_reports_no_secret_path_or_traceback(
     worker = SurgeryWorker(settings, num_threads=1)
     with caplog.at_level(logging.ERROR, logger="modelsurgery.worker"):
         outcome = list(worker.run_job("job-secret", spec))[-1]
-    assert outcome["kind"] == "outcome" and outcome["state"] == "FAILED"
-    error = outcome["error"]
+    assert isinstance(outcome, JobOutcome) and outcome.state == JobState.FAILED
+    error = outcome.error
     assert error.startswith("ValueError: examples_file: line 2 of train.jsonl: not valid JSON")
     assert SECRET not in error and str(tmp_path) not in error and "Traceback" not in error
-    assert "traceback" not in outcome
     assert any(r.exc_info for r in caplog.records if "job-secret" in r.getMessage())
 
 
