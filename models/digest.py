@@ -8,6 +8,7 @@ same digest without reading anything back.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -30,6 +31,18 @@ def digest_from_hashes(tensor_hashes: dict[str, str]) -> str:
     for name in sorted(tensor_hashes):
         h.update(f"{name}\0{tensor_hashes[name]}\n".encode())
     return h.hexdigest()
+
+
+def files_digest(files: Mapping[str, bytes]) -> str:
+    """Digest of named files (a tokenizer's, a config's): what a model is besides its weights."""
+    return digest_from_hashes(
+        {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    )
+
+
+def combined_digest(*parts: str) -> str:
+    """One digest of several (weights, config, tokenizer), in the order given."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def persistent_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

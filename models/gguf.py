@@ -8,6 +8,12 @@ loads read that folder instead (about 20x faster).
 The config is read from the GGUF metadata alone (transformers' gguf config reader, no tensors
 dequantised) and cached per file (path, size, mtime), because a server validates many specs
 against the same base model.
+
+That reader builds Python objects for every metadata item and tensor a file declares, so before
+any of it runs the header, the metadata and the tensor list are walked here (without building
+anything) and checked against the file's size and the bounds in ``proto.limits``. A file refused
+then, or one transformers cannot parse, is remembered per (path, size, mtime) as well: a bad file
+costs one walk, not one per submit.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import mmap
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
@@ -32,6 +40,14 @@ from transformers import (
 )
 
 from modelsurgery.models.aliases import models_cache_dir
+from modelsurgery.models.errors import ModelReferenceError
+from modelsurgery.proto.limits import (
+    MAX_GGUF_ARRAY_ITEMS,
+    MAX_GGUF_METADATA_ITEMS,
+    MAX_GGUF_METADATA_KEYS,
+    MAX_GGUF_NAME_BYTES,
+    MAX_GGUF_TENSORS,
+)
 
 try:  # transformers >= 5 keeps GGUF weights packed unless asked to dequantise
     from transformers import GgufConfig
@@ -39,21 +55,210 @@ except ImportError:  # pragma: no cover - older transformers always dequantises
     GgufConfig = None
 
 
-def load_gguf_config(path: Path) -> PretrainedConfig:
+GGUF_VERSIONS = (2, 3)
+"""The versions transformers reads (version 1 had 32-bit counts)."""
+GGML_MAX_DIMS = 4
+MAX_ARRAY_DEPTH = 2
+"""An array of arrays at most: the reader recurses per item, and real files nest none."""
+HEADER = struct.Struct("<4sIQQ")
+# Fewest bytes a metadata entry takes (key length, value type, a one-byte value), a tensor's
+# entry (name length, dimension count, type, offset) and an array's header (item type, length).
+MIN_KV_BYTES = 8 + 4 + 1
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+ARRAY_HEADER_BYTES = 4 + 8
+STRING_TYPE, ARRAY_TYPE = 8, 9
+# Value type -> size in bytes, for the fixed-size types (u8 i8 u16 i16 u32 i32 f32 bool, u64 i64
+# f64); a string is its 8-byte length and its bytes.
+SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# What transformers' GGUF readers raise on a malformed file.
+PARSE_ERRORS = (
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    struct.error,
+)
+
+
+class _Refused(Exception):
+    """What is wrong with a GGUF file, in words for the caller."""
+
+
+def check_gguf(path: Path, reference: str | None = None) -> None:
+    """Refuse (``ModelReferenceError`` naming ``reference``) a file whose header or metadata
+    lies about its size or passes the bounds, before any reader builds objects for it."""
+    stat = path.stat()
+    problem = _bounds_problem(str(path), stat.st_size, stat.st_mtime_ns)
+    if problem is not None:
+        raise _refused(path, reference, problem)
+
+
+def load_gguf_config(path: Path, reference: str | None = None) -> PretrainedConfig:
     """The model config from the file's metadata (a few seconds once, then cached)."""
     stat = path.stat()
-    return copy.deepcopy(_cached_config(str(path), stat.st_size, stat.st_mtime_ns))
+    config = _cached_config(str(path), stat.st_size, stat.st_mtime_ns)
+    if isinstance(config, str):
+        raise _refused(path, reference, config)
+    return copy.deepcopy(config)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_config(path: str, _size: int, _mtime_ns: int) -> PretrainedConfig:
+@functools.lru_cache(maxsize=32)
+def _cached_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig | str:
+    """The config, or what is wrong with the file (kept too, so it is not parsed again)."""
+    problem = _bounds_problem(path, size, mtime_ns)
+    if problem is not None:
+        return problem
     file = Path(path)
-    return AutoConfig.from_pretrained(file.parent, gguf_file=file.name, trust_remote_code=False)
+    try:
+        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name, trust_remote_code=False)
+    except PARSE_ERRORS as exc:
+        return _unparsable(file, exc)
+
+
+def _unparsable(path: Path, exc: BaseException) -> str:
+    """A parser's complaint about ``path``, without the server's folders."""
+    complaint = str(exc).replace(str(path), path.name).replace(str(path.parent), "<folder>")
+    return f"it does not parse ({type(exc).__name__}: {complaint})"
+
+
+def _refused(path: Path, reference: str | None, problem: str) -> ModelReferenceError:
+    name = str(path) if reference is None else reference
+    return ModelReferenceError(
+        f"model reference {name!r} is not a GGUF file this server reads: {problem}"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds_problem(path: str, size: int, _mtime_ns: int) -> str | None:
+    """What ``check_gguf`` refuses the file for, or None; kept per (path, size, mtime)."""
+    if size < HEADER.size:
+        return f"it is {size} bytes, shorter than a GGUF header"
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            _GGUFWalk(data, len(data)).check()
+        except _Refused as exc:
+            return str(exc)
+    return None
+
+
+class _GGUFWalk:
+    """One pass over a GGUF file's header, metadata and tensor list that reads only lengths,
+    counts and types (fixed-size arrays are skipped, not read)."""
+
+    def __init__(self, data: mmap.mmap, size: int) -> None:
+        self.data = data
+        self.size = size
+        self.offset = 0
+        self.items = 0
+        self.formats = {code: struct.Struct("<" + code) for code in "IQ"}
+
+    def check(self) -> None:
+        magic, version, tensors, kvs = HEADER.unpack_from(self.data, 0)
+        if magic != b"GGUF":
+            raise _Refused("it does not start with the GGUF magic")
+        if version & 0xFFFF == 0:  # written on a big-endian machine
+            self.formats = {code: struct.Struct(">" + code) for code in "IQ"}
+            _, version, tensors, kvs = struct.unpack_from(">4sIQQ", self.data, 0)
+        if version not in GGUF_VERSIONS:
+            raise _Refused(f"GGUF version {version} (this server reads versions 2 and 3)")
+        self.offset = HEADER.size
+        self._count(tensors, "tensors", MAX_GGUF_TENSORS, MIN_TENSOR_INFO_BYTES)
+        self._count(kvs, "metadata entries", MAX_GGUF_METADATA_KEYS, MIN_KV_BYTES)
+        for index in range(kvs):
+            key = self._name(f"metadata entry {index}")
+            value_type = self._unpack("I", f"metadata {key}")
+            self._value(value_type, key, depth=0)
+        for index in range(tensors):
+            name = self._name(f"tensor {index}")
+            dims = self._unpack("I", f"tensor {name}")
+            if dims > GGML_MAX_DIMS:
+                raise _Refused(f"tensor {name} has {dims:,} dimensions (at most {GGML_MAX_DIMS})")
+            self._skip(8 * dims + 4 + 8, f"tensor {name}")
+
+    def _count(self, count: int, what: str, most: int, each: int) -> None:
+        if count > most:
+            raise _Refused(f"its header declares {count:,} {what}; the most accepted is {most:,}")
+        if count * each > self.size - HEADER.size:
+            raise _Refused(
+                f"its header declares {count:,} {what}, more than its {self.size:,} bytes can hold"
+            )
+
+    def _unpack(self, code: str, where: str) -> int:
+        layout = self.formats[code]
+        if self.offset + layout.size > self.size:
+            raise _Refused(f"it ends inside {where}")
+        (value,) = layout.unpack_from(self.data, self.offset)
+        self.offset += layout.size
+        return int(value)
+
+    def _skip(self, length: int, where: str) -> None:
+        if length > self.size - self.offset:
+            raise _Refused(f"it ends inside {where}")
+        self.offset += length
+
+    def _name(self, where: str) -> str:
+        """A key or tensor name, shown (shortened) in messages."""
+        length = self._unpack("Q", where)
+        if length > MAX_GGUF_NAME_BYTES:
+            raise _Refused(
+                f"{where} has a name of {length:,} bytes (at most {MAX_GGUF_NAME_BYTES:,})"
+            )
+        start = self.offset
+        self._skip(length, where)
+        return repr(self.data[start : start + min(length, 64)].decode("utf-8", "replace"))
+
+    def _value(self, value_type: int, key: str, depth: int) -> None:
+        where = f"metadata {key}"
+        if value_type in SCALAR_BYTES:
+            self._skip(SCALAR_BYTES[value_type], where)
+        elif value_type == STRING_TYPE:
+            self._skip(self._unpack("Q", where), where)
+        elif value_type == ARRAY_TYPE:
+            self._array(key, depth + 1)
+        else:
+            raise _Refused(f"{where} has unknown value type {value_type}")
+
+    def _array(self, key: str, depth: int) -> None:
+        where = f"metadata {key}"
+        if depth > MAX_ARRAY_DEPTH:
+            raise _Refused(f"{where} nests arrays deeper than {MAX_ARRAY_DEPTH}")
+        item_type = self._unpack("I", where)
+        if item_type not in SCALAR_BYTES and item_type not in (STRING_TYPE, ARRAY_TYPE):
+            raise _Refused(f"{where} is an array of unknown item type {item_type}")
+        length = self._unpack("Q", where)
+        if length > MAX_GGUF_ARRAY_ITEMS:
+            raise _Refused(
+                f"{where} is an array of {length:,} items; the most accepted is "
+                f"{MAX_GGUF_ARRAY_ITEMS:,}"
+            )
+        smallest = SCALAR_BYTES.get(
+            item_type, 8 if item_type == STRING_TYPE else ARRAY_HEADER_BYTES
+        )
+        if length * smallest > self.size - self.offset:
+            raise _Refused(
+                f"{where} declares {length:,} items, more than the rest of the file can hold"
+            )
+        self.items += length * (2 if item_type == STRING_TYPE else 1)
+        if self.items > MAX_GGUF_METADATA_ITEMS:
+            raise _Refused(
+                f"its metadata arrays hold more than {MAX_GGUF_METADATA_ITEMS:,} items together"
+            )
+        if item_type in SCALAR_BYTES:
+            self._skip(length * SCALAR_BYTES[item_type], where)
+        elif item_type == STRING_TYPE:
+            for _ in range(length):
+                self._skip(self._unpack("Q", where), where)
+        else:
+            for _ in range(length):
+                self._value(item_type, key, depth)
 
 
 def load_gguf_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A plain dense model: weights dequantised (float32 unless ``dtype`` says otherwise) and
     the quantization marker removed so ``save_pretrained`` and the store accept it."""
+    check_gguf(path)
     kwargs: dict[str, object] = {"gguf_file": path.name, "trust_remote_code": False}
     if GgufConfig is not None:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
@@ -65,6 +270,7 @@ def load_gguf_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedM
 
 
 def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    check_gguf(path)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
 
 
@@ -100,11 +306,12 @@ def dequantized_folder(path: Path) -> Path:
 
 
 def load_gguf(
-    path: Path, dtype: torch.dtype | None = None
+    path: Path, dtype: torch.dtype | None = None, reference: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer of a GGUF file, through the dequantised-folder cache."""
     folder = dequantized_folder(path)
     if not folder.is_dir():
+        check_gguf(path, reference)
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
             if not folder.is_dir():

@@ -8,12 +8,14 @@ on: a reference can name weights, not code.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -141,8 +143,11 @@ def load_config(
         assert store is not None and resolved.version_id is not None
         return load_stored_config(store, resolved.version_id)
     if resolved.is_gguf:
-        return load_gguf_config(_gguf_file(resolved))
-    return AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
+        return load_gguf_config(_gguf_file(resolved), resolved.reference)
+    try:
+        return AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise _does_not_load(resolved, exc) from exc
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -165,13 +170,20 @@ def _load_weights(
     assert resolved.path is not None
     try:
         if resolved.is_gguf:
-            return load_gguf(_gguf_file(resolved), dtype)
+            return load_gguf(_gguf_file(resolved), dtype, resolved.reference)
         model = _load_folder_model(resolved.path, dtype, resolved.reference)
         return model, AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
     except ModelReferenceError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise _does_not_load(resolved, exc) from exc
+    except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False, which this server never does.
+        raise ModelReferenceError(
+            f"model reference {resolved.reference!r} does not load: its pickled weights hold "
+            "objects other than tensors, which this server does not unpickle; convert the "
+            "model to safetensors"
+        ) from exc
 
 
 def _does_not_load(resolved: ResolvedReference, exc: Exception) -> ModelReferenceError:

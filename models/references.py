@@ -168,6 +168,17 @@ def _looks_like_path(reference: str) -> bool:
     )
 
 
+class _NoSuchUser(Exception):
+    """``~name`` for a name with no home on this machine."""
+
+
+def _expanded(reference: str) -> Path:
+    try:
+        return Path(reference).expanduser()
+    except RuntimeError as exc:  # pathlib's answer to an unknown ``~name``
+        raise _NoSuchUser from exc
+
+
 def _roots(allowed_roots: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Each root as written (absolute) and with its own symlinks resolved."""
     roots: list[Path] = []
@@ -183,15 +194,38 @@ def _inside(path: Path, roots: list[Path]) -> bool:
 
 def _lexical(reference: str) -> Path:
     """The absolute path as written, ``..`` folded, without touching the file system."""
-    return Path(os.path.abspath(Path(reference).expanduser()))
+    return Path(os.path.abspath(_expanded(reference)))
 
 
 def _exists(reference: str, allowed_roots: Sequence[str | os.PathLike[str]] | None) -> bool:
     """Whether ``reference`` names an existing path; with roots, only paths under them are
     looked at, so the answer says nothing about the rest of the file system."""
-    if allowed_roots is not None and not _inside(_lexical(reference), _roots(allowed_roots)):
+    try:
+        if allowed_roots is not None and not _inside(_lexical(reference), _roots(allowed_roots)):
+            return False
+        return _expanded(reference).exists()
+    except _NoSuchUser:
         return False
-    return Path(reference).expanduser().exists()
+
+
+def _link_out(folder: Path, roots: list[Path]) -> str | None:
+    """The first entry of ``folder``, at any depth, that resolves outside ``roots`` (its path
+    in the folder), or None. Loaders read subfolders too (a tokenizer's, an adapter's); a
+    folder linked to from inside is walked once, so a link cycle ends."""
+    seen = {folder}
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        here = Path(current)
+        for name in (*dirs, *files):
+            if not _inside((here / name).resolve(), roots):
+                return (here / name).relative_to(folder).as_posix()
+        unseen = []
+        for name in dirs:
+            real = (here / name).resolve()
+            if real not in seen:
+                seen.add(real)
+                unseen.append(name)
+        dirs[:] = unseen
+    return None
 
 
 def outside_roots(reference: str, detail: str = "") -> ReferenceNotAllowedError:
@@ -204,18 +238,23 @@ def _resolve_path(
     reference: str, allowed_roots: Sequence[str | os.PathLike[str]] | None
 ) -> ResolvedReference:
     roots = None if allowed_roots is None else _roots(allowed_roots)
-    if roots is not None and not _inside(_lexical(reference), roots):
-        raise outside_roots(reference)
-    path = Path(reference).expanduser().resolve()
+    try:
+        if roots is not None and not _inside(_lexical(reference), roots):
+            raise outside_roots(reference)
+        path = _expanded(reference).resolve()
+    except _NoSuchUser:
+        # Under roots, an unknown user reads like a known one's home: outside them.
+        if roots is not None:
+            raise outside_roots(reference) from None
+        raise unresolvable(reference, "its ~name names no user on this machine") from None
     if roots is not None and not _inside(path, roots):
         raise outside_roots(reference, " (it is a link that leads out of them)")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise unresolvable(reference, "the folder has no config.json")
-        if roots is not None:
-            for child in path.iterdir():
-                if not _inside(child.resolve(), roots):
-                    raise outside_roots(reference, f" (its {child.name} links out of them)")
+        leak = None if roots is None else _link_out(path, roots)
+        if leak is not None:
+            raise outside_roots(reference, f" (its {leak} links out of them)")
         return ResolvedReference(reference, SourceKind.FOLDER, path)
     if path.is_file():
         with path.open("rb") as f:

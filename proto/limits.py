@@ -68,6 +68,24 @@ MAX_PROMPT_CHARS = 64 * KIB
 MAX_GENERATE_SECONDS = 600.0
 """A Generate without a client deadline stops after this long."""
 
+# --- model files -------------------------------------------------------------------------
+# transformers reads a GGUF file's metadata and tensor list into Python objects before a job is
+# admitted (tens of bytes per array item with its own reader, about 1 KB with the ``gguf``
+# package's, used for some architectures); these bounds keep a hostile file under a model root
+# from costing the server gigabytes and minutes. Real files stay far inside them.
+MAX_GGUF_TENSORS = 1 << 16
+"""Tensors one GGUF file declares (a 400B or mixture-of-experts model has a few thousand)."""
+MAX_GGUF_METADATA_KEYS = 1 << 14
+"""Metadata entries (real files have tens)."""
+MAX_GGUF_ARRAY_ITEMS = 1 << 20
+"""Items in one metadata array (Gemma 3's vocabulary is 262,144 tokens, Llama 3's merges
+280,147)."""
+MAX_GGUF_METADATA_ITEMS = 1 << 21
+"""Items in all metadata arrays together, a string counting twice (the reader keeps its length
+and its bytes apart): a Gemma 3 file needs about 1,050,000."""
+MAX_GGUF_NAME_BYTES = (1 << 16) - 1
+"""A metadata key or tensor name (the GGUF specification's bound on keys)."""
+
 # --- responses and caches ------------------------------------------------------------------
 LIST_RESPONSE_BYTES = 3 * MIB
 """A ``ListJobs`` page holds jobs up to this many serialized bytes (4 MiB is the message

@@ -117,10 +117,22 @@ class JobSpec(BaseModel):
         return {name: Gate.parse(text) for name, text in self.gates.items()}
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as stored and sent: what was given, without the defaults filled in (each
+        of 10,000 facts would carry every unset field as null, tripling a large spec); it
+        parses back to the same spec."""
+        return self._as_dict(exclude_defaults=True)
+
+    def _as_dict(self, *, exclude_defaults: bool) -> dict[str, Any]:
         data: dict[str, Any] = {
             "api_version": self.api_version,
             "base": self.base,
-            "operations": [op.model_dump(mode="json") for op in self.operations],
+            "operations": [
+                {
+                    "method": op.method,
+                    **op.model_dump(mode="json", exclude_defaults=exclude_defaults),
+                }
+                for op in self.operations
+            ],
             "gates": dict(self.gates),
         }
         if self.alias:
@@ -132,12 +144,34 @@ class JobSpec(BaseModel):
         return data
 
     def fingerprint(self) -> str:
-        """Hash of the canonical spec: what idempotency compares."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Hash of the canonical spec, every value filled in: what idempotency compares. The
+        same form as before specs were stored without defaults, so a request id stored then
+        still matches its spec."""
+        canonical = json.dumps(
+            self._as_dict(exclude_defaults=False), sort_keys=True, separators=(",", ":")
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_proto(self) -> jobs_pb2.JobSpec:
         return stored_spec_to_proto(self.to_dict())
+
+
+def check_stored_size(data: dict[str, Any]) -> None:
+    """Bound a spec's stored form (``JobSpec.to_dict``) as the job table keeps it and as a Job
+    message carries it, checked before it is stored: a row that GetJob or a ListJobs page
+    could not send must never be created."""
+    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limits.MAX_SPEC_BYTES:
+        raise SpecTooLarge(
+            "spec", f"is {size} bytes as stored; at most {limits.MAX_SPEC_BYTES} bytes"
+        )
+    shown = stored_spec_to_proto(data).ByteSize()
+    if shown > limits.LIST_RESPONSE_BYTES:
+        raise SpecTooLarge(
+            "spec",
+            f"is {shown} bytes as stored in a Job message; at most "
+            f"{limits.LIST_RESPONSE_BYTES} bytes",
+        )
 
 
 def stored_spec_to_proto(data: dict[str, Any]) -> jobs_pb2.JobSpec:

@@ -88,8 +88,15 @@ class Admission:
             try:
                 config = load_config(key, store=self.store, allowed_roots=self.model_roots)
             except (ModelReferenceError, OSError, ValueError) as exc:
-                # OSError/ValueError: paths the OS rejects (NUL byte, name too long).
-                raise AdmissionError("base", str(exc)) from None
+                # OSError/ValueError: paths the OS rejects (NUL byte, name too long). Server
+                # paths in the message (transformers names files) become placeholders; the
+                # reference is echoed as the caller wrote it.
+                from modelsurgery.server.redact import Places, scrub
+
+                places = Places(self.store.root, self.model_roots)
+                parts = str(exc).split(repr(key))
+                message = repr(key).join(scrub(part, places) for part in parts)
+                raise AdmissionError("base", message) from None
             self._configs[key] = config
             while len(self._configs) > CONFIG_CACHE_SIZE:
                 self._configs.popitem(last=False)

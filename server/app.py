@@ -15,8 +15,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelsurgery.checkpoints import CheckpointStore, default_root
 from modelsurgery.proto.limits import DEFAULT_MAX_EXPORT_BYTES, DEFAULT_MAX_JOB_SECONDS
-from modelsurgery.server.auth import BearerTokenInterceptor, load_tokens, take_env_tokens
+from modelsurgery.server.auth import TOKENS_ENV, BearerTokenInterceptor, load_tokens
 from modelsurgery.server.checkpoint_service import CheckpointService, ExportCache
+from modelsurgery.server.credentials import take_from_environment
 from modelsurgery.server.engine import EngineSettings, JobEngine
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.failures import FailureInterceptor
@@ -130,7 +131,7 @@ class ModelSurgeryServer:
     async def start(self) -> int:
         s = self.settings
         if s.env_tokens is None:
-            s.env_tokens = take_env_tokens()
+            s.env_tokens = take_from_environment(TOKENS_ENV)
         tokens = load_tokens(s.tokens_file, s.env_tokens)
         if not tokens and s.host not in LOOPBACK:
             log.warning(
@@ -153,6 +154,7 @@ class ModelSurgeryServer:
             max_cache_bytes=s.max_cache_bytes,
             fan_out=s.fan_out,
             fan_out_cpus=s.fan_out_cpus,
+            shared_aliases=s.shared_aliases,
         )
         self.engine = JobEngine(
             self.table,
@@ -283,7 +285,7 @@ def run(settings: ServerSettings, ready_file: Path | None = None, json_logs: boo
     """Serve until a signal; with ``json_logs`` every line on stdout/stderr is a JSON object,
     native output included (see ``logs.relay_output``)."""
     if settings.env_tokens is None:  # before the log relay starts: it must not inherit them
-        settings.env_tokens = take_env_tokens()
+        settings.env_tokens = take_from_environment(TOKENS_ENV)
     with relay_output() if json_logs else contextlib.nullcontext():
         configure_logging(json_logs)
         try:

@@ -31,7 +31,12 @@ from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
 from modelsurgery.server.exports import ExportCache
 from modelsurgery.server.generation import GenerationStopped, PromptError
-from modelsurgery.server.permissions import AliasPolicy, PermissionDenied, require_alias_move
+from modelsurgery.server.permissions import (
+    AliasPolicy,
+    PermissionDenied,
+    may_see_version_data,
+    require_alias_move,
+)
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 
 MAX_CHUNK = 3 << 20
@@ -125,6 +130,15 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         except VersionNotFoundError:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no version or alias {ref!r}", field)
 
+    async def _with_data(self, manifests: list[Manifest]) -> dict[str, bool]:
+        """Version id -> whether the current caller sees its inline data (its creators and
+        admins do: ``may_see_version_data``)."""
+        caller = current_identity()
+        if caller.is_admin or not manifests:
+            return dict.fromkeys((m.id for m in manifests), True)
+        creators = await asyncio.to_thread(self.engine.table.creators, [m.id for m in manifests])
+        return {m.id: may_see_version_data(caller, creators[m.id]) for m in manifests}
+
     async def ListVersions(
         self, request: checkpoints_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> checkpoints_pb2.ListVersionsResponse:
@@ -138,8 +152,9 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         offset = int(request.page_token or 0)
         versions = await asyncio.to_thread(self.store.list_versions)
         page = versions[offset : offset + size]
+        shown = await self._with_data(page)
         return checkpoints_pb2.ListVersionsResponse(
-            versions=[version_to_proto(m) for m in page],
+            versions=[version_to_proto(m, with_data=shown[m.id]) for m in page],
             next_page_token=str(offset + size) if offset + size < len(versions) else "",
         )
 
@@ -149,8 +164,9 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         manifest = await self._manifest(request.ref, context)
         lineage = await asyncio.to_thread(self.store.lineage, manifest.id)
         aliases = [n for n, v in self.store.list_aliases().items() if v == manifest.id]
+        shown = await self._with_data([manifest])
         return checkpoints_pb2.GetVersionResponse(
-            version=version_to_proto(manifest),
+            version=version_to_proto(manifest, with_data=shown[manifest.id]),
             lineage=[m.id for m in lineage],
             aliases=sorted(aliases),
         )
@@ -316,6 +332,14 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
     async def ImportModel(
         self, request: checkpoints_pb2.ImportModelRequest, context: grpc.aio.ServicerContext
     ) -> checkpoints_pb2.ImportModelResponse:
+        if len(request.reference) > limits.MAX_REFERENCE_CHARS:
+            # As a spec's base: a longer one, echoed in the error, would overflow the trailer.
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {limits.MAX_REFERENCE_CHARS} characters",
+                "reference",
+            )
         try:
             await asyncio.to_thread(resolve_reference, request.reference, self.model_roots)
         except (ModelReferenceError, OSError, ValueError) as exc:
@@ -434,8 +458,9 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
                 await abort(
                     context, grpc.StatusCode.INVALID_ARGUMENT, "has no facts or pairs", "suite_json"
                 )
-        metrics = await self.engine.call(
-            "evaluate", manifest.id, against, request.suite_json, request.perplexity
+        worker = self.engine.pool.any_actor()
+        metrics = await cancelled_with_caller(
+            worker.evaluate.remote(manifest.id, against, request.suite_json, request.perplexity)
         )
         return checkpoints_pb2.EvaluateVersionResponse(
             version_id=manifest.id, against=against, metrics=metrics

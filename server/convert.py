@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
+import types
+import typing
 from datetime import datetime
+from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
+from pydantic import BaseModel
 
 from modelsurgery.checkpoints import Manifest
+from modelsurgery.editing.registry import config_class
+from modelsurgery.proto import limits
 from modelsurgery.proto.spec import stored_spec_to_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
@@ -16,6 +24,36 @@ from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 # A page token is an offset: ASCII digits only (str.isdigit also takes '²'), small enough for
 # SQLite's 64-bit OFFSET.
 PAGE_TOKEN = re.compile(r"[0-9]{1,18}")
+# An operation's list shown as a summary when a job is too large to show whole: lists whose
+# JSON is longer than this.
+SUMMARISED_LIST_BYTES = 1024
+
+
+def summary(values: list[Any]) -> dict[str, Any]:
+    """What stands for a list that is not shown: how many items, and the sha256 of their
+    canonical JSON (to compare with a copy of the data)."""
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return {"count": len(values), "sha256": hashlib.sha256(canonical.encode()).hexdigest()}
+
+
+def _summarised_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec with each operation's long lists (facts, examples, ...) summarised."""
+    operations = [
+        {
+            name: summary(value)
+            if isinstance(value, list) and len(json.dumps(value)) > SUMMARISED_LIST_BYTES
+            else value
+            for name, value in op.items()
+        }
+        for op in spec.get("operations", [])
+    ]
+    return {**spec, "operations": operations}
+
+
+def _bare_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec reduced to its base and its operations' methods."""
+    operations = [{"method": op.get("method", "")} for op in spec.get("operations", [])]
+    return {**spec, "operations": operations, "gates": {}}
 
 
 def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
@@ -27,6 +65,18 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
 
 
 def job_to_proto(job: jt.JobRecord) -> jobs_pb2.Job:
+    """The job as the API shows it. A row too large for one message (a spec stored whole by
+    an earlier release) is shown with its long lists summarised, else with its operations'
+    methods alone, so one row never fails a GetJob or a ListJobs page."""
+    message = _job_message(job)
+    for shorten in (_summarised_spec, _bare_spec):
+        if message.ByteSize() <= limits.LIST_RESPONSE_BYTES:
+            break
+        message.spec.CopyFrom(stored_spec_to_proto(shorten(job.spec)))
+    return message
+
+
+def _job_message(job: jt.JobRecord) -> jobs_pb2.Job:
     message = jobs_pb2.Job(
         id=job.id,
         request_id=job.request_id,
@@ -72,7 +122,55 @@ def event_to_proto(event: jt.EventRecord) -> jobs_pb2.JobEvent:
     return message
 
 
-def version_to_proto(manifest: Manifest) -> checkpoints_pb2.Version:
+def _is_record_list(annotation: Any) -> bool:
+    """``list[Model]`` (or an optional one) for a pydantic ``Model``: a list of records."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_record_list(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) is not list:
+        return False
+    (item,) = typing.get_args(annotation)
+    return isinstance(item, type) and issubclass(item, BaseModel)
+
+
+@functools.cache
+def inline_data_fields(method: str) -> frozenset[str]:
+    """The fields of ``method``'s config that carry a caller's data inline: lists of records
+    (facts, examples, pairs, QA records) and of prompts (none for an unknown method)."""
+    try:
+        config = config_class(method)
+    except KeyError:
+        return frozenset()
+    return frozenset(
+        name
+        for name, field in config.model_fields.items()
+        if _is_record_list(field.annotation) or name.endswith(("prompts", "texts"))
+    )
+
+
+def without_inline_data(manifest: Manifest) -> Manifest:
+    """``manifest`` with each operation's inline data (``inline_data_fields``, and any other
+    list of records) replaced by its ``summary``: what callers other than its creators see."""
+
+    def hidden(method: str, name: str, value: Any) -> bool:
+        if not isinstance(value, list):
+            return False
+        records = bool(value) and all(isinstance(item, dict) for item in value)
+        return name in inline_data_fields(method) or records
+
+    operations = [
+        {
+            name: summary(value) if hidden(str(op.get("method", "")), name, value) else value
+            for name, value in op.items()
+        }
+        for op in manifest.operations
+    ]
+    return manifest.model_copy(update={"operations": operations})
+
+
+def version_to_proto(manifest: Manifest, *, with_data: bool = True) -> checkpoints_pb2.Version:
+    """A version as the API shows it; ``with_data=False``: its manifest without the data its
+    operations carried inline (``without_inline_data``)."""
+    shown = manifest if with_data else without_inline_data(manifest)
     message = checkpoints_pb2.Version(
         id=manifest.id,
         parent_id=manifest.parent or "",
@@ -80,7 +178,7 @@ def version_to_proto(manifest: Manifest) -> checkpoints_pb2.Version:
         root_digest=manifest.root.digest,
         methods=[str(op.get("method", "")) for op in manifest.operations],
         metrics={k: float(v) for k, v in manifest.metrics.items()},
-        manifest_json=manifest.model_dump_json(),
+        manifest_json=shown.model_dump_json(),
         changed_tensors=len(manifest.tensors) if manifest.parent else 0,
     )
     created = datetime.fromisoformat(manifest.created)

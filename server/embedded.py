@@ -18,7 +18,8 @@ from pathlib import Path
 from types import TracebackType
 
 from modelsurgery.server.app import ModelSurgeryServer, ServerSettings
-from modelsurgery.server.auth import take_env_tokens
+from modelsurgery.server.auth import TOKENS_ENV
+from modelsurgery.server.credentials import take_from_environment
 
 SOCKET_NAME = "modelsurgery.sock"
 FOLDER_PREFIX = "modelsurgery-local-"
@@ -54,7 +55,7 @@ def local_settings(store_root: Path, spec_file: Path, base: str) -> ServerSettin
     spec file's folder, the current folder or the home's ``data/`` (relative names are looked
     up in that order)."""
     home = store_root.parent
-    take_env_tokens()  # unused here (only this user reaches the socket); kept from Ray
+    take_from_environment(TOKENS_ENV)  # unused (only this user reaches the socket); kept from Ray
     shared = [spec_file.resolve().parent, Path(os.getcwd())]
     models = dict.fromkeys([*_base_folders(base), *shared, home / "models"])
     data = dict.fromkeys([*shared, home / "data"])

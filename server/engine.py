@@ -1,8 +1,10 @@
 """The job engine: dispatches jobs from the durable job table to the Ray worker pool
 (``ray_pool``), records their outcomes, and keeps this server's claims (``leases``).
 
-A job whose worker dies is retried while attempts remain, else failed with the reason; it is
-never left RUNNING. Cancellations reach the owning server through the table, deadlines
+A job whose worker dies is SUCCEEDED if its version was published, else retried while
+attempts remain, else failed with the reason; it is never left RUNNING: an end that cannot be
+written (disk full) is retried, and the tick settles any RUNNING job of this server that no
+task runs. Cancellations reach the owning server through the table, deadlines
 (``timeout_s``) end a job as FAILED, and finished jobs older than the retention are deleted.
 """
 
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,17 +30,20 @@ from modelsurgery.server import job_table as jt
 from modelsurgery.server.event_throttle import EventThrottle
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.leases import (
-    owner_is_dead,
+    may_take_over_early,
+    record_published,
     retire_identity,
     server_identity,
     settle_abandoned,
 )
 from modelsurgery.server.metrics import ServerMetrics
 from modelsurgery.server.outcome import JobOutcome
+from modelsurgery.server.permissions import AliasPolicy, submitter
 from modelsurgery.server.ray_pool import WorkerPool, start_ray
 from modelsurgery.server.shared_data import report_missing_data
 
 log = logging.getLogger("modelsurgery.engine")
+MAX_SETTLE_RETRY_SECONDS = 30.0
 
 
 @dataclass
@@ -58,6 +66,10 @@ class EngineSettings:
     # Finished jobs (and their events) older than this are deleted; None keeps them.
     retention_seconds: float | None = 30 * 24 * 3600.0
     max_events_per_job: int = 5_000
+    # Tries at recording a job's end while SQLite cannot write, the first wait between them
+    # (doubling up to MAX_SETTLE_RETRY_SECONDS); then the tick settles the job.
+    settle_attempts: int = 8
+    settle_retry_seconds: float = 0.5
 
 
 class JobEngine:
@@ -79,6 +91,7 @@ class JobEngine:
         self._owns_ray = False
         self.identity = server_identity()
         self.store = CheckpointStore(settings.worker.store_root)
+        self.alias_policy = AliasPolicy(settings.worker.shared_aliases)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start_ray(self) -> None:
@@ -133,11 +146,18 @@ class JobEngine:
         """Take over RUNNING jobs whose server is gone and settle each (``leases``)."""
         settled = []
         for job in self.table.claim_abandoned(
-            self.identity, self.settings.lease_seconds, owner_is_dead
+            self.identity,
+            self.settings.lease_seconds,
+            lambda job_id, owner: may_take_over_early(job_id, owner, self.store),
         ):
             settled.append(
                 settle_abandoned(
-                    job, self.table, self.store, self.identity, self.settings.max_attempts
+                    job,
+                    self.table,
+                    self.store,
+                    self.identity,
+                    self.settings.max_attempts,
+                    self.alias_policy,
                 )
             )
             log.warning(
@@ -179,6 +199,8 @@ class JobEngine:
                 ray.kill(actor, no_restart=False)
                 self._deadlines.pop(job_id, None)
         self.recover_abandoned()
+        if self._settle_orphans():
+            self.wake()
         retention = self.settings.retention_seconds
         if retention is not None and now - self._last_retention > 3600:
             self._last_retention = now
@@ -214,6 +236,7 @@ class JobEngine:
             except jt.StateConflict:
                 self.pool.idle.put_nowait(actor)
                 continue
+            self.pool.busy[job.id] = actor  # before any await: the tick sweeps jobs not busy
             await self.notify()
             task = asyncio.create_task(self._run(job, actor))
             self._job_tasks.add(task)
@@ -225,7 +248,7 @@ class JobEngine:
         )
 
     async def _run(self, job: jt.JobRecord, actor: Any) -> None:
-        self.pool.busy[job.id] = actor
+        """Run ``job`` (marked busy on ``actor`` by the dispatcher) and record how it ended."""
         started = time.monotonic()
         timeout = self._deadline(job)
         self._deadlines[job.id] = (started + timeout, timeout)
@@ -234,29 +257,35 @@ class JobEngine:
         )
         outcome: JobOutcome | None = None
         worker_died = False
+        settle: Callable[[], None]
         try:
-            if self.table.get(job.id).cancel_requested:
-                actor.cancel.remote(job.id)
-            base_version = job.base_version or None
-            async for ref in actor.run_job.remote(job.id, job.spec, job.caller, base_version):
-                event = await ref
-                if isinstance(event, JobOutcome):
-                    outcome = event
-                    break
-                await self._store_events(job.id, throttle.offer(event, time.monotonic()))
-            await self._store_events(job.id, throttle.flush())
-        except (RayActorError, WorkerCrashedError) as exc:
-            worker_died = True
-            self._handle_worker_death(job, exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("job failed in the engine", extra={"job_id": job.id})
-            self._finish(
-                job.id, JobState.FAILED, message="engine error", error="internal engine error"
-            )
-        else:
-            self._record_outcome(job, outcome, timeout)
+            try:
+                if self.table.get(job.id).cancel_requested:
+                    actor.cancel.remote(job.id)
+                base_version = job.base_version or None
+                caller = submitter(job.caller, job.caller_role)
+                async for ref in actor.run_job.remote(job.id, job.spec, caller, base_version):
+                    event = await ref
+                    if isinstance(event, JobOutcome):
+                        outcome = event
+                        break
+                    await self._store_events(job.id, throttle.offer(event, time.monotonic()))
+                await self._store_events(job.id, throttle.flush())
+            except (RayActorError, WorkerCrashedError) as exc:
+                worker_died = True
+                settle = functools.partial(self._handle_worker_death, job, exc)
+            except Exception:
+                log.exception("job failed in the engine", extra={"job_id": job.id})
+                settle = functools.partial(
+                    self._finish,
+                    job.id,
+                    JobState.FAILED,
+                    message="engine error",
+                    error="internal engine error",
+                )
+            else:
+                settle = functools.partial(self._record_outcome, job, outcome, timeout)
+            await self._settle(job.id, settle)
         finally:
             self.pool.busy.pop(job.id, None)
             self._deadlines.pop(job.id, None)
@@ -267,6 +296,42 @@ class JobEngine:
             self.pool.idle.put_nowait(actor)
             self.wake()
             await self.notify()
+
+    async def _settle(self, job_id: str, settle: Callable[[], None]) -> None:
+        """Record how a job ended, retrying with back-off while SQLite cannot write (disk
+        full, I/O error): a lost write would leave the job RUNNING under a lease this server
+        renews for ever. After the last try the job is an orphan that ``_settle_orphans``
+        settles once the table can be written again."""
+        delay = self.settings.settle_retry_seconds
+        for attempt in range(1, self.settings.settle_attempts + 1):
+            try:
+                settle()
+                return
+            except sqlite3.OperationalError as exc:
+                log.error(
+                    "could not record the end of a job",
+                    extra={"job_id": job_id, "attempt": attempt, "why": str(exc)},
+                )
+            if attempt < self.settings.settle_attempts:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_SETTLE_RETRY_SECONDS)
+
+    def _settle_orphans(self) -> list[jt.JobRecord]:
+        """Settle this server's RUNNING jobs that no task runs (their end could not be
+        recorded): SUCCEEDED if published, else cancelled, re-queued or failed."""
+        return [
+            settle_abandoned(
+                self.table.get(job_id),
+                self.table,
+                self.store,
+                self.identity,
+                self.settings.max_attempts,
+                self.alias_policy,
+                reason="the job's end could not be recorded",
+            )
+            for job_id in self.table.running_of(self.identity)
+            if job_id not in self.pool.busy
+        ]
 
     async def _store_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
         for event in events:
@@ -309,10 +374,29 @@ class JobEngine:
         log.info("job finished", extra={"job_id": job.id, "state": state})
 
     def _handle_worker_death(self, job: jt.JobRecord, exc: Exception) -> None:
+        """A worker that died after publishing leaves a version that names the job: the job
+        SUCCEEDED with it (the publish is the commit point), as on a takeover. Otherwise the
+        job is retried, cancelled, timed out or failed."""
         current = self.table.get(job.id)
         reason = f"worker process died: {type(exc).__name__}"
         log.error("worker died during a job", extra={"job_id": job.id})
-        if job.id in self._timed_out:
+        published = self.store.version_of_job(job.id)
+        if published is not None:
+            try:
+                record_published(
+                    current,
+                    published,
+                    self.table,
+                    self.store,
+                    self.identity,
+                    self.alias_policy,
+                    f"{reason}; version {published.id} published",
+                )
+            except jt.LeaseLost as lost:
+                log.warning(
+                    "result dropped: job taken over", extra={"job_id": job.id, "why": str(lost)}
+                )
+        elif job.id in self._timed_out:
             timeout = self._deadlines.get(job.id, (0.0, self._deadline(job)))[1]
             self._finish(
                 job.id,

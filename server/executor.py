@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
+from modelsurgery.checkpoints.hf import model_files, tokenizer_files
 from modelsurgery.editing.attachments import attach_hooks
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.registry import JobCancelled, MethodConfig, MethodContext, get_method
@@ -29,13 +30,15 @@ from modelsurgery.evaluation.measure import JobMeasurements
 from modelsurgery.evaluation.metrics import FACTS, operation_measures, wants_perplexity
 from modelsurgery.evaluation.perplexity import PerplexityCache
 from modelsurgery.evaluation.suite import SUITE_ARTIFACT, carried_suite, job_protocol
-from modelsurgery.models import load
-from modelsurgery.models.digest import model_digest
+from modelsurgery.models import LoadedModel, load
+from modelsurgery.models.digest import combined_digest, files_digest, model_digest
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import parse_spec
+from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.fan_out import fan_out_for
 from modelsurgery.server.model_cache import CachedModel, ModelCache, parameter_bytes
 from modelsurgery.server.outcome import JobOutcome, evaluate_gates, settle_published
+from modelsurgery.server.permissions import AliasPolicy
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -52,40 +55,51 @@ class WorkerSettings:
     # CPUs each asks Ray for; 1 = the batches run in the job's worker.
     fan_out: int = 1
     fan_out_cpus: float = 1.0
+    # The server's shared alias patterns (``AliasPolicy``): a job's alias is authorised again
+    # when it publishes, in the worker.
+    shared_aliases: tuple[str, ...] = ()
 
 
 def load_base(
     reference: str, store: CheckpointStore, cache: ModelCache, settings: WorkerSettings
 ) -> CachedModel:
     """The warm model for a spec's base: a stored version or alias, else a model reference
-    (imported into the store first, so every version has a root in the store)."""
+    (imported into the store first, so every version has a root in the store). Its cache
+    identity covers the tokenizer and config as well as the weights (``_cached``)."""
 
     def from_store(version_id: str) -> CachedModel:
         loaded = load(version_id, store=store, device=settings.device, with_hooks=False)
-        return CachedModel(
-            loaded.model, loaded.tokenizer, loaded.digest, version_id, parameter_bytes(loaded.model)
-        )
+        return _cached(loaded, version_id)
 
     def from_reference() -> CachedModel:
         loaded = load(reference, device=settings.device, allowed_roots=settings.model_roots)
         manifest = store.import_model(
             loaded.model, loaded.tokenizer, reference=reference, revision=loaded.revision
         )
-        return CachedModel(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.digest,
-            manifest.id,
-            parameter_bytes(loaded.model),
-        )
+        return _cached(loaded, manifest.id)
 
     try:
         version_id = store.resolve(reference)
     except VersionNotFoundError:
         entry = cache.get_or_load(f"ref:{reference}", from_reference)
-        cache.remember(f"version:{entry.version_id}", entry.digest)
+        cache.remember(f"version:{entry.version_id}", entry)
         return entry
     return cache.get_or_load(f"version:{version_id}", lambda: from_store(version_id))
+
+
+def _cached(loaded: LoadedModel, version_id: str) -> CachedModel:
+    """A loaded model as a cache entry, keyed by its weights, config and tokenizer files (as
+    the store keeps them), so a folder with another tokenizer is another model."""
+    config = files_digest(model_files(loaded.model))
+    tokenizer = "" if loaded.tokenizer is None else files_digest(tokenizer_files(loaded.tokenizer))
+    return CachedModel(
+        loaded.model,
+        loaded.tokenizer,
+        combined_digest(loaded.digest, config, tokenizer),
+        version_id,
+        parameter_bytes(loaded.model),
+        module_digest=combined_digest(loaded.digest, config),
+    )
 
 
 def artifact_reader(
@@ -120,13 +134,15 @@ def execute_job(
     emit: Emit,
     is_cancelled: Callable[[], bool],
     base_version: str | None = None,
-    caller: str = "",
+    caller: Caller = ANONYMOUS,
     job_id: str | None = None,
 ) -> JobOutcome:
     """Run one job on ``base_version``, the version admission pinned (None: resolve the
     spec's base here, for callers without admission: tests and benchmarks). ``caller`` (who
-    submitted it) becomes the owner of an alias it creates; the version's manifest names
-    ``job_id``, which makes the publish the job's commit point."""
+    submitted it, with the role it had then; the local admin without a server) must still
+    be allowed to move the spec's alias when the version is published, and owns it if the
+    move creates it; the version's manifest names ``job_id``, which makes the publish the
+    job's commit point."""
     spec = parse_spec(spec_data)
     started = time.perf_counter()
     emit({"kind": "progress", "message": "loading base model", "base": spec.base})
@@ -225,4 +241,4 @@ def execute_job(
         artifacts=artifacts or None,
         job_id=job_id,
     )
-    return settle_published(spec, manifest, store, caller)
+    return settle_published(spec, manifest, store, caller, AliasPolicy(settings.shared_aliases))

@@ -5,24 +5,29 @@ worker's whole traceback (PID, node IP, ANSI colours). Here an error of a known 
 the servicer or in a worker (Ray re-raises it as a ``RayTaskError`` that subclasses it and keeps
 it as ``cause``), gets its status and its own message, scrubbed of server paths; anything else
 is INTERNAL with a short reference, and the full exception goes to the server log under that
-reference. Explicit aborts pass untouched.
+reference. Explicit aborts pass untouched. A few failures whose own message would not tell the
+caller what to do (a full disk, a corrupt weights file, a chat template the sandbox refuses) get
+a status and a message written here.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import grpc
+from jinja2.exceptions import SecurityError, TemplateError
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from safetensors import SafetensorError
 
 from modelsurgery.checkpoints import AliasConflictError, InvalidAliasError, VersionNotFoundError
 from modelsurgery.models.errors import ModelReferenceError
 from modelsurgery.proto.spec import SpecError
 from modelsurgery.server.errors import abort
-from modelsurgery.server.guard import guarded
+from modelsurgery.server.guard import UndecodableRequest, guarded
 from modelsurgery.server.redact import ServerPlaces, scrub
 
 log = logging.getLogger("modelsurgery.server")
@@ -35,6 +40,7 @@ DOMAIN_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidAliasError, StatusCode.INVALID_ARGUMENT),
     (ModelReferenceError, StatusCode.INVALID_ARGUMENT),
     (SpecError, StatusCode.INVALID_ARGUMENT),
+    (UndecodableRequest, StatusCode.INVALID_ARGUMENT),
 )
 # Built-in errors a worker raises on a request's input or size; raised in the servicer itself
 # they are bugs (INTERNAL).
@@ -44,6 +50,35 @@ WORKER_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (TimeoutError, StatusCode.DEADLINE_EXCEEDED),
 )
 WORKER_GONE = (RayActorError, WorkerCrashedError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Explained(Exception):
+    """A message written here for the caller, in place of the failure's own."""
+
+
+def _explained(cause: BaseException, from_worker: bool) -> tuple[StatusCode, Explained] | None:
+    """The status and message of a failure whose own message would not help the caller."""
+    if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+        # The message would name the file being written; the caller can only wait or ask.
+        return StatusCode.RESOURCE_EXHAUSTED, Explained(
+            "the server is out of disk space; try again later or ask its operator to free space"
+        )
+    if isinstance(cause, SafetensorError):
+        return StatusCode.FAILED_PRECONDITION, Explained(
+            f"a weights file is corrupt (SafetensorError: {cause}); the server's operator can "
+            "find it with `modelsurgery versions verify`"
+        )
+    if from_worker and isinstance(cause, SecurityError):
+        return StatusCode.FAILED_PRECONDITION, Explained(
+            f"the model's chat template does something the sandbox refuses ({cause}); send the "
+            "prompts without the chat template (chat false)"
+        )
+    if from_worker and isinstance(cause, TemplateError):
+        return StatusCode.INVALID_ARGUMENT, Explained(
+            f"the model's chat template refused the prompts ({type(cause).__name__}: {cause})"
+        )
+    return None
 
 
 def caller_status(exc: BaseException) -> tuple[grpc.StatusCode, BaseException] | None:
@@ -58,6 +93,9 @@ def caller_status(exc: BaseException) -> tuple[grpc.StatusCode, BaseException] |
     for kind, code in DOMAIN_ERRORS:
         if isinstance(cause, kind):
             return code, cause
+    explained = _explained(cause, from_worker)
+    if explained is not None:
+        return explained
     if from_worker:
         if type(cause).__name__ == "OutOfMemoryError":  # torch's, without importing torch
             return StatusCode.RESOURCE_EXHAUSTED, cause
@@ -82,7 +120,9 @@ class FailureInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        return guarded(handler, lambda context: self._answering(context, method))
+        return guarded(
+            handler, lambda context: self._answering(context, method), checks_requests=True
+        )
 
     @asynccontextmanager
     async def _answering(

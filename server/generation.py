@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -11,6 +13,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from modelsurgery.proto.limits import MAX_PROMPT_TOKENS
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# Lines a chat template may run per prompt. Real templates run hundreds (thousands for a long
+# conversation with tools); a million takes about 0.1 s under the tracing that counts them.
+MAX_TEMPLATE_STEPS = 1_000_000
+# How often (in template lines) a render asks whether its generation must stop.
+_STOP_POLL_STEPS = 4096
+# The file name Jinja gives the code it compiles a template string to.
+_TEMPLATE_FILE = "<template>"
 
 
 class PromptError(ValueError):
@@ -32,6 +41,10 @@ class EmptyPromptError(PromptError):
 
 class PromptTooLongError(PromptError):
     """A prompt with more tokens than this server generates from."""
+
+
+class ChatTemplateError(PromptError):
+    """The model's chat template ran past its bound (``MAX_TEMPLATE_STEPS``)."""
 
 
 class GenerationStopped(RuntimeError):
@@ -61,10 +74,45 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.fired, device=input_ids.device)
 
 
-def _prompt_text(tokenizer: Any, prompt: str, chat: bool) -> str:
+def _bounded_render(render: Callable[[], str], should_stop: Callable[[], bool]) -> str:
+    """``render()`` with every line the compiled chat template runs counted (a trace function
+    on this thread, for template frames only): past ``MAX_TEMPLATE_STEPS`` it raises
+    ``ChatTemplateError``, and once ``should_stop`` says so ``GenerationStopped``. The Jinja
+    sandbox bounds each ``range``, not nested loops, and nothing else would interrupt them."""
+    steps = 0
+
+    def line(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal steps
+        if event == "line":
+            steps += 1
+            if steps > MAX_TEMPLATE_STEPS:
+                raise ChatTemplateError(
+                    "chat",
+                    f"is on and the model's chat template ran past its bound of "
+                    f"{MAX_TEMPLATE_STEPS:,} steps; send the prompts with chat off",
+                )
+            if steps % _STOP_POLL_STEPS == 0 and should_stop():
+                raise GenerationStopped("generation stopped while its chat template rendered")
+        return line
+
+    def call(frame: FrameType, event: str, arg: Any) -> Any:
+        return line if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    previous = sys.gettrace()
+    sys.settrace(call)
+    try:
+        return render()
+    finally:
+        sys.settrace(previous)
+
+
+def _prompt_text(tokenizer: Any, prompt: str, chat: bool, should_stop: Callable[[], bool]) -> str:
     if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        return _bounded_render(
+            lambda: tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            ),
+            should_stop,
         )
     return prompt
 
@@ -85,13 +133,15 @@ def generate_text(
 ) -> list[str]:
     """Completions (new text only) for each prompt, one prompt at a time so that no padding
     shifts the prompt positions ReFT interventions are attached to. Every prompt is checked
-    (tokens, ``prompt_token_limit``) before any is generated from; ``should_stop`` is polled
-    at every new token and raises ``GenerationStopped`` once it is true."""
+    (chat template within its bound, tokens, ``prompt_token_limit``) before any is generated
+    from; ``should_stop`` is polled while a chat template renders and at every new token, and
+    raises ``GenerationStopped`` once it is true."""
     device = next(model.parameters()).device
     limit = prompt_token_limit(model.config)
     encoded = []
     for index, prompt in enumerate(prompts):
-        inputs = tokenizer(_prompt_text(tokenizer, prompt, chat), return_tensors="pt")
+        text = _prompt_text(tokenizer, prompt, chat, should_stop)
+        inputs = tokenizer(text, return_tensors="pt")
         count = inputs["input_ids"].shape[1]
         if count == 0:
             raise EmptyPromptError(f"prompts[{index}]", "has no tokens")

@@ -11,10 +11,10 @@ import grpc
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.proto import limits
 from modelsurgery.proto.job_state import JobState
-from modelsurgery.proto.spec import SpecError, SpecTooLarge, spec_from_proto
+from modelsurgery.proto.spec import SpecError, SpecTooLarge, check_stored_size, spec_from_proto
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.admission import Admission, AdmissionError, AdmittedJob
-from modelsurgery.server.auth import current_caller, current_identity
+from modelsurgery.server.auth import current_identity
 from modelsurgery.server.convert import (
     PAGE_TOKEN,
     event_to_proto,
@@ -95,7 +95,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             )
         admitted = await self._admit(request, context)
         spec = admitted.spec
-        caller = current_caller()
+        identity = current_identity()
+        caller = identity.name
         if spec.alias:
             await require_alias_move(
                 context, self.store, self.alias_policy, spec.alias, "spec.alias"
@@ -107,13 +108,19 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 f"caller {caller!r} already has {self.max_queued_per_caller} queued or running "
                 "jobs; wait for some to finish",
             )
+        stored = spec.to_dict()
+        try:
+            check_stored_size(stored)
+        except SpecTooLarge as exc:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "spec")
         try:
             job, created = self.table.submit(
                 request_id=request.request_id,
                 caller=caller,
-                spec=spec.to_dict(),
+                spec=stored,
                 fingerprint=spec.fingerprint(),
                 base_version=admitted.base_version or "",
+                caller_role=identity.role,
             )
         except jt.IdempotencyConflict as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "request_id")

@@ -54,6 +54,13 @@ CREATE TABLE IF NOT EXISTS events (
     fields_json TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, seq)
 );
+-- Who made each version a job published (kept past the jobs' retention): they, and admins,
+-- see the data the version's operations carried inline (``may_see_version_data``).
+CREATE TABLE IF NOT EXISTS version_creators (
+    version_id TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    PRIMARY KEY (version_id, caller)
+);
 """
 # Columns added since the first schema. CREATE TABLE IF NOT EXISTS leaves an existing table as
 # it was, so each one is added with ALTER TABLE where a database lacks it (old and new databases
@@ -66,6 +73,8 @@ _ADDED_COLUMNS = (
     # The version admission pinned the spec's base to; the worker runs on it ('' in rows
     # admitted before bases were pinned: the worker resolves the spec's base).
     ("base_version", "TEXT NOT NULL DEFAULT ''"),
+    # The submitter's role at submit: what may its job do when it publishes (move an alias).
+    ("caller_role", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -102,6 +111,7 @@ class JobRecord:
     lease_owner: str = ""
     lease_expires: float = 0.0
     base_version: str = ""
+    caller_role: str = ""
 
 
 @dataclass
@@ -187,9 +197,10 @@ class JobTable:
         spec: dict[str, Any],
         fingerprint: str,
         base_version: str = "",
+        caller_role: str = "",
     ) -> tuple[JobRecord, bool]:
-        """Insert a QUEUED job (on the pinned ``base_version``) with its first event, or
-        return the job this request made.
+        """Insert a QUEUED job (on the pinned ``base_version``, submitted by ``caller`` with
+        ``caller_role``) with its first event, or return the job this request made.
 
         (caller, request_id) stays unique and names the newest attempt: a FAILED or CANCELLED
         job gives the request id up (its key becomes its own id, as for a job submitted without
@@ -218,17 +229,20 @@ class JobTable:
             state, now = JobState.QUEUED, time.time()
             self._db.execute(
                 "INSERT INTO jobs (id, request_id, caller, spec_json, spec_fingerprint, state,"
-                " created, previous_attempt, base_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, previous_attempt, base_version, caller_role)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     request_id,
                     caller,
-                    json.dumps(spec),
+                    # Compact UTF-8, as the spec bounds measure it.
+                    json.dumps(spec, separators=(",", ":"), ensure_ascii=False),
                     fingerprint,
                     state,
                     now,
                     previous,
                     base_version,
+                    caller_role,
                 ),
             )
             message = f"job queued (re-runs {previous})" if previous else "job queued"
@@ -345,8 +359,28 @@ class JobTable:
                     job_id,
                 ),
             )
+            if state is JobState.SUCCEEDED and version_id:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO version_creators VALUES (?, ?)", (version_id, job.caller)
+                )
             self._append_event(job_id, "state", state, message, {"error": error} if error else {})
         return self.get(job_id)
+
+    def creators(self, version_ids: list[str]) -> dict[str, set[str]]:
+        """The callers whose jobs published each of ``version_ids`` (jobs that succeeded
+        before creators were recorded count while their rows are kept)."""
+        found: dict[str, set[str]] = {v: set() for v in version_ids}
+        marks = ",".join("?" * len(version_ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT version_id, caller FROM version_creators WHERE version_id IN ({marks})"
+                f" UNION SELECT version_id, caller FROM jobs WHERE state = ?"
+                f" AND version_id IN ({marks})",
+                (*version_ids, JobState.SUCCEEDED, *version_ids),
+            ).fetchall()
+        for version_id, caller in rows:
+            found[version_id].add(caller)
+        return found
 
     def requeue(
         self, job_id: str, reason: str, *, owner: str | None = None, count_attempt: bool = True
@@ -379,25 +413,54 @@ class JobTable:
         return [row[0] for row in rows]
 
     def claim_abandoned(
-        self, owner: str, lease_seconds: float, is_dead: Callable[[str], bool]
+        self, owner: str, lease_seconds: float, may_take: Callable[[str, str], bool]
     ) -> list[JobRecord]:
-        """Take over RUNNING jobs whose server is gone: its lease expired, or ``is_dead`` says
-        the owning process no longer exists. The caller then decides each one's fate (publish
-        found, re-queue, fail) as their new owner."""
+        """Take over RUNNING jobs whose server is gone: its lease expired, or
+        ``may_take(job_id, lease_owner)`` says the job may be taken before that. The caller
+        then decides each one's fate (publish found, re-queue, fail) as their new owner.
+
+        ``may_take`` is asked outside the write transaction (it may read the store); each claim
+        is then a compare-and-swap on the lease read, so a lease renewed meanwhile stays."""
         now = time.time()
-        with self._transaction():
+        with self._lock:
             rows = self._db.execute(
                 "SELECT id, lease_owner, lease_expires FROM jobs"
                 " WHERE state = ? AND lease_owner != ?",
                 (JobState.RUNNING, owner),
             ).fetchall()
-            taken = [r["id"] for r in rows if r["lease_expires"] < now or is_dead(r["lease_owner"])]
-            for job_id in taken:
-                self._db.execute(
-                    "UPDATE jobs SET lease_owner = ?, lease_expires = ? WHERE id = ?",
-                    (owner, now + lease_seconds, job_id),
+        wanted = [
+            (r["id"], r["lease_owner"], r["lease_expires"])
+            for r in rows
+            if r["lease_expires"] < now or may_take(r["id"], r["lease_owner"])
+        ]
+        taken = []
+        with self._transaction():
+            for job_id, previous, expires in wanted:
+                claimed = self._db.execute(
+                    "UPDATE jobs SET lease_owner = ?, lease_expires = ? WHERE id = ? AND state = ?"
+                    " AND lease_owner = ? AND lease_expires = ?",
+                    (
+                        owner,
+                        time.time() + lease_seconds,
+                        job_id,
+                        JobState.RUNNING,
+                        previous,
+                        expires,
+                    ),
                 )
+                if claimed.rowcount:
+                    taken.append(job_id)
         return [self.get(job_id) for job_id in taken]
+
+    def holds(self, job_id: str, owner: str) -> bool:
+        """Whether ``job_id`` is RUNNING under ``owner``'s lease (checked before a step that
+        only its owner may take, such as moving its alias)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND state = ? AND lease_owner = ?",
+                (job_id, JobState.RUNNING, owner),
+            ).fetchone()
+        return row is not None
 
     def running_of(self, owner: str) -> list[str]:
         with self._lock:

@@ -11,6 +11,11 @@ from typing import Any
 from modelsurgery.checkpoints import CheckpointStore, Manifest
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import JobSpec
+from modelsurgery.server.auth import Caller
+from modelsurgery.server.permissions import AliasPolicy, PermissionDenied
+
+# How a SUCCEEDED job's error starts when its version was published but its alias refused.
+ALIAS_NOT_MOVED = "version published; alias not moved"
 
 
 @dataclass(frozen=True)
@@ -53,17 +58,32 @@ def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[GateResult]
 
 
 def settle_published(
-    spec: JobSpec, manifest: Manifest, store: CheckpointStore, caller: str
+    spec: JobSpec, manifest: Manifest, store: CheckpointStore, caller: Caller, policy: AliasPolicy
 ) -> JobOutcome:
     """The outcome of a job whose version ``manifest`` is published: its gates judged on the
     stored metrics (they held, or nothing would have been published), and the spec's alias
-    moved to the version if it does not point there yet (``caller`` owns a new alias)."""
+    moved to the version if it does not point there yet.
+
+    The move is authorised now, not only at submit: the alias may have been created or moved
+    by another caller while the job waited. ``caller`` (who submitted the job, with the role
+    it had then) owns the alias if the move creates it. A refused move fails the alias step,
+    not the publish: the job still SUCCEEDED with its version, and ``error`` says why the
+    alias was not moved."""
     metrics = {name: float(value) for name, value in manifest.metrics.items()}
-    if spec.alias and store.get_alias(spec.alias) != manifest.id:
-        store.set_alias(spec.alias, manifest.id, owner=caller)
-    return JobOutcome(
+    outcome = JobOutcome(
         JobState.SUCCEEDED,
         version_id=manifest.id,
         metrics=metrics,
         gates=evaluate_gates(spec, metrics),
     )
+    if spec.alias and store.get_alias(spec.alias) != manifest.id:
+        try:
+            store.set_alias(
+                spec.alias,
+                manifest.id,
+                owner=caller.name,
+                authorize=policy.authorizer(caller, spec.alias, "spec.alias"),
+            )
+        except PermissionDenied as exc:
+            outcome.error = f"{ALIAS_NOT_MOVED}: {exc}"
+    return outcome

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.server.auth import Caller, current_identity
+from modelsurgery.server.auth import Caller, Role, current_identity
 from modelsurgery.server.errors import abort
 
 
@@ -23,6 +23,20 @@ class PermissionDenied(Exception):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+def submitter(name: str, role: str) -> Caller:
+    """Who submitted a job, with the role recorded at submit, for the checks made when it
+    publishes (a row stored before roles were recorded counts as a writer's)."""
+    return Caller(name, Role(role) if role in set(Role) else Role.WRITER)
+
+
+def may_see_version_data(caller: Caller, creators: set[str]) -> bool:
+    """Whether a version's manifest is shown with the data its operations carried inline
+    (facts, examples, pairs): to the callers whose jobs made it and to admins. Others see a
+    count and a sha256 in its place: a version is readable by every reader, its training data
+    is its creator's."""
+    return caller.is_admin or caller.name in creators
 
 
 def may_see_job(caller: Caller, job_caller: str) -> bool:

