@@ -14,6 +14,7 @@ concurrent writes of one address carry the same bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -351,27 +352,35 @@ class CheckpointStore:
         progress: Progress | None = None,
         *,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        shown: Callable[[Manifest], Manifest] | None = None,
+        leave_out: Collection[str] = (),
     ) -> Path:
         """A folder ``from_pretrained`` loads as is, with a model card (README.md);
         ``progress(done, total)`` counts tensors. A version whose edit lives in hooks warns
-        (HookedExportWarning): plain ``from_pretrained`` loads it as the unedited base."""
+        (HookedExportWarning): plain ``from_pretrained`` loads it as the unedited base.
+        ``shown`` maps each manifest of the lineage to what ``modelsurgery.json`` and the card
+        say of it, and ``leave_out`` names stored files not written: the server's redaction of
+        training data for callers who may not see it (the store keeps everything whole)."""
         from modelsurgery.editing.attachments import loading_notes
 
+        show = shown or (lambda manifest: manifest)
         resolved = self._resolve_version(self.resolve(ref))
         stored = {**resolved.files, **resolved.artifacts}
         hooks = loading_notes(resolved.artifacts)
         digest = self.digest(resolved.manifest.id)
         record = {
-            "manifest": resolved.manifest.model_dump(mode="json"),
+            "manifest": show(resolved.manifest).model_dump(mode="json"),
             "lineage": list(resolved.lineage),
             "digest": digest,
             HOOKS_KEY: list(hooks),
         }
-        lineage = [self._manifest(version_id) for version_id in resolved.lineage]
+        lineage = [show(self._manifest(version_id)) for version_id in resolved.lineage]
         written = write_folder(
             Path(folder),
             config=self._config(resolved),
-            files={name: self._blobs.file(sha) for name, sha in stored.items()},
+            files={
+                name: self._blobs.file(sha) for name, sha in stored.items() if name not in leave_out
+            },
             entries=resolved.tensors,
             load=self._blobs.tensor,
             lineage_record=record,

@@ -14,6 +14,14 @@ any of it runs the header, the metadata and the tensor list are walked here (wit
 anything) and checked against the file's size and the bounds in ``proto.limits``. A file refused
 then, or one transformers cannot parse, is remembered per (path, size, mtime) as well: a bad file
 costs one walk, not one per submit.
+
+The config must come from the file: where the metadata leaves out a size, transformers fills in
+its config class's default (Llama-7B's for a 69-byte ``llama`` file, which a worker then tried to
+build in float32 and was OOM-killed). So the walk refuses metadata without the architecture's
+shape keys, and the config is refused unless the file's tensors hold the parameters of the model
+it describes (counted on the meta device, within one embedding matrix: tied or not, plus small
+extras such as ``rope_freqs``). The worker builds its model from that checked config, so it never
+builds one larger than the file's tensors.
 """
 
 from __future__ import annotations
@@ -21,15 +29,19 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import math
 import mmap
 import os
+import re
 import shutil
 import struct
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -70,7 +82,21 @@ STRING_TYPE, ARRAY_TYPE = 8, 9
 # Value type -> size in bytes, for the fixed-size types (u8 i8 u16 i16 u32 i32 f32 bool, u64 i64
 # f64); a string is its 8-byte length and its bytes.
 SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-# What transformers' GGUF readers raise on a malformed file.
+# Value type -> struct code, for the integer types (whose values the shape checks read).
+INTEGER_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 10: "Q", 11: "q"}
+MAX_KEPT_KEY_BYTES = 256
+"""Longer metadata keys are walked but not kept: no key the checks look for is that long."""
+ARCHITECTURE_KEY = "general.architecture"
+SHAPE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+"""``<arch>.<key>``: required where transformers reads the key for the architecture (it fills a
+missing one with its config class's default, another model's size)."""
+VOCABULARY_KEYS = ("vocab_size", "tokenizer.ggml.tokens")
+"""``<arch>.vocab_size``, or else the token list whose length transformers takes for it."""
+MAX_GGUF_BLOCKS = 1024
+"""Blocks (layers) one file may declare (real models have under 200); bounds the meta-device
+build that counts the described model's parameters (about a millisecond a block)."""
+# What transformers' GGUF readers raise on a malformed file, and its config classes on sizes
+# that do not fit together (a zero head count divides by zero).
 PARSE_ERRORS = (
     ValueError,
     KeyError,
@@ -78,25 +104,44 @@ PARSE_ERRORS = (
     TypeError,
     AttributeError,
     OverflowError,
+    ZeroDivisionError,
+    StrictDataclassError,
     struct.error,
 )
+# What building a model from a config that holds nonsense (a negative or non-integer size)
+# raises.
+BUILD_ERRORS = (*PARSE_ERRORS, RuntimeError)
 
 
 class _Refused(Exception):
     """What is wrong with a GGUF file, in words for the caller."""
 
 
+@dataclass(frozen=True)
+class _Walked:
+    """What the walk learnt of a file that passed it, for checking its config."""
+
+    architecture: str | None
+    integers: dict[str, int]
+    """Integer metadata values by key."""
+    tensors: int
+    elements: int
+    """Elements of all tensors together, from their declared shapes."""
+
+
 def check_gguf(path: Path, reference: str | None = None) -> None:
     """Refuse (``ModelReferenceError`` naming ``reference``) a file whose header or metadata
-    lies about its size or passes the bounds, before any reader builds objects for it."""
+    lies about its size, passes the bounds or leaves out the model's shape, before any reader
+    builds objects for it."""
     stat = path.stat()
-    problem = _bounds_problem(str(path), stat.st_size, stat.st_mtime_ns)
-    if problem is not None:
-        raise _refused(path, reference, problem)
+    walked = _walked(str(path), stat.st_size, stat.st_mtime_ns)
+    if isinstance(walked, str):
+        raise _refused(path, reference, walked)
 
 
 def load_gguf_config(path: Path, reference: str | None = None) -> PretrainedConfig:
-    """The model config from the file's metadata (a few seconds once, then cached)."""
+    """The model config from the file's metadata, once its tensors are known to hold the model
+    it describes (a few seconds once, then cached)."""
     stat = path.stat()
     config = _cached_config(str(path), stat.st_size, stat.st_mtime_ns)
     if isinstance(config, str):
@@ -107,14 +152,52 @@ def load_gguf_config(path: Path, reference: str | None = None) -> PretrainedConf
 @functools.lru_cache(maxsize=32)
 def _cached_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig | str:
     """The config, or what is wrong with the file (kept too, so it is not parsed again)."""
-    problem = _bounds_problem(path, size, mtime_ns)
-    if problem is not None:
-        return problem
+    walked = _walked(path, size, mtime_ns)
+    if isinstance(walked, str):
+        return walked
     file = Path(path)
     try:
-        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            file.parent, gguf_file=file.name, trust_remote_code=False
+        )
     except PARSE_ERRORS as exc:
         return _unparsable(file, exc)
+    return _size_problem(walked, config) or config
+
+
+def _size_problem(walked: _Walked, config: PretrainedConfig) -> str | None:
+    """Why the file's tensors do not hold the model ``config`` describes, or None.
+
+    The model is built on the meta device (no memory) and its parameters counted: with its
+    embedding counted once (tied) the file must hold at least that many, and at most one
+    embedding more than the model holds (an untied output, small extras like ``rope_freqs``)."""
+    if walked.architecture is not None:
+        key = f"{walked.architecture}.block_count"
+        blocks = walked.integers.get(key, 0)
+        if blocks > MAX_GGUF_BLOCKS:
+            return (
+                f"its metadata declares {blocks:,} blocks; the most accepted is {MAX_GGUF_BLOCKS:,}"
+            )
+        if blocks > walked.tensors:
+            return f"its metadata declares {blocks:,} blocks ({key}) for {walked.tensors:,} tensors"
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        held = sum(parameter.numel() for parameter in model.parameters())
+        inputs = model.get_input_embeddings().weight
+    except BUILD_ERRORS as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+        return f"its metadata does not describe a model this server builds ({problem})"
+    embedding = inputs.numel()
+    output = model.get_output_embeddings()
+    tied = output is None or output.weight is inputs
+    least = held if tied else held - embedding
+    if least <= walked.elements <= held + embedding:
+        return None
+    return (
+        f"its tensors hold {walked.elements:,} parameters; the model its metadata describes "
+        f"holds {held:,}"
+    )
 
 
 def _unparsable(path: Path, exc: BaseException) -> str:
@@ -131,35 +214,47 @@ def _refused(path: Path, reference: str | None, problem: str) -> ModelReferenceE
 
 
 @functools.lru_cache(maxsize=64)
-def _bounds_problem(path: str, size: int, _mtime_ns: int) -> str | None:
-    """What ``check_gguf`` refuses the file for, or None; kept per (path, size, mtime)."""
+def _walked(path: str, size: int, _mtime_ns: int) -> _Walked | str:
+    """What the walk learnt, or what ``check_gguf`` refuses the file for; kept per (path, size,
+    mtime)."""
     if size < HEADER.size:
         return f"it is {size} bytes, shorter than a GGUF header"
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        walk = _GGUFWalk(data, len(data))
         try:
-            _GGUFWalk(data, len(data)).check()
+            walk.check()
         except _Refused as exc:
             return str(exc)
-    return None
+    return _Walked(walk.architecture, walk.integers, walk.tensors, walk.elements)
+
+
+def _formats(order: str) -> dict[str, struct.Struct]:
+    """Readers of the lengths, counts and integer values in one byte order."""
+    return {code: struct.Struct(order + code) for code in {"I", "Q", *INTEGER_CODES.values()}}
 
 
 class _GGUFWalk:
     """One pass over a GGUF file's header, metadata and tensor list that reads only lengths,
-    counts and types (fixed-size arrays are skipped, not read)."""
+    counts, types, integer values and tensor shapes (fixed-size arrays are skipped, not read)."""
 
     def __init__(self, data: mmap.mmap, size: int) -> None:
         self.data = data
         self.size = size
         self.offset = 0
         self.items = 0
-        self.formats = {code: struct.Struct("<" + code) for code in "IQ"}
+        self.formats = _formats("<")
+        self.keys: set[str] = set()
+        self.integers: dict[str, int] = {}
+        self.architecture: str | None = None
+        self.tensors = 0
+        self.elements = 0
 
     def check(self) -> None:
         magic, version, tensors, kvs = HEADER.unpack_from(self.data, 0)
         if magic != b"GGUF":
             raise _Refused("it does not start with the GGUF magic")
         if version & 0xFFFF == 0:  # written on a big-endian machine
-            self.formats = {code: struct.Struct(">" + code) for code in "IQ"}
+            self.formats = _formats(">")
             _, version, tensors, kvs = struct.unpack_from(">4sIQQ", self.data, 0)
         if version not in GGUF_VERSIONS:
             raise _Refused(f"GGUF version {version} (this server reads versions 2 and 3)")
@@ -167,15 +262,55 @@ class _GGUFWalk:
         self._count(tensors, "tensors", MAX_GGUF_TENSORS, MIN_TENSOR_INFO_BYTES)
         self._count(kvs, "metadata entries", MAX_GGUF_METADATA_KEYS, MIN_KV_BYTES)
         for index in range(kvs):
-            key = self._name(f"metadata entry {index}")
-            value_type = self._unpack("I", f"metadata {key}")
-            self._value(value_type, key, depth=0)
+            key, shown = self._name(f"metadata entry {index}")
+            value_type = self._unpack("I", f"metadata {shown}")
+            self._entry(key, value_type, shown)
         for index in range(tensors):
-            name = self._name(f"tensor {index}")
+            _, name = self._name(f"tensor {index}")
             dims = self._unpack("I", f"tensor {name}")
             if dims > GGML_MAX_DIMS:
                 raise _Refused(f"tensor {name} has {dims:,} dimensions (at most {GGML_MAX_DIMS})")
-            self._skip(8 * dims + 4 + 8, f"tensor {name}")
+            shape = [self._unpack("Q", f"tensor {name}") for _ in range(dims)]
+            self._skip(4 + 8, f"tensor {name}")
+            self.elements += math.prod(shape)
+        self.tensors = tensors
+        self._check_shape_keys()
+
+    def _entry(self, key: str | None, value_type: int, shown: str) -> None:
+        """Walk one metadata value, keeping the architecture's name and integer values."""
+        if key is not None:
+            self.keys.add(key)
+        if key == ARCHITECTURE_KEY and value_type == STRING_TYPE:
+            length = self._unpack("Q", f"metadata {shown}")
+            start = self.offset
+            self._skip(length, f"metadata {shown}")
+            if length <= MAX_KEPT_KEY_BYTES:
+                self.architecture = self.data[start : start + length].decode("utf-8", "replace")
+        elif key is not None and value_type in INTEGER_CODES:
+            self.integers[key] = self._unpack(INTEGER_CODES[value_type], f"metadata {shown}")
+        else:
+            self._value(value_type, shown, depth=0)
+
+    def _check_shape_keys(self) -> None:
+        """Refuse metadata without a shape key transformers reads for the architecture (it
+        would fill in another model's size)."""
+        known = _config_keys(self.architecture)
+        if known is None:
+            return  # no architecture, or one transformers refuses or checks itself
+        arch = self.architecture
+        missing = [
+            f"{arch}.{key}"
+            for key in SHAPE_KEYS
+            if key in known and f"{arch}.{key}" not in self.keys
+        ]
+        vocabulary, tokens = f"{arch}.{VOCABULARY_KEYS[0]}", VOCABULARY_KEYS[1]
+        if vocabulary not in self.keys and tokens not in self.keys:
+            missing.append(f"{vocabulary} (or {tokens})")
+        if missing:
+            raise _Refused(
+                f"its metadata lacks {', '.join(missing)}; this server takes a model's shape "
+                "from the file, not from defaults"
+            )
 
     def _count(self, count: int, what: str, most: int, each: int) -> None:
         if count > most:
@@ -198,8 +333,9 @@ class _GGUFWalk:
             raise _Refused(f"it ends inside {where}")
         self.offset += length
 
-    def _name(self, where: str) -> str:
-        """A key or tensor name, shown (shortened) in messages."""
+    def _name(self, where: str) -> tuple[str | None, str]:
+        """A key or tensor name (None when too long to keep) and how messages show it
+        (shortened)."""
         length = self._unpack("Q", where)
         if length > MAX_GGUF_NAME_BYTES:
             raise _Refused(
@@ -207,9 +343,13 @@ class _GGUFWalk:
             )
         start = self.offset
         self._skip(length, where)
-        return repr(self.data[start : start + min(length, 64)].decode("utf-8", "replace"))
+        shown = repr(self.data[start : start + min(length, 64)].decode("utf-8", "replace"))
+        if length > MAX_KEPT_KEY_BYTES:
+            return None, shown
+        return self.data[start : start + length].decode("utf-8", "replace"), shown
 
     def _value(self, value_type: int, key: str, depth: int) -> None:
+        """Skip one value of ``value_type`` (``key`` is how messages show its entry)."""
         where = f"metadata {key}"
         if value_type in SCALAR_BYTES:
             self._skip(SCALAR_BYTES[value_type], where)
@@ -255,11 +395,34 @@ class _GGUFWalk:
                 self._value(item_type, key, depth)
 
 
-def load_gguf_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def _config_keys(architecture: str | None) -> frozenset[str] | None:
+    """The ``<arch>.`` keys transformers' GGUF config reader takes for ``architecture`` (None
+    for one it has no key table for)."""
+    if architecture is None:
+        return None
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    # llama.cpp's names for some architectures are transformers' without the separator.
+    name = re.sub(r"(\d)moe$", r"\1_moe", architecture.replace("-", "_"))
+    table = GGUF_CONFIG_MAPPING.get(name)
+    return None if table is None else frozenset(table)
+
+
+def load_gguf_model(
+    path: Path, dtype: torch.dtype | None = None, config: PretrainedConfig | None = None
+) -> PreTrainedModel:
     """A plain dense model: weights dequantised (float32 unless ``dtype`` says otherwise) and
-    the quantization marker removed so ``save_pretrained`` and the store accept it."""
-    check_gguf(path)
-    kwargs: dict[str, object] = {"gguf_file": path.name, "trust_remote_code": False}
+    the quantization marker removed so ``save_pretrained`` and the store accept it.
+
+    The model is built from the checked config (``load_gguf_config``), never from one
+    transformers fills in with defaults while loading."""
+    if config is None:
+        config = load_gguf_config(path)
+    kwargs: dict[str, object] = {
+        "config": config,
+        "gguf_file": path.name,
+        "trust_remote_code": False,
+    }
     if GgufConfig is not None:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if dtype is not None:
@@ -311,11 +474,11 @@ def load_gguf(
     """Model and tokenizer of a GGUF file, through the dequantised-folder cache."""
     folder = dequantized_folder(path)
     if not folder.is_dir():
-        check_gguf(path, reference)
+        config = load_gguf_config(path, reference)
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
             if not folder.is_dir():
-                _write_dequantized(path, folder)
+                _write_dequantized(path, folder, config)
     kwargs: dict[str, object] = {"trust_remote_code": False}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -323,11 +486,11 @@ def load_gguf(
     return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
-def _write_dequantized(path: Path, folder: Path) -> None:
+def _write_dequantized(path: Path, folder: Path, config: PretrainedConfig) -> None:
     """Dequantise once into a temp folder, then rename: a folder that exists is complete."""
     partial = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        load_gguf_model(path).save_pretrained(partial)
+        load_gguf_model(path, config=config).save_pretrained(partial)
         load_gguf_tokenizer(path).save_pretrained(partial)
         partial.rename(folder)
     finally:

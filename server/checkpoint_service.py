@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from modelsurgery.checkpoints import (
     Manifest,
     VersionNotFoundError,
 )
-from modelsurgery.evaluation.suite import Suite
+from modelsurgery.checkpoints.resolved import resolve_lineage
+from modelsurgery.evaluation.suite import SUITE_ARTIFACT, Suite
 from modelsurgery.models import ModelReferenceError, resolve_reference
 from modelsurgery.models.stored import stored_artifact_names
 from modelsurgery.proto import limits
 from modelsurgery.server.auth import current_identity
-from modelsurgery.server.convert import PAGE_TOKEN, version_to_proto
+from modelsurgery.server.convert import PAGE_TOKEN, carries_inline_data, version_to_proto
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
 from modelsurgery.server.exports import ExportCache
@@ -79,6 +81,26 @@ async def read_ahead(
             close()
         else:
             pending.add_done_callback(close)
+
+
+@dataclass(frozen=True)
+class LineageData:
+    """The versions of a lineage whose data a caller must be allowed to see: ``operations``,
+    those whose operations carried data inline (the export's manifest and card show them);
+    ``suite``, those that stored the evaluation suite the version resolves, byte for byte (a
+    revert stores its ancestor's suite again: that ancestor's creators know the data)."""
+
+    operations: list[str]
+    suite: list[str]
+
+    @classmethod
+    def of(cls, lineage: list[Manifest]) -> LineageData:
+        """``lineage``: [self, parent, ..., root]."""
+        sha = resolve_lineage(lineage).artifacts.get(SUITE_ARTIFACT)
+        return cls(
+            operations=[m.id for m in lineage if carries_inline_data(m)],
+            suite=[m.id for m in lineage if sha and m.artifacts.get(SUITE_ARTIFACT) == sha],
+        )
 
 
 async def cancelled_with_caller(ref: Any) -> Any:
@@ -138,6 +160,23 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             return dict.fromkeys((m.id for m in manifests), True)
         creators = await asyncio.to_thread(self.engine.table.creators, [m.id for m in manifests])
         return {m.id: may_see_version_data(caller, creators[m.id]) for m in manifests}
+
+    async def _lineage_shown(self, manifest: Manifest) -> tuple[bool, bool]:
+        """(whether the current caller sees the inline data of every version in the lineage,
+        whether it sees the evaluation suite the version resolves): ``may_see_version_data``
+        of the versions that hold them (``LineageData``). An export shows data only when both
+        hold."""
+        caller = current_identity()
+        if caller.is_admin:
+            return True, True
+        lineage = await asyncio.to_thread(self.store.lineage, manifest.id)
+        held = LineageData.of(lineage)
+        holders = sorted({*held.operations, *held.suite})
+        creators = await asyncio.to_thread(self.engine.table.creators, holders) if holders else {}
+        shown = {v: may_see_version_data(caller, creators[v]) for v in holders}
+        return all(shown[v] for v in held.operations), not held.suite or any(
+            shown[v] for v in held.suite
+        )
 
     async def ListVersions(
         self, request: checkpoints_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext
@@ -239,15 +278,20 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         self, request: checkpoints_pb2.DownloadVersionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[checkpoints_pb2.DownloadVersionResponse]:
         manifest = await self._manifest(request.ref, context)
+        # A caller who may not see all the lineage's data downloads the redacted export.
+        with_data = all(await self._lineage_shown(manifest))
         # Pinned while it streams: the export cache evicts other folders, never this one.
-        with self.exports.pinned(manifest.id):
-            async with contextlib.aclosing(self._download(manifest, request, context)) as parts:
+        with self.exports.pinned(manifest.id, with_data):
+            async with contextlib.aclosing(
+                self._download(manifest, with_data, request, context)
+            ) as parts:
                 async for part in parts:
                     yield part
 
     async def _download(
         self,
         manifest: Manifest,
+        with_data: bool,
         request: checkpoints_pb2.DownloadVersionRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[checkpoints_pb2.DownloadVersionResponse]:
@@ -262,9 +306,9 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         for name in ("offset", "length"):
             if getattr(request, name) < 0:
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "must be >= 0", name)
-        files = self.exports.cached(manifest.id)
+        files = self.exports.cached(manifest.id, with_data)
         if files is None:
-            files = await asyncio.to_thread(self.exports.listing, manifest.id)
+            files = await asyncio.to_thread(self.exports.listing, manifest.id, with_data)
         paths = [f.path for f in files]
         start = 0
         if request.start_path:
@@ -294,7 +338,7 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
                 (first, request.offset, first.size),
                 *((f, 0, f.size) for f in files[start + 1 :]),
             ]
-        folder = self.exports.root / manifest.id
+        folder = self.exports.path(manifest.id, with_data)
         for entry, begin, end in ranges:
             async with contextlib.aclosing(
                 read_ahead(folder / entry.path, begin, end, chunk)
@@ -315,6 +359,14 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"version {manifest.id} has no artifact {request.name!r} "
                 f"(it has: {', '.join(artifacts) or 'none'})",
+                "name",
+            )
+        if request.name == SUITE_ARTIFACT and not (await self._lineage_shown(manifest))[1]:
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{SUITE_ARTIFACT} of version {manifest.id} holds another caller's training "
+                "data; only its creator or an admin may read it",
                 "name",
             )
         data = await asyncio.to_thread(self.store.read_file, manifest.id, request.name)

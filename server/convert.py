@@ -167,6 +167,11 @@ def without_inline_data(manifest: Manifest) -> Manifest:
     return manifest.model_copy(update={"operations": operations})
 
 
+def carries_inline_data(manifest: Manifest) -> bool:
+    """Whether ``without_inline_data`` hides anything of ``manifest``."""
+    return without_inline_data(manifest).operations != manifest.operations
+
+
 def version_to_proto(manifest: Manifest, *, with_data: bool = True) -> checkpoints_pb2.Version:
     """A version as the API shows it; ``with_data=False``: its manifest without the data its
     operations carried inline (``without_inline_data``)."""

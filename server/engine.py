@@ -27,6 +27,7 @@ from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.limits import DEFAULT_MAX_JOB_SECONDS, job_deadline_seconds
 from modelsurgery.server import job_table as jt
+from modelsurgery.server.disk import is_disk_full
 from modelsurgery.server.event_throttle import EventThrottle
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.leases import (
@@ -334,11 +335,25 @@ class JobEngine:
         ]
 
     async def _store_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
+        """Store this server's job's events; the rest of a batch is dropped once the table
+        refuses one (the job ended, or another server took it while this one stalled)."""
+        stored = False
         for event in events:
             message = str(event.pop("message", event.get("kind", "progress")))
             kind = str(event.pop("kind", "progress"))
-            self.table.add_event(job_id, kind, message, event)
-        if events:
+            try:
+                added = self.table.add_event(job_id, kind, message, event, owner=self.identity)
+            except sqlite3.OperationalError as exc:
+                if not is_disk_full(exc):
+                    raise
+                # Progress is best effort: a full disk drops it, not the job (its end is
+                # written with retries, ``_settle``).
+                log.warning("disk full: progress events dropped", extra={"job_id": job_id})
+                break
+            if added is None:
+                break
+            stored = True
+        if stored:
             await self.notify()
 
     def _finish(self, job_id: str, state: JobState, **fields: Any) -> None:

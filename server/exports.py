@@ -11,6 +11,12 @@ least recently used folders go first, never one a download has pinned; a folder 
 built again when next asked for. Use order is kept in memory and survives a restart as each
 folder's mtime (touched on use). Anything left by a kill (a ``.partial-`` folder of a build or
 an eviction, a listing's temp file) is removed when the cache is opened.
+
+A version has up to two exports: whole (folder ``<version id>``), for callers who may see the
+training data of every version in its lineage, and redacted (``<version id>.redacted``) for
+everyone else: ``modelsurgery.json`` and the card show each operation's inline data as a
+summary (``convert.without_inline_data``) and the stored evaluation suite is left out. Each is
+cached under its own name, so neither is ever served in place of the other.
 """
 
 from __future__ import annotations
@@ -31,12 +37,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from modelsurgery.checkpoints import CheckpointStore
+from modelsurgery.evaluation.suite import SUITE_ARTIFACT
 from modelsurgery.proto.limits import DEFAULT_MAX_EXPORT_BYTES
+from modelsurgery.server.convert import without_inline_data
 from modelsurgery.v1 import checkpoints_pb2
 
 PIECE_SIZE = 16 << 20
 LISTING_SUFFIX = ".files.json"
 PARTIAL_PREFIX = ".partial-"
+REDACTED_SUFFIX = ".redacted"
+# Stored files a redacted export leaves out: the suite holds the facts and pairs themselves.
+REDACTED_FILES = frozenset({SUITE_ARTIFACT})
 _HASH_BLOCK = 4 << 20
 
 
@@ -104,13 +115,19 @@ def _to_json(files: list[checkpoints_pb2.ExportedFile]) -> str:
     )
 
 
+def export_name(version_id: str, with_data: bool = True) -> str:
+    """The cache's name for a version's export: whole, or redacted (``with_data=False``)."""
+    return version_id if with_data else f"{version_id}{REDACTED_SUFFIX}"
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _partial_name(version_id: str, what: str = "") -> str:
-    """``.partial-<version>-<what>-<pid>-<nonce>``: the pid says whether its writer lives."""
-    parts = [version_id, what, str(os.getpid()), uuid.uuid4().hex[:8]]
+def _partial_name(name: str, what: str = "") -> str:
+    """``.partial-<export name>-<what>-<pid>-<nonce>``: the pid says whether its writer
+    lives."""
+    parts = [name, what, str(os.getpid()), uuid.uuid4().hex[:8]]
     return PARTIAL_PREFIX + "-".join(p for p in parts if p)
 
 
@@ -177,53 +194,64 @@ class ExportCache:
         remove_leftovers(root)
 
     @contextmanager
-    def pinned(self, version_id: str) -> Iterator[None]:
-        """While held, the version's folder is not evicted (pin before reading the listing)."""
+    def pinned(self, version_id: str, with_data: bool = True) -> Iterator[None]:
+        """While held, the export's folder is not evicted (pin before reading the listing)."""
+        name = export_name(version_id, with_data)
         with self._pin_lock:
-            self._pins[version_id] += 1
+            self._pins[name] += 1
         try:
             yield
         finally:
             with self._pin_lock:
-                self._pins[version_id] -= 1
-                if not self._pins[version_id]:
-                    del self._pins[version_id]
+                self._pins[name] -= 1
+                if not self._pins[name]:
+                    del self._pins[name]
 
-    def folder(self, version_id: str) -> Path:
-        self.listing(version_id)
-        return self.root / version_id
+    def path(self, version_id: str, with_data: bool = True) -> Path:
+        """Where the export's folder is (or will be once built)."""
+        return self.root / export_name(version_id, with_data)
 
-    def cached(self, version_id: str) -> list[checkpoints_pb2.ExportedFile] | None:
+    def folder(self, version_id: str, with_data: bool = True) -> Path:
+        self.listing(version_id, with_data)
+        return self.path(version_id, with_data)
+
+    def cached(
+        self, version_id: str, with_data: bool = True
+    ) -> list[checkpoints_pb2.ExportedFile] | None:
         """The listing if this process has it and the folder is still there (no hashing)."""
-        files = self._listings.get(version_id)
-        if files is None or not (self.root / version_id).is_dir():
+        name = export_name(version_id, with_data)
+        files = self._listings.get(name)
+        if files is None or not (self.root / name).is_dir():
             return None
-        self._touch(version_id)
+        self._touch(name)
         return files
 
-    def _touch(self, version_id: str) -> None:
+    def _touch(self, name: str) -> None:
         """Mark a use: eviction goes least recently used first."""
-        self._last_use[version_id] = next(self._uses)
+        self._last_use[name] = next(self._uses)
         with contextlib.suppress(OSError):
-            os.utime(self.root / version_id)
+            os.utime(self.root / name)
 
-    def listing(self, version_id: str) -> list[checkpoints_pb2.ExportedFile]:
+    def listing(
+        self, version_id: str, with_data: bool = True
+    ) -> list[checkpoints_pb2.ExportedFile]:
         """The folder's listing, building the folder and its digests the first time (this
-        blocks: call it in a thread)."""
+        blocks: call it in a thread). ``with_data=False``: the redacted export."""
+        name = export_name(version_id, with_data)
         with self._lock:
-            files = self.cached(version_id)
+            files = self.cached(version_id, with_data)
             if files is None:
-                files = self._load_or_build(version_id)
-                self._listings[version_id] = files
-                self._touch(version_id)
-                self._evict(keep=version_id)
+                files = self._load_or_build(version_id, with_data)
+                self._listings[name] = files
+                self._touch(name)
+                self._evict(keep=name)
             return files
 
     def total_bytes(self) -> int:
         return sum(folder[-1] for folder in self._folders())
 
     def _folders(self) -> list[tuple[int, float, str, int]]:
-        """(use order, mtime, version id, bytes) of every exported folder."""
+        """(use order, mtime, export name, bytes) of every exported folder."""
         folders = []
         for entry in self.root.iterdir():
             if entry.name.startswith(".") or not entry.is_dir():
@@ -239,37 +267,45 @@ class ExportCache:
         or a pinned one: those may leave the cache over its bound until they are released)."""
         folders = sorted(self._folders())
         total = sum(size for *_, size in folders)
-        for *_, version_id, size in folders:
+        for *_, name, size in folders:
             if total <= self.max_bytes:
                 return
             with self._pin_lock:
-                if version_id == keep or self._pins[version_id]:
+                if name == keep or self._pins[name]:
                     continue
                 # Renamed first: a folder that exists is whole, and a kill mid-removal leaves
                 # a .partial- folder that the next start removes.
-                doomed = self.root / _partial_name(version_id, "evicted")
-                (self.root / version_id).rename(doomed)
-            self._listings.pop(version_id, None)
-            self._last_use.pop(version_id, None)
-            self._listing_path(version_id).unlink(missing_ok=True)
+                doomed = self.root / _partial_name(name, "evicted")
+                (self.root / name).rename(doomed)
+            self._listings.pop(name, None)
+            self._last_use.pop(name, None)
+            self._listing_path(name).unlink(missing_ok=True)
             shutil.rmtree(doomed, ignore_errors=True)
             total -= size
 
-    def _load_or_build(self, version_id: str) -> list[checkpoints_pb2.ExportedFile]:
-        target = self.root / version_id
+    def _load_or_build(
+        self, version_id: str, with_data: bool
+    ) -> list[checkpoints_pb2.ExportedFile]:
+        name = export_name(version_id, with_data)
+        target = self.root / name
         if target.is_dir():
-            files = self._read_listing(version_id)
+            files = self._read_listing(name)
             if files is None:
                 files = digest_files(target, self.piece_size)
-                self._write_listing(version_id, files)
+                self._write_listing(name, files)
             return files
-        partial = self.root / _partial_name(version_id)
+        partial = self.root / _partial_name(name)
         try:
-            self.store.export(version_id, partial)
+            if with_data:
+                self.store.export(version_id, partial)
+            else:
+                self.store.export(
+                    version_id, partial, shown=without_inline_data, leave_out=REDACTED_FILES
+                )
             files = digest_files(partial, self.piece_size)
             # Listing first, folder rename last: a folder that exists has its listing (a crash
             # in between leaves a listing without a folder, rebuilt with it next time).
-            self._write_listing(version_id, files)
+            self._write_listing(name, files)
             try:
                 partial.rename(target)
             except OSError:
@@ -280,24 +316,24 @@ class ExportCache:
             shutil.rmtree(partial, ignore_errors=True)
         return files
 
-    def _listing_path(self, version_id: str) -> Path:
-        return self.root / f"{version_id}{LISTING_SUFFIX}"
+    def _listing_path(self, name: str) -> Path:
+        return self.root / f"{name}{LISTING_SUFFIX}"
 
-    def _write_listing(self, version_id: str, files: list[checkpoints_pb2.ExportedFile]) -> None:
-        path = self._listing_path(version_id)
+    def _write_listing(self, name: str, files: list[checkpoints_pb2.ExportedFile]) -> None:
+        path = self._listing_path(name)
         partial = path.with_name(f".{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         partial.write_text(_to_json(files), encoding="utf-8")
         partial.replace(path)
 
-    def _read_listing(self, version_id: str) -> list[checkpoints_pb2.ExportedFile] | None:
+    def _read_listing(self, name: str) -> list[checkpoints_pb2.ExportedFile] | None:
         """The stored listing if it still describes the folder's files and sizes (a folder of
         an older server, or one changed by hand, is hashed again)."""
         try:
-            records = json.loads(self._listing_path(version_id).read_text(encoding="utf-8"))
+            records = json.loads(self._listing_path(name).read_text(encoding="utf-8"))
             files = [checkpoints_pb2.ExportedFile(**record) for record in records]
         except (OSError, ValueError, TypeError):
             return None
-        folder = self.root / version_id
+        folder = self.root / name
         on_disk = {
             p.relative_to(folder).as_posix(): p.stat().st_size
             for p in folder.rglob("*")

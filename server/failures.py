@@ -12,7 +12,6 @@ a status and a message written here.
 
 from __future__ import annotations
 
-import errno
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from safetensors import SafetensorError
 from modelsurgery.checkpoints import AliasConflictError, InvalidAliasError, VersionNotFoundError
 from modelsurgery.models.errors import ModelReferenceError
 from modelsurgery.proto.spec import SpecError
+from modelsurgery.server.disk import is_disk_full
 from modelsurgery.server.errors import abort
 from modelsurgery.server.guard import UndecodableRequest, guarded
 from modelsurgery.server.redact import ServerPlaces, scrub
@@ -50,7 +50,6 @@ WORKER_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (TimeoutError, StatusCode.DEADLINE_EXCEEDED),
 )
 WORKER_GONE = (RayActorError, WorkerCrashedError)
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Explained(Exception):
@@ -59,7 +58,7 @@ class Explained(Exception):
 
 def _explained(cause: BaseException, from_worker: bool) -> tuple[StatusCode, Explained] | None:
     """The status and message of a failure whose own message would not help the caller."""
-    if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+    if is_disk_full(cause):
         # The message would name the file being written; the caller can only wait or ask.
         return StatusCode.RESOURCE_EXHAUSTED, Explained(
             "the server is out of disk space; try again later or ask its operator to free space"

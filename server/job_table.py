@@ -507,10 +507,30 @@ class JobTable:
 
     # --- events --------------------------------------------------------------------------
     def add_event(
-        self, job_id: str, kind: str, message: str, fields: dict[str, Any] | None = None
-    ) -> EventRecord:
+        self,
+        job_id: str,
+        kind: str,
+        message: str,
+        fields: dict[str, Any] | None = None,
+        *,
+        owner: str | None = None,
+    ) -> EventRecord | None:
+        """Append a worker's event; None (nothing stored) once the job has ended, so its
+        terminal event stays its last, and, with ``owner``, unless the job is RUNNING under
+        that server's lease: a server that stalled and lost the job keeps streaming its
+        worker's events, which belong to no attempt now. Checked in the write transaction."""
         with self._transaction():
-            return self._append_event(job_id, kind, self.state_of(job_id), message, fields or {})
+            row = self._db.execute(
+                "SELECT state, lease_owner FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            state = JobState(row["state"])
+            if state.is_terminal or (
+                owner is not None and (state is not JobState.RUNNING or row["lease_owner"] != owner)
+            ):
+                return None
+            return self._append_event(job_id, kind, state, message, fields or {})
 
     def state_of(self, job_id: str) -> JobState:
         """The job's state alone (no spec parse: cheap for watchers and event writes)."""

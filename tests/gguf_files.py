@@ -1,9 +1,11 @@
 """GGUF files for tests: hostile ones written byte by byte (a header that lies about its counts,
-an array longer than the file) and a tiny valid Llama one written with the ``gguf`` package."""
+an array longer than the file) and a tiny valid Llama one written with the ``gguf`` package,
+whose metadata can claim sizes its tensors do not have."""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +56,42 @@ def raw_gguf(
     return path
 
 
-def tiny_llama_gguf(path: Path) -> Path:
-    """A valid two-layer Llama GGUF (float32 weights, a 4-token vocabulary) of a few KB."""
+TINY_SHAPE = {
+    "block_count": 2,
+    "context_length": 32,
+    "embedding_length": 8,
+    "feed_forward_length": 16,
+    "attention.head_count": 2,
+    "attention.head_count_kv": 2,
+    "vocab_size": 4,
+}
+"""The tiny Llama's shape metadata (each key is ``llama.<key>``): its tensors have these sizes."""
+
+
+def tiny_llama_gguf(
+    path: Path,
+    *,
+    claims: Mapping[str, int | None] | None = None,
+    tied: bool = False,
+    leave_out: Collection[str] = (),
+    extra: Mapping[str, int] | None = None,
+) -> Path:
+    """A valid two-layer Llama GGUF (float32 weights, a 4-token vocabulary) of a few KB.
+
+    A hostile variant's metadata can claim other sizes than its tensors have: ``claims``
+    overrides ``TINY_SHAPE`` (None leaves the key out); ``tied`` leaves out ``output.weight``,
+    ``leave_out`` the tensors whose names start with one of its prefixes, and ``extra`` adds
+    one-dimensional tensors of the given lengths."""
     import gguf
 
-    hidden, layers, heads, ffn, vocab = 8, 2, 2, 16, 4
+    hidden, layers, ffn, vocab = 8, 2, 16, 4
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(layers)
-    writer.add_context_length(32)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(heads)
+    for key, value in {**TINY_SHAPE, **(claims or {})}.items():
+        if value is not None:
+            writer.add_uint32(f"llama.{key}", value)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(vocab)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
     writer.add_token_scores([0.0] * vocab)
@@ -79,11 +101,13 @@ def tiny_llama_gguf(path: Path) -> Path:
     rng = np.random.default_rng(0)
 
     def weight(name: str, *shape: int) -> None:
-        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+        if not name.startswith(tuple(leave_out)):
+            writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
 
     weight("token_embd.weight", vocab, hidden)
     weight("output_norm.weight", hidden)
-    weight("output.weight", vocab, hidden)
+    if not tied:
+        weight("output.weight", vocab, hidden)
     for i in range(layers):
         for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
             weight(f"blk.{i}.{part}.weight", hidden, hidden)
@@ -92,6 +116,8 @@ def tiny_llama_gguf(path: Path) -> Path:
         weight(f"blk.{i}.ffn_down.weight", hidden, ffn)
         weight(f"blk.{i}.attn_norm.weight", hidden)
         weight(f"blk.{i}.ffn_norm.weight", hidden)
+    for name, length in (extra or {}).items():
+        weight(name, length)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -9,10 +9,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from conftest import build_tiny_tokenizer, tiny_model
@@ -23,6 +24,7 @@ from modelsurgery.proto.job_state import JobState
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.engine import EngineSettings, JobEngine
 from modelsurgery.server.executor import WorkerSettings
+from modelsurgery.server.failures import caller_status
 from modelsurgery.server.leases import owner_is_dead, server_identity
 from modelsurgery.server.metrics import ServerMetrics
 from modelsurgery.server.outcome import JobOutcome
@@ -212,3 +214,73 @@ def test_the_tick_settles_a_running_job_of_its_own_that_nothing_runs(
     asyncio.run(engine._tick())
     failed = engine.table.get(job.id)
     assert failed.state == JobState.FAILED and "2 attempts" in failed.error
+
+
+class StreamingActor(FinishedActor):
+    """A worker actor that streams ``events`` before its outcome, calling ``stall`` after
+    the first: what its server lived through meanwhile."""
+
+    def __init__(
+        self, outcome: JobOutcome, events: list[dict[str, Any]], stall: Callable[[], None]
+    ) -> None:
+        super().__init__(outcome)
+        self.events = events
+        self.stall = stall
+
+    def remote(self, *args: Any) -> AsyncIterator[Any]:
+        async def value(item: Any) -> Any:
+            return item
+
+        async def refs() -> AsyncIterator[Any]:
+            for index, event in enumerate(self.events):
+                yield value(event)
+                if index == 0:
+                    self.stall()
+            yield value(self.outcome)
+
+        return refs()
+
+
+def test_a_stalled_servers_late_events_land_after_no_terminal_event(engine: JobEngine) -> None:
+    """The server stalls past its lease; another takes the job over and fails it; the
+    stalled server's worker streams on: its late events are dropped."""
+    job = running_job(engine, "tiny", owner=engine.identity, lease=60)
+
+    def taken_over() -> None:
+        engine.table.claim_abandoned("other", 30, lambda job_id, owner: True)
+        engine.table.finish(job.id, JobState.FAILED, message="failed by other", owner="other")
+
+    events = [{"kind": "progress", "message": f"step {i}", "step": i} for i in range(3)]
+    outcome = JobOutcome(JobState.FAILED, error="gates failed")
+    asyncio.run(engine._run(job, StreamingActor(outcome, events, taken_over)))
+    history = engine.table.events_after(job.id, 0)
+    assert [e.message for e in history][-2:] == ["step 0", "failed by other"]
+    assert history[-1].state is JobState.FAILED
+
+
+def test_a_full_disk_drops_progress_events_not_the_job(
+    engine: JobEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress is best effort: SQLite refusing an event for a full disk leaves the job to
+    settle with its worker's outcome (it once ended FAILED "internal engine error")."""
+    job = running_job(engine, "tiny", owner=engine.identity, lease=60)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def disk_fills() -> None:
+        monkeypatch.setattr(engine.table, "add_event", full)
+
+    events = [{"kind": "progress", "message": f"step {i}", "step": i} for i in range(3)]
+    outcome = JobOutcome(JobState.CANCELLED, error="cancelled by request")
+    asyncio.run(engine._run(job, StreamingActor(outcome, events, disk_fills)))
+    monkeypatch.undo()
+    settled = engine.table.get(job.id)
+    assert settled.state is JobState.CANCELLED, settled.error
+
+
+def test_a_full_disk_answers_retry_later_not_internal() -> None:
+    status = caller_status(sqlite3.OperationalError("database or disk is full"))
+    assert status is not None and status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "out of disk space" in str(status[1])
+    assert caller_status(sqlite3.OperationalError("no such table: jobs")) is None

@@ -219,3 +219,30 @@ def test_database_without_previous_attempt_column_is_migrated(tmp_path: Path) ->
     rerun = submit(table, "ci-run")
     assert rerun.previous_attempt == "job-old" and table.get("job-old").state == JobState.FAILED
     table.close()
+
+
+def test_no_event_is_appended_after_the_terminal_one(table: jt.JobTable) -> None:
+    """A server that stalled past its lease, whose job another server ended meanwhile, keeps
+    streaming its worker's events: the terminal event stays the last."""
+    job = submit(table)
+    table.mark_running(job.id, "a", lease_seconds=60)
+    assert table.add_event(job.id, "progress", "step 1") is not None
+    table.finish(job.id, JobState.FAILED, message="failed", error="boom")
+    assert table.add_event(job.id, "progress", "late", {"step": 2}) is None
+    events = table.events_after(job.id, 0)
+    assert [e.message for e in events] == ["job queued", "attempt 1", "step 1", "failed"]
+    assert events[-1].kind == "state" and events[-1].state is JobState.FAILED
+
+
+def test_a_server_that_lost_its_lease_appends_no_event(table: jt.JobTable) -> None:
+    """Its events belong to no attempt: not to the one another server now runs."""
+    job = submit(table)
+    table.mark_running(job.id, "a", lease_seconds=-1)
+    assert table.add_event(job.id, "progress", "step 1", owner="a") is not None
+    table.claim_abandoned("b", 30, lambda job_id, owner: False)
+    assert table.add_event(job.id, "progress", "stale", owner="a") is None
+    assert table.add_event(job.id, "progress", "step 2", owner="b") is not None
+    table.requeue(job.id, "retry", owner="b")
+    assert table.add_event(job.id, "progress", "stale", owner="b") is None
+    messages = [e.message for e in table.events_after(job.id, 0)]
+    assert messages == ["job queued", "attempt 1", "step 1", "step 2", "retry"]

@@ -2,7 +2,10 @@
 metadata declares more than it holds, or more than the bounds, with INVALID_ARGUMENT naming the
 reference and the problem, before transformers' readers build anything for it (a 46 MB file
 cost the server 9 GB and two minutes); a malformed file is INVALID_ARGUMENT too, not INTERNAL;
-a valid GGUF is still admitted."""
+a GGUF whose metadata lacks its architecture's shape keys (a 69-byte file that transformers
+completed with Llama-7B's sizes, and the worker was OOM-killed building) or whose tensors do not
+hold the model its metadata describes is INVALID_ARGUMENT too; a valid GGUF is still
+admitted."""
 
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ HOSTILE = {
         "'x' is an array of 12,000,000 items",
     ),
     # transformers' reader raised struct.error on this one: INTERNAL.
+    # 69 bytes naming the llama architecture: admitted, then a float32 Llama-7B in the worker.
+    "claims.gguf": ({}, "its metadata lacks llama.block_count, llama.embedding_length"),
     "truncated.gguf": (
         {"kvs": 1, "body": kv_array_header("t", STRING, 2) + struct.pack("<QQ", 1 << 40, 0)},
         "it ends inside metadata 't'",
@@ -69,6 +74,16 @@ def test_a_malformed_gguf_is_invalid_without_server_paths(server: Running, tmp_p
     problem = raised.value.message.partition(" reads: ")[2]
     assert problem.startswith("it does not parse (ValueError: odd.gguf has no"), problem
     assert str(tmp_path) not in problem
+
+
+def test_a_gguf_whose_tensors_do_not_hold_its_model_is_refused(server: Running) -> None:
+    claims = {"embedding_length": 4096, "feed_forward_length": 11008, "vocab_size": 32000}
+    path = tiny_llama_gguf(server.model.parent / "widths.gguf", claims=claims)
+    with server.client() as client, pytest.raises(InvalidArgument) as raised:
+        client.submit(spec(path))
+    message = raised.value.message
+    assert message.startswith(f"model reference {str(path)!r} is not a GGUF file"), message
+    assert "its tensors hold 1,384 parameters; the model its metadata describes" in message
 
 
 def test_a_valid_gguf_is_admitted(server: Running) -> None:
