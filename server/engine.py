@@ -370,6 +370,12 @@ class JobEngine:
             self._finish(job.id, JobState.FAILED, message="worker ended", error="no outcome")
             return
         state, error = outcome.state, outcome.error
+        current = self.table.get(job.id)
+        retry = outcome.retryable and not current.cancel_requested
+        if retry and current.attempts < self.settings.max_attempts:
+            with contextlib.suppress(jt.LeaseLost):
+                self.table.requeue(job.id, f"{error}; retrying", owner=self.identity)
+            return
         if job.id in self._timed_out and state == JobState.CANCELLED:
             state = JobState.FAILED
             error = f"deadline exceeded: the job ran longer than timeout_s={timeout:g} s"

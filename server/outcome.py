@@ -36,6 +36,8 @@ class JobOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
     error: str = ""
+    # The failure was the server's, not the job's (a full disk): worth another attempt.
+    retryable: bool = False
 
     def failed_gates_message(self) -> str:
         """``gates failed: ...`` naming each failed gate with its value and condition."""

@@ -32,6 +32,7 @@ from modelsurgery.evaluation.perplexity import PerplexityCache
 from modelsurgery.evaluation.suite import Suite, job_protocol
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.server.auth import ANONYMOUS, Caller
+from modelsurgery.server.disk import is_disk_full
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
 from modelsurgery.server.model_cache import CachedModel, ModelCache
@@ -118,7 +119,11 @@ class SurgeryWorker:
                 # The traceback stays in the worker's log; the job row gets a message for the
                 # caller, without the server's paths.
                 log.exception("job %s failed", job_id)
-                outcome = JobOutcome(JobState.FAILED, error=caller_message(exc, self.settings))
+                outcome = JobOutcome(
+                    JobState.FAILED,
+                    error=caller_message(exc, self.settings),
+                    retryable=is_disk_full(exc),
+                )
             finally:
                 events.put(_DONE)
 

@@ -4,6 +4,7 @@ environment for ``execute_job`` (``job_env``, ``run_job``) and a default server.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,26 @@ _VOCAB_TEXT = (
     "good bad big small old new red blue green one two three . , ? !"
 )
 _WORDS = _VOCAB_TEXT.split()
+
+
+def bounded(call: Callable[[], Any], seconds: float, what: str) -> Any:
+    """``call()`` in a thread joined with a bound, its exception re-raised here: a regression
+    that hangs (a deadlock, an endless render) fails the test instead of hanging the suite."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{what} did not return within {seconds:g} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def word_level_tokenizer(

@@ -284,3 +284,15 @@ def test_a_full_disk_answers_retry_later_not_internal() -> None:
     assert status is not None and status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of disk space" in str(status[1])
     assert caller_status(sqlite3.OperationalError("no such table: jobs")) is None
+
+
+def test_a_job_failed_by_a_full_disk_is_retried_while_attempts_remain(engine: JobEngine) -> None:
+    """The disk, not the job, failed: another attempt, then FAILED once attempts run out."""
+    job = running_job(engine, "tiny", owner=engine.identity, lease=60)
+    full = JobOutcome(JobState.FAILED, error="OSError: no space left", retryable=True)
+    asyncio.run(engine._run(job, FinishedActor(full)))
+    assert engine.table.get(job.id).state is JobState.QUEUED
+    job = engine.table.mark_running(job.id, engine.identity, lease_seconds=60)
+    asyncio.run(engine._run(job, FinishedActor(full)))
+    failed = engine.table.get(job.id)
+    assert failed.state is JobState.FAILED and "no space left" in failed.error

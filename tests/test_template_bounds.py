@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import pickle
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import build_tiny_tokenizer, tiny_model
+from conftest import bounded, build_tiny_tokenizer, tiny_model
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.server.executor import WorkerSettings
@@ -39,29 +37,14 @@ def tokenizer_with(template: str) -> Any:
     return tokenizer
 
 
-def bounded(call: Callable[[], Any]) -> Any:
-    """``call()`` in a thread joined with a bound; its exception is re-raised here."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = call()
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(JOIN_SECONDS)
-    assert not thread.is_alive(), f"the template still rendered after {JOIN_SECONDS:g} s"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def test_a_template_that_loops_1e9_times_is_refused_naming_the_template() -> None:
     model, tokenizer = tiny_model("llama"), tokenizer_with(LOOPS_1E9)
     with pytest.raises(ChatTemplateError) as caught:
-        bounded(lambda: generate_text(model, tokenizer, ["paris"], max_new_tokens=1, chat=True))
+        bounded(
+            lambda: generate_text(model, tokenizer, ["paris"], max_new_tokens=1, chat=True),
+            JOIN_SECONDS,
+            "the template render",
+        )
     assert caught.value.field == "chat"
     assert "chat template" in str(caught.value)
     assert isinstance(caught.value, PromptError)  # the servicer answers INVALID_ARGUMENT
@@ -76,7 +59,11 @@ def test_a_template_stops_rendering_once_the_generation_must_stop() -> None:
         return True
 
     with pytest.raises(GenerationStopped):
-        bounded(lambda: generate_text(model, tokenizer, ["paris"], chat=True, should_stop=stop))
+        bounded(
+            lambda: generate_text(model, tokenizer, ["paris"], chat=True, should_stop=stop),
+            JOIN_SECONDS,
+            "the template render",
+        )
     assert len(polls) == 1  # polled while rendering, not only once it was done
 
 
@@ -113,7 +100,11 @@ def test_the_worker_refuses_the_template_and_frees_its_replica(
     worker = SurgeryWorker(WorkerSettings(store_root=store.root, cache_dir=tmp_path / "c"), 1)
     options = {"max_new_tokens": 1, "chat": True}
     with pytest.raises(ChatTemplateError):
-        bounded(lambda: worker.generate(version, ["paris"], options, 600.0))
+        bounded(
+            lambda: worker.generate(version, ["paris"], options, 600.0),
+            JOIN_SECONDS,
+            "the template render",
+        )
     assert worker._replica is not None and worker._replica.lock.acquire(blocking=False)
     worker._replica.lock.release()
     assert worker.generate(version, ["paris"], {"max_new_tokens": 1}, 600.0)

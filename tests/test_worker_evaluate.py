@@ -8,9 +8,7 @@ when the caller goes away."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import grpc
 import pytest
 import ray
 import torch
-from conftest import build_tiny_tokenizer, tiny_model
+from conftest import bounded, build_tiny_tokenizer, tiny_model
 from ray.exceptions import TaskCancelledError
 
 from modelsurgery.checkpoints import CheckpointStore
@@ -95,30 +93,15 @@ def hook_version(worker: SurgeryWorker, tmp_path: Path) -> tuple[str, str]:
     return base.id, version.id
 
 
-def bounded(call: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """``call()`` in a thread joined with a bound: a deadlock fails the test, never hangs it."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = call()
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(JOIN_SECONDS)
-    assert not thread.is_alive(), f"evaluate did not return within {JOIN_SECONDS:g} s (deadlock)"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def test_a_hook_version_is_judged_against_its_parent_without_the_hooks_on_the_parent(
     worker: SurgeryWorker, hook_version: tuple[str, str]
 ) -> None:
     base, version = hook_version
-    metrics = bounded(lambda: worker.evaluate(version, base, SUITE.to_bytes(), True))
+    metrics = bounded(
+        lambda: worker.evaluate(version, base, SUITE.to_bytes(), True),
+        JOIN_SECONDS,
+        "evaluate (a deadlock?)",
+    )
     warm = load_base(base, worker.store, worker.cache, worker.settings)
     assert warm.model is load_base(version, worker.store, worker.cache, worker.settings).model
     assert warm.lock.acquire(blocking=False), "the warm model's lock was left held"
@@ -132,7 +115,11 @@ def test_a_hook_version_is_judged_against_its_parent_without_the_hooks_on_the_pa
     assert metrics["perplexity"] != pytest.approx(metrics["perplexity_base"])
     assert metrics["probability_gain"] != pytest.approx(0.0, abs=1e-9)
     # The hooks came off the shared model when the evaluation ended.
-    again = bounded(lambda: worker.evaluate(base, base, SUITE.to_bytes(), True))
+    again = bounded(
+        lambda: worker.evaluate(base, base, SUITE.to_bytes(), True),
+        JOIN_SECONDS,
+        "evaluate (a deadlock?)",
+    )
     for name in ("bias_gap", "stereotype_share", "perplexity"):
         assert again[name] == again[f"{name}_base"] == metrics[f"{name}_base"], name
 
@@ -147,7 +134,11 @@ def test_a_revert_is_judged_against_the_version_it_restores(
         base, {name: store.tensor(base, name) * 2}, operations=[{"method": "double"}]
     )
     reverted = store.revert(edited.id)
-    metrics = bounded(lambda: worker.evaluate(reverted.id, base, SUITE.to_bytes(), True))
+    metrics = bounded(
+        lambda: worker.evaluate(reverted.id, base, SUITE.to_bytes(), True),
+        JOIN_SECONDS,
+        "evaluate (a deadlock?)",
+    )
     assert metrics["perplexity_ratio"] == 1.0
     assert metrics["probability_gain"] == 0.0 and metrics["locality"] == 1.0
 
@@ -166,14 +157,22 @@ def test_a_cancelled_evaluation_stops_and_leaves_the_warm_model_as_it_was(
 
     monkeypatch.setattr(worker_module, "_task_cancelled", cancelled_after_two_checks)
     with pytest.raises(EvaluationStopped):
-        bounded(lambda: worker.evaluate(version, base, SUITE.to_bytes(), True))
+        bounded(
+            lambda: worker.evaluate(version, base, SUITE.to_bytes(), True),
+            JOIN_SECONDS,
+            "evaluate (a deadlock?)",
+        )
     assert len(checks) == 3
 
     monkeypatch.setattr(worker_module, "_task_cancelled", lambda: False)
     warm = load_base(base, worker.store, worker.cache, worker.settings)
     assert warm.lock.acquire(blocking=False)
     warm.lock.release()
-    metrics = bounded(lambda: worker.evaluate(base, base, SUITE.to_bytes(), True))
+    metrics = bounded(
+        lambda: worker.evaluate(base, base, SUITE.to_bytes(), True),
+        JOIN_SECONDS,
+        "evaluate (a deadlock?)",
+    )
     assert metrics["perplexity_ratio"] == 1.0 and metrics["probability_gain"] == 0.0
 
 
