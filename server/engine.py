@@ -383,15 +383,7 @@ class JobEngine:
             JobState.SUCCEEDED: f"version {outcome.version_id} published",
             JobState.CANCELLED: "cancelled; nothing published",
         }.get(state, "job failed")
-        self._finish(
-            job.id,
-            state,
-            message=message,
-            version_id=outcome.version_id,
-            metrics=outcome.metrics,
-            gates=[g.to_dict() for g in outcome.gates],
-            error=error,
-        )
+        self._finish(job.id, state, message=message, **{**outcome.row_fields(), "error": error})
         log.info("job finished", extra={"job_id": job.id, "state": state})
 
     def _handle_worker_death(self, job: jt.JobRecord, exc: Exception) -> None:

@@ -109,11 +109,8 @@ def record_published(
         job.id,
         outcome.state,
         message=message,
-        version_id=outcome.version_id,
-        metrics=outcome.metrics,
-        gates=[g.to_dict() for g in outcome.gates],
-        error=outcome.error,
         owner=owner,
+        **outcome.row_fields(),
     )
 
 

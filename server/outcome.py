@@ -39,6 +39,15 @@ class JobOutcome:
     # The failure was the server's, not the job's (a full disk): worth another attempt.
     retryable: bool = False
 
+    def row_fields(self) -> dict[str, Any]:
+        """What ``JobTable.finish`` records of this outcome besides its state."""
+        return {
+            "version_id": self.version_id,
+            "metrics": self.metrics,
+            "gates": [g.to_dict() for g in self.gates],
+            "error": self.error,
+        }
+
     def failed_gates_message(self) -> str:
         """``gates failed: ...`` naming each failed gate with its value and condition."""
         reasons = ", ".join(

@@ -18,6 +18,7 @@ import ray
 import torch
 from conftest import bounded, build_tiny_tokenizer, tiny_model
 from ray.exceptions import TaskCancelledError
+from test_lora import FACT
 
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.registry import MethodContext, get_method
@@ -39,15 +40,6 @@ from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 # evaluation takes well under a second.
 JOIN_SECONDS = 60.0
 
-FACT = {
-    "prompt": "{} speaks",
-    "subject": "she",
-    "target_new": "japanese",
-    "ground_truth": "french",
-    "rephrase_prompt": "she lives and speaks",
-    "locality_prompt": "he speaks",
-    "locality_ground_truth": "english",
-}
 PAIRS = [
     PairCase(stereo="he is a doctor", anti="she is a doctor"),
     PairCase(stereo="she is a nurse", anti="he is a nurse"),
