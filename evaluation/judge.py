@@ -34,7 +34,8 @@ from .suite import PairCase, Suite
 
 @dataclass
 class Reference:
-    """The model a job started from; ``lock`` guards a shared warm model while it is read."""
+    """The model a job started from. ``lock`` is entered once, around every reading of it:
+    it guards a shared warm model, or puts a job's base back for the while."""
 
     model: nn.Module
     lock: AbstractContextManager[Any] | None = None
@@ -75,11 +76,22 @@ def judge(
     ancestors_facts = [f for s in lineage for f in s.facts]
     references = list(suite.locality_reference)
 
-    if suite.facts:
-        with reference.reading():
+    # Everything read from the reference, in one reading: a job's reference is its warm model
+    # with the job's edits taken off for the while (``server.in_place``).
+    before: list[Any] = []
+    base_pairs: dict[str, float] = {}
+    base_ppl = 0.0
+    with reference.reading():
+        if suite.facts:
             before = measurements.fact_scores(0, reference.model, suite.facts)
-        if len(references) != len(suite.facts):
-            references = locality_references(before)
+        if suite.pairs:
+            base_pairs = _pair_figures(reference.model, tokenizer, suite.pairs)
+        if measurements.protocol is not None:
+            base_ppl = measurements.perplexity(0, reference.model)
+        base_parameters = sum(p.numel() for p in reference.model.parameters())
+
+    if suite.facts and len(references) != len(suite.facts):
+        references = locality_references(before)
     if suite.facts or ancestors_facts:
         after = measurements.fact_scores(final_state, final, [*suite.facts, *ancestors_facts])
         own, ancestors = after[: len(suite.facts)], after[len(suite.facts) :]
@@ -93,8 +105,6 @@ def judge(
 
     if suite.pairs:
         final_pairs = _pair_figures(final, tokenizer, suite.pairs)
-        with reference.reading():
-            base_pairs = _pair_figures(reference.model, tokenizer, suite.pairs)
         for name in ("stereotype_share", "bias_gap"):
             metrics[name] = final_pairs[name]
             metrics[f"{name}_base"] = base_pairs[name]
@@ -106,14 +116,10 @@ def judge(
         metrics["lineage_pairs"] = float(len(ancestor_pairs))
 
     if measurements.protocol is not None:
-        with reference.reading():
-            base_ppl = measurements.perplexity(0, reference.model)
         final_ppl = measurements.perplexity(final_state, final)
         metrics.update(perplexity=final_ppl, perplexity_base=base_ppl)
         metrics["perplexity_ratio"] = final_ppl / base_ppl
 
-    with reference.reading():
-        base_parameters = sum(p.numel() for p in reference.model.parameters())
     metrics["parameter_ratio"] = sum(p.numel() for p in final.parameters()) / base_parameters
     # All of the job's evaluation: what the operations' figures measured, then this.
     metrics["eval_seconds"] = measured_before + time.perf_counter() - started

@@ -1,19 +1,21 @@
-"""Runs one job's operations on a private copy of a warm base model and publishes the result.
+"""Runs one job's operations on a warm base model, in place, and publishes the result.
 
 Independent of Ray and gRPC: the Ray worker calls it, tests can too. Order of effects: run the
 operations, judge the final model against the job's base and lineage (``evaluation``), check
 the gates on those figures, and only when every gate holds commit the version (blobs first,
 manifest last, the judged suite stored with it) and move the alias. A failed gate or a
-cancellation publishes nothing. Metrics: unprefixed and ``lineage_*`` for the final model,
-``op<i>.<name>`` for each operation's own figures.
+cancellation publishes nothing. The job holds the warm model's lock from its first operation
+until the model is put back as it found it (``in_place``): the weights are held once.
+Metrics: unprefixed and ``lineage_*`` for the final model, ``op<i>.<name>`` for each
+operation's own figures.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from modelsurgery.checkpoints.hf import model_files, tokenizer_files
 from modelsurgery.editing.attachments import attach_hooks
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.registry import JobCancelled, MethodConfig, MethodContext, get_method
-from modelsurgery.evaluation.judge import Reference, judge
+from modelsurgery.evaluation.judge import Judgement, Reference, judge
 from modelsurgery.evaluation.lineage import lineage_suites
 from modelsurgery.evaluation.measure import JobMeasurements
 from modelsurgery.evaluation.metrics import FACTS, operation_measures, wants_perplexity
@@ -33,14 +35,16 @@ from modelsurgery.evaluation.suite import SUITE_ARTIFACT, carried_suite, job_pro
 from modelsurgery.models import LoadedModel, load
 from modelsurgery.models.digest import combined_digest, files_digest, model_digest
 from modelsurgery.proto.job_state import JobState
-from modelsurgery.proto.spec import parse_spec
+from modelsurgery.proto.spec import JobSpec, parse_spec
 from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.fan_out import fan_out_for
+from modelsurgery.server.in_place import InPlaceEdit, ReadOriginal
 from modelsurgery.server.model_cache import CachedModel, ModelCache, parameter_bytes
 from modelsurgery.server.outcome import JobOutcome, evaluate_gates, settle_published
 from modelsurgery.server.permissions import AliasPolicy
 
 Emit = Callable[[dict[str, Any]], None]
+log = logging.getLogger("modelsurgery.executor")
 
 
 @dataclass
@@ -125,6 +129,111 @@ def _operation_facts(operation: MethodConfig) -> list[Fact]:
     return [Fact.model_validate(f) for f in operation.suite().get(FACTS, [])]  # type: ignore[attr-defined]
 
 
+@dataclass
+class _JobRun:
+    """What a job's operations produced so far (a cancelled job reports its metrics)."""
+
+    changed: dict[str, torch.Tensor] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    operations: list[dict[str, Any]] = field(default_factory=list)
+    suites: list[dict[str, list[dict[str, Any]]]] = field(default_factory=list)
+
+
+def original_reader(store: CheckpointStore, version_id: str) -> ReadOriginal:
+    """The base version's tensors by name: what ``InPlaceEdit`` reads written tensors back from."""
+    entries = store.tensor_entries(version_id)
+
+    def read(name: str) -> torch.Tensor | None:
+        return store.tensor(version_id, name) if name in entries else None
+
+    return read
+
+
+def _put_back(edit: InPlaceEdit, base: CachedModel, cache: ModelCache) -> None:
+    """Leave the warm model as the job found it; one that cannot be is dropped from the cache
+    (the next job loads it again) rather than served edited."""
+    try:
+        edit.restore()
+    except Exception:
+        log.exception("warm model %s could not be restored; dropping it", base.version_id)
+        cache.discard(base.digest)
+
+
+def _operate_and_judge(
+    spec: JobSpec,
+    base: CachedModel,
+    edit: InPlaceEdit,
+    run: _JobRun,
+    store: CheckpointStore,
+    settings: WorkerSettings,
+    emit: Emit,
+    is_cancelled: Callable[[], bool],
+) -> Judgement:
+    """Run the operations on the warm model (held under its lock by the caller), then judge
+    it against the base, which ``edit.base_view`` puts back while the judge reads it."""
+    model = base.model
+    digest = base.digest
+    protocol = (
+        job_protocol(spec.evaluation) if wants_perplexity(spec.gates, spec.operations) else None
+    )
+    measurements = JobMeasurements(
+        base.tokenizer,
+        protocol,
+        base_digest=base.digest,
+        cache=PerplexityCache(settings.cache_dir),
+    )
+    for index, operation in enumerate(spec.operations):
+        if is_cancelled():
+            raise JobCancelled()
+        method = get_method(operation.method)
+        operation = operation.resolved(model.config)
+        measures = operation_measures(index, operation, spec.gates)
+        facts = _operation_facts(operation)
+        if measures:
+            emit({"kind": "progress", "message": "measuring before", "operation": index})
+            with attach_hooks(model, run.artifacts):
+                measurements.before_operation(index, model, measures, facts)
+        context = MethodContext(
+            model_digest=digest,
+            cache_dir=settings.cache_dir,
+            data_roots=settings.data_roots,
+            device=torch.device(settings.device),
+            report=lambda event, i=index: emit({"kind": "progress", "operation": i, **event}),
+            is_cancelled=is_cancelled,
+            read_artifact=artifact_reader(store, base.version_id, run.artifacts),
+            fan_out=fan_out_for(settings.fan_out, settings.fan_out_cpus),
+        )
+        emit({"kind": "progress", "message": f"running {operation.method}", "operation": index})
+        result = method.run(model, base.tokenizer, operation, context)
+        edit.note_changed(result.changed)
+        run.changed.update({name: t.detach().cpu().clone() for name, t in result.changed.items()})
+        run.overrides.update(result.config_overrides)
+        run.artifacts.update(result.artifacts)
+        if measures:
+            emit({"kind": "progress", "message": "measuring after", "operation": index})
+            with attach_hooks(model, run.artifacts):
+                result.metrics.update(measurements.operation_figures(index, model, measures, facts))
+        run.metrics.update({f"op{index}.{name}": v for name, v in result.metrics.items()})
+        run.suites.append(result.suite)
+        run.operations.append({**operation.model_dump(mode="json"), **result.resolved})
+        if index + 1 < len(spec.operations) and result.changed:
+            digest = model_digest(model)
+    if is_cancelled():
+        raise JobCancelled()
+    emit({"kind": "progress", "message": "evaluating the final model against the base"})
+    with attach_hooks(model, run.artifacts):
+        return judge(
+            model,
+            Reference(model, edit.base_view()),
+            carried_suite(run.suites),
+            lineage_suites(store, base.version_id),
+            measurements=measurements,
+            final_state=len(spec.operations),
+        )
+
+
 def execute_job(
     spec_data: dict[str, Any],
     *,
@@ -148,81 +257,21 @@ def execute_job(
     emit({"kind": "progress", "message": "loading base model", "base": spec.base})
     base = load_base(base_version or spec.base, store, cache, settings)
     emit({"kind": "progress", "message": "base model ready", "version_id": base.version_id})
+    run = _JobRun()
     with base.lock:
-        model = copy.deepcopy(base.model)
-    digest = base.digest
-    changed: dict[str, torch.Tensor] = {}
-    overrides: dict[str, Any] = {}
-    artifacts: dict[str, bytes] = {}
-    metrics: dict[str, float] = {}
-    operations: list[dict[str, Any]] = []
-    suites: list[dict[str, list[dict[str, Any]]]] = []
-    protocol = (
-        job_protocol(spec.evaluation) if wants_perplexity(spec.gates, spec.operations) else None
-    )
-    measurements = JobMeasurements(
-        base.tokenizer,
-        protocol,
-        base_digest=base.digest,
-        cache=PerplexityCache(settings.cache_dir),
-    )
-    try:
-        for index, operation in enumerate(spec.operations):
-            if is_cancelled():
-                raise JobCancelled()
-            method = get_method(operation.method)
-            operation = operation.resolved(model.config)
-            measures = operation_measures(index, operation, spec.gates)
-            facts = _operation_facts(operation)
-            if measures:
-                emit({"kind": "progress", "message": "measuring before", "operation": index})
-                with attach_hooks(model, artifacts):
-                    measurements.before_operation(index, model, measures, facts)
-            context = MethodContext(
-                model_digest=digest,
-                cache_dir=settings.cache_dir,
-                data_roots=settings.data_roots,
-                device=torch.device(settings.device),
-                report=lambda event, i=index: emit({"kind": "progress", "operation": i, **event}),
-                is_cancelled=is_cancelled,
-                read_artifact=artifact_reader(store, base.version_id, artifacts),
-                fan_out=fan_out_for(settings.fan_out, settings.fan_out_cpus),
+        edit = InPlaceEdit(base.model, original_reader(store, base.version_id))
+        try:
+            judgement = _operate_and_judge(
+                spec, base, edit, run, store, settings, emit, is_cancelled
             )
-            emit({"kind": "progress", "message": f"running {operation.method}", "operation": index})
-            result = method.run(model, base.tokenizer, operation, context)
-            changed.update({name: t.detach().cpu().clone() for name, t in result.changed.items()})
-            overrides.update(result.config_overrides)
-            artifacts.update(result.artifacts)
-            if measures:
-                emit({"kind": "progress", "message": "measuring after", "operation": index})
-                with attach_hooks(model, artifacts):
-                    result.metrics.update(
-                        measurements.operation_figures(index, model, measures, facts)
-                    )
-            metrics.update({f"op{index}.{name}": v for name, v in result.metrics.items()})
-            suites.append(result.suite)
-            operations.append({**operation.model_dump(mode="json"), **result.resolved})
-            if index + 1 < len(spec.operations) and result.changed:
-                digest = model_digest(model)
-        if is_cancelled():
-            raise JobCancelled()
-        emit({"kind": "progress", "message": "evaluating the final model against the base"})
-        with attach_hooks(model, artifacts):
-            judgement = judge(
-                model,
-                Reference(base.model, base.lock),
-                carried_suite(suites),
-                lineage_suites(store, base.version_id),
-                measurements=measurements,
-                final_state=len(spec.operations),
-            )
-    except JobCancelled:
-        return JobOutcome(JobState.CANCELLED, metrics=metrics, error="cancelled by request")
-    finally:
-        del model
+        except JobCancelled:
+            return JobOutcome(JobState.CANCELLED, metrics=run.metrics, error="cancelled by request")
+        finally:
+            _put_back(edit, base, cache)
+    metrics = run.metrics
     metrics.update(judgement.metrics)
     if not judgement.suite.empty:
-        artifacts[SUITE_ARTIFACT] = judgement.suite.to_bytes()
+        run.artifacts[SUITE_ARTIFACT] = judgement.suite.to_bytes()
     metrics["job_seconds"] = time.perf_counter() - started
     outcome = JobOutcome(JobState.FAILED, metrics=metrics, gates=evaluate_gates(spec, metrics))
     if not all(g.passed for g in outcome.gates):
@@ -231,14 +280,14 @@ def execute_job(
     if is_cancelled():
         outcome.state, outcome.error = JobState.CANCELLED, "cancelled by request"
         return outcome
-    emit({"kind": "progress", "message": "writing version", "tensors": len(changed)})
+    emit({"kind": "progress", "message": "writing version", "tensors": len(run.changed)})
     manifest = store.commit(
         base.version_id,
-        changed,
-        operations=operations,
+        run.changed,
+        operations=run.operations,
         metrics=metrics,
-        config_overrides=overrides or None,
-        artifacts=artifacts or None,
+        config_overrides=run.overrides or None,
+        artifacts=run.artifacts or None,
         job_id=job_id,
     )
     return settle_published(spec, manifest, store, caller, AliasPolicy(settings.shared_aliases))

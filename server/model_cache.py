@@ -31,7 +31,8 @@ class CachedModel:
     module_digest: str = ""
     """Weights and config: entries equal in it share ``model`` and ``lock``."""
     lock: threading.Lock = field(default_factory=threading.Lock)
-    """Held while the model is copied or read by an evaluation (which may attach hooks)."""
+    """Held by a job for its whole run (it edits the model in place and puts it back), and by
+    Generate and evaluations while they read it (they attach hooks)."""
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
@@ -85,11 +86,17 @@ class ModelCache:
             if entry.digest in self._entries:
                 self._by_reference[reference] = (entry.digest, entry.version_id)
 
-    def _evict(self) -> None:
-        while len(self._entries) > 1 and self.total_bytes() > self.max_bytes:
-            digest, _ = self._entries.popitem(last=False)
+    def discard(self, digest: str) -> None:
+        """Forget an entry (a warm model a job could not put back): the next request loads it
+        afresh."""
+        with self._lock:
+            self._entries.pop(digest, None)
             for ref in [r for r, (d, _) in self._by_reference.items() if d == digest]:
                 del self._by_reference[ref]
+
+    def _evict(self) -> None:
+        while len(self._entries) > 1 and self.total_bytes() > self.max_bytes:
+            self.discard(next(iter(self._entries)))
 
     def total_bytes(self) -> int:
         """Bytes of the distinct modules held (entries sharing one count it once)."""

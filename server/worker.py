@@ -7,7 +7,6 @@ and ``generate`` are served while a job runs.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import queue
@@ -15,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import replace
 from typing import Any
 
 import ray
@@ -35,7 +33,7 @@ from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.disk import is_disk_full
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
-from modelsurgery.server.model_cache import CachedModel, ModelCache
+from modelsurgery.server.model_cache import ModelCache
 from modelsurgery.server.outcome import JobOutcome
 from modelsurgery.server.redact import caller_message
 
@@ -70,8 +68,6 @@ class SurgeryWorker:
         self.cache = ModelCache(settings.max_cache_bytes)
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._replica: CachedModel | None = None
-        self._replica_lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -145,10 +141,9 @@ class SurgeryWorker:
         """Greedy or sampled text from a version, stopped (``GenerationStopped``) once the
         server cancels this task (its caller went away) or ``timeout_s`` passes.
 
-        It runs on the worker's generation replica (``_generation_replica``), never on the
-        warm model jobs copy from: a version's hooks (ReFT interventions, unbaked steering)
-        are attached to the replica for this call only, under the replica's own lock, so a
-        long or abandoned generation never holds a lock a job waits for."""
+        It runs on the warm model itself, under its lock (no copy: the weights are held once);
+        a version's hooks (ReFT interventions, unbaked steering) are attached for this call
+        only. A job on the same model waits for it, at most until its timeout."""
         base = load_base(ref, self.store, self.cache, self.settings)
         artifacts = stored_hook_artifacts(self.store, self.store.resolve(ref))
         deadline = time.monotonic() + timeout_s
@@ -156,28 +151,10 @@ class SurgeryWorker:
         def should_stop() -> bool:
             return time.monotonic() > deadline or _task_cancelled()
 
-        replica = self._generation_replica(base)
-        with replica.lock, attach_hooks(replica.model, artifacts):
+        with base.lock, attach_hooks(base.model, artifacts):
             return generate_text(
-                replica.model, base.tokenizer, prompts, should_stop=should_stop, **options
+                base.model, base.tokenizer, prompts, should_stop=should_stop, **options
             )
-
-    def _generation_replica(self, base: CachedModel) -> CachedModel:
-        """The worker's one copy of a warm model for Generate, made once per model (a deep
-        copy under the warm model's lock: the same short critical section a job's own copy
-        takes) and kept for the next Generate on it; a Generate on another model replaces it.
-        It costs one extra model in memory, and buys that jobs and Generate never wait on each
-        other beyond that copy (an abandoned Generate once held the warm model's lock and made
-        a 0.12 s job take 18.3 s)."""
-        with self._replica_lock:
-            replica = self._replica
-            if replica is None or replica.module_digest != base.module_digest:
-                self._replica = None  # the old copy is freed before the new one is made
-                with base.lock:
-                    model = copy.deepcopy(base.model)
-                replica = replace(base, model=model, lock=threading.Lock())
-                self._replica = replica
-            return replica
 
     def evaluate(
         self, version_id: str, against_id: str, suite_json: bytes, perplexity: bool

@@ -1,7 +1,7 @@
 """A model's chat template renders under a bound (issue 29): a template that loops for ever
 (10^9 iterations: the Jinja sandbox bounds each ``range`` to 10^5, not nested loops) is
 refused naming the template, or stopped at the Generate deadline, instead of rendering long
-after it while holding the generation replica's lock."""
+after it while holding the warm model's lock."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import bounded, build_tiny_tokenizer, tiny_model
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.server.executor import WorkerSettings
+from modelsurgery.server.executor import WorkerSettings, load_base
 from modelsurgery.server.generation import (
     ChatTemplateError,
     GenerationStopped,
@@ -91,7 +91,7 @@ def test_the_error_keeps_its_field_through_pickling() -> None:
     assert (type(copied), copied.field) == (ChatTemplateError, "chat")
 
 
-def test_the_worker_refuses_the_template_and_frees_its_replica(
+def test_the_worker_refuses_the_template_and_frees_the_model(
     store: CheckpointStore, tmp_path: Path
 ) -> None:
     version = store.import_model(
@@ -105,6 +105,7 @@ def test_the_worker_refuses_the_template_and_frees_its_replica(
             JOIN_SECONDS,
             "the template render",
         )
-    assert worker._replica is not None and worker._replica.lock.acquire(blocking=False)
-    worker._replica.lock.release()
+    base = load_base(version, worker.store, worker.cache, worker.settings)
+    assert base.lock.acquire(blocking=False)
+    base.lock.release()
     assert worker.generate(version, ["paris"], {"max_new_tokens": 1}, 600.0)

@@ -1,0 +1,187 @@
+"""A job's edits made on the shared warm model itself, and undone after it.
+
+A worker keeps each warm model's weights once: a job does not copy the model, it edits it and
+puts it back. ``InPlaceEdit`` remembers, by reference (no tensor is copied), what the model was
+made of when the job started: each module's parameters, buffers, children, hooks and training
+flag, each tensor's version counter and storage, each parameter's ``requires_grad`` and
+``grad``, and the config's values. ``restore`` puts all of it back:
+
+1. modules, parameters and buffers that an operation replaced or added (a structured prune's
+   smaller layers, a baked bias, peft's wrappers) are swapped back for the remembered ones;
+2. remembered tensors written in place (their version counter moved, their storage was
+   swapped by ``.data =``, or an operation named them in ``SurgeryResult.changed``) are read
+   back from the base version in the store, one at a time, which is what the warm model was
+   loaded from, bit for bit;
+3. the config, hooks, flags and gradients are set back.
+
+So a job costs the weights once, plus the tensors it changes (and, for shape-changing
+operations, the smaller layers built next to the remembered ones). ``base_view`` puts the base
+back for a while (the judge reading its reference) and the job's edits back after.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ReadOriginal = Callable[[str], torch.Tensor | None]
+"""The base version's tensor by state-dict name (None: the store has no such tensor)."""
+
+
+class RestoreError(RuntimeError):
+    """A written tensor could not be read back: the warm model must not be used again."""
+
+
+@dataclass
+class _ModuleState:
+    module: nn.Module
+    parameters: dict[str, nn.Parameter | None]
+    buffers: dict[str, torch.Tensor | None]
+    children: dict[str, nn.Module | None]
+    hooks: dict[str, dict[int, Any]]
+    training: bool
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _module_states(model: nn.Module) -> list[_ModuleState]:
+    return [
+        _ModuleState(
+            module=module,
+            parameters=dict(module._parameters),
+            buffers=dict(module._buffers),
+            children=dict(module._modules),
+            hooks={name: dict(getattr(module, name)) for name in _HOOK_DICTS},
+            training=module.training,
+        )
+        for module in model.modules()
+    ]
+
+
+def _apply_states(states: list[_ModuleState]) -> None:
+    for state in states:
+        module = state.module
+        module._parameters.clear()
+        module._parameters.update(state.parameters)
+        module._buffers.clear()
+        module._buffers.update(state.buffers)
+        module._modules.clear()
+        module._modules.update(state.children)
+        for name, hooks in state.hooks.items():
+            current = getattr(module, name)
+            current.clear()
+            current.update(hooks)
+        module.training = state.training
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under each of its names (tied ones under all of them)."""
+    named: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return named
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
+    """What an in-place write moves: the version counter (``add_``, ``copy_``, ``+=``) or the
+    storage (``param.data = new``)."""
+    return tensor._version, tensor.data_ptr()
+
+
+class InPlaceEdit:
+    """Undo journal of one job on a warm model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, read_original: ReadOriginal) -> None:
+        self.model = model
+        self._read_original = read_original
+        self._states = _module_states(model)
+        self._tensors = _named_tensors(model)
+        self._fingerprints = {id(t): _fingerprint(t) for t in self._tensors.values()}
+        self._parameters = {
+            id(p): (p, p.requires_grad, p.grad)
+            for _, p in model.named_parameters(remove_duplicate=False)
+        }
+        self._config = copy.deepcopy(vars(model.config))
+        self._named: set[str] = set()
+
+    def note_changed(self, names: Iterable[str]) -> None:
+        """Names an operation reported changing (``SurgeryResult.changed``): read back even
+        when the write left no trace the journal sees."""
+        self._named.update(names)
+
+    def written(self) -> dict[str, torch.Tensor]:
+        """The remembered tensors written since the job began, one name each."""
+        out: dict[int, tuple[str, torch.Tensor]] = {}
+        for name, tensor in self._tensors.items():
+            moved = _fingerprint(tensor) != self._fingerprints[id(tensor)]
+            if (moved or name in self._named) and id(tensor) not in out:
+                out[id(tensor)] = (name, tensor)
+        return dict(out.values())
+
+    def restore(self) -> None:
+        """Put the model back as the job found it (module docstring, steps 1-3)."""
+        # 1. Structure: the remembered modules, parameters and buffers, by reference.
+        _apply_states(self._states)
+        # 2. Values written in place, read back from the store.
+        with torch.no_grad():
+            for name, tensor in self.written().items():
+                self._read_back(name, tensor)
+        # 3. Config, gradients and flags.
+        vars(self.model.config).clear()
+        vars(self.model.config).update(copy.deepcopy(self._config))
+        for parameter, requires_grad, grad in self._parameters.values():
+            parameter.requires_grad_(requires_grad)
+            parameter.grad = grad
+        self._fingerprints = {id(t): _fingerprint(t) for t in self._tensors.values()}
+        self._named.clear()
+
+    def _read_back(self, name: str, tensor: torch.Tensor) -> None:
+        names = [n for n, t in self._tensors.items() if t is tensor]
+        original = next(
+            (t for t in map(self._read_original, [name, *names]) if t is not None), None
+        )
+        if original is None or original.shape != tensor.shape:
+            raise RestoreError(f"tensor {name!r} of the warm model cannot be read back")
+        tensor.copy_(original.to(device=tensor.device, dtype=tensor.dtype))
+
+    @contextmanager
+    def base_view(self) -> Iterator[None]:
+        """The model as the job found it while the block runs, the job's edits after.
+
+        The edited values of tensors written in place are kept aside (on CPU) meanwhile:
+        the transient cost of a reading is the tensors the job changed."""
+        edited_states = _module_states(self.model)
+        written = self.written()
+        edited = {name: t.detach().to("cpu", copy=True) for name, t in written.items()}
+        named = set(self._named)
+        config = copy.deepcopy(vars(self.model.config))
+        grads = {
+            id(p): p.requires_grad for _, p in self.model.named_parameters(remove_duplicate=False)
+        }
+        self.restore()
+        try:
+            yield
+        finally:
+            _apply_states(edited_states)
+            with torch.no_grad():
+                for name, value in edited.items():
+                    written[name].copy_(value.to(written[name].device))
+            vars(self.model.config).clear()
+            vars(self.model.config).update(config)
+            for _, parameter in self.model.named_parameters(remove_duplicate=False):
+                parameter.requires_grad_(grads.get(id(parameter), False))
+            self._named = named | set(edited)
