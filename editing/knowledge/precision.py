@@ -1,24 +1,32 @@
-"""The model v* is optimised through: a copy in the optimisation dtype (bfloat16 where its
-matmuls are fast), so the edit's most expensive part runs at the hardware's best speed.
+"""The precision v* is optimised in: bfloat16 where its matmuls are fast, so the edit's most
+expensive part runs at the hardware's best speed, without a second copy of the model.
 
-Only the deltas come out of that copy. Keys, the original outputs v* is added to and the
-weight update are computed on the model itself, in its own dtype, so bf16 rounding enters
-the weights only through the direction the optimisation found. On CPU the attention runs
-through SDPA's math kernel: the flash kernel's backward in bf16 took 4x its float32 time
-(torch 2.13, AMD EPYC with AVX-512-BF16, 2 threads), the math kernel's did not.
+v* runs only the layers from the edited one up, the final norm and the LM head (``runner``:
+the prefix is computed once, below it nothing runs per step). ``optimisation_precision`` casts
+those matrices alone, for the optimisation only: each parameter's float32 tensor is set aside and
+a bfloat16 one put in its place, and the float32 ones are put back after, untouched (no
+round trip through bfloat16). Autocast joins the cast layers to the rest (the cached prefix, the
+delta, the losses). The transient cost is the cast layers in bfloat16, half of their float32
+bytes; a copy of the whole model in bfloat16 was half of all the weights, on top of them.
+
+Keys, the original outputs v* is added to and the weight update are computed on the model in
+its own dtype, so bf16 rounding enters the weights only through the direction the optimisation
+found. On CPU the attention runs through SDPA's math kernel: the flash kernel's backward in bf16
+took 4x its float32 time (torch 2.13, AMD EPYC with AVX-512-BF16, 2 threads), the math kernel's
+did not.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modelsurgery.editing.registry import DtypeSetting
+from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import resolve_dtype
 
 
@@ -26,16 +34,37 @@ def optimisation_dtype(model: nn.Module, setting: DtypeSetting) -> torch.dtype:
     return resolve_dtype(setting, next(model.parameters()).device)
 
 
-def optimisation_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model`` itself when it already has ``dtype``, else a frozen copy cast to it."""
-    if next(model.parameters()).dtype == dtype:
-        return model
-    return copy.deepcopy(model).to(dtype)
+def _run_by_vstar(model: nn.Module, layer: int) -> list[nn.Parameter]:
+    """The parameters v* runs each step: layers ``layer`` and up, the final norm, the head.
+    Only matrices are cast: autocast casts a matmul's bias with it, while norms keep float32
+    parameters (CPU's layer norm refuses a bfloat16 weight on float32 input)."""
+    adapter = get_adapter(model)
+    modules = [*adapter.layers()[layer:], adapter.final_norm(), adapter.lm_head()]
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for parameter in module.parameters():
+            seen.setdefault(id(parameter), parameter)
+    return list(seen.values())
 
 
 @contextmanager
-def optimisation_kernels(model: nn.Module) -> Iterator[None]:
-    """SDPA's math kernel on CPU while v* optimises (see the module docstring)."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    with sdpa_kernel(SDPBackend.MATH) if on_cpu else nullcontext():
+def optimisation_precision(model: nn.Module, dtype: torch.dtype, layer: int) -> Iterator[None]:
+    """While the block runs, the weights v* runs from ``layer`` up are in ``dtype`` and autocast
+    joins them to the rest; afterwards the model is exactly as before (module docstring)."""
+    device = next(model.parameters()).device
+    with ExitStack() as stack:
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if next(model.parameters()).dtype != dtype:
+            cast = [p for p in _run_by_vstar(model, layer) if p.is_floating_point() and p.dim() > 1]
+            kept = [p.data for p in cast]
+            stack.callback(_put_back, cast, kept)
+            for parameter in cast:
+                parameter.data = parameter.data.to(dtype)
+            stack.enter_context(torch.autocast(device.type, dtype=dtype))
         yield
+
+
+def _put_back(parameters: list[nn.Parameter], tensors: list[torch.Tensor]) -> None:
+    for parameter, tensor in zip(parameters, tensors, strict=True):
+        parameter.data = tensor

@@ -23,7 +23,7 @@ from modelsurgery.editing.knowledge.nullspace import (
     projected_rank_one,
     projection_record,
 )
-from modelsurgery.editing.knowledge.precision import optimisation_copy, optimisation_dtype
+from modelsurgery.editing.knowledge.precision import optimisation_dtype
 from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.knowledge.targets import VStarBatch, optimise_batch
@@ -71,13 +71,12 @@ def run(
     projection = adapter.mlp_out(layer)
     templates = config.templates()
     dtype = optimisation_dtype(model, config.vstar_dtype)
-    through = optimisation_copy(model, dtype)
     losses, steps = [], []
     for index, fact in enumerate(config.facts):
         context.check_cancelled()
         context.progress("rome: editing", step=index, total=len(config.facts), subject=fact.subject)
-        batch = VStarBatch((fact,), layer, "mlp_out", params, templates)
-        deltas, fact_losses, fact_steps = optimise_batch(through, tokenizer, batch, context)
+        batch = VStarBatch((fact,), layer, "mlp_out", params, templates, dtype)
+        deltas, fact_losses, fact_steps = optimise_batch(model, tokenizer, batch, context)
         keys, _ = keys_and_outputs(
             model, tokenizer, adapter, [fact], key_layer=layer, out_layer=layer, templates=templates
         )
@@ -90,8 +89,6 @@ def run(
         preserved.add(module, key[None])
         with torch.no_grad():
             projection.weight.add_(update.to(projection.weight))
-            if through is not model:
-                get_adapter(through).mlp_out(layer).weight.copy_(projection.weight)
         losses += fact_losses
         steps += fact_steps
     context.progress("rome: edited", step=len(config.facts), total=len(config.facts))
