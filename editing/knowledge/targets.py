@@ -1,5 +1,5 @@
-"""v* for many facts: batches of facts of similar length, optimised through the
-optimisation-dtype copy (``precision``), spread over the context's fan-out.
+"""v* for many facts: batches of facts of similar length, optimised in the optimisation dtype
+(``precision``), spread over the context's fan-out.
 
 Every step of a batch runs each row's tail (the tokens from the subject's last token on)
 through the upper layers, padded to the batch's longest tail. Facts in file order padded a
@@ -22,7 +22,7 @@ from modelsurgery.models.adapters import get_adapter
 
 from . import tokens as tk
 from .facts import Fact
-from .precision import optimisation_copy, optimisation_dtype, optimisation_kernels
+from .precision import optimisation_dtype, optimisation_precision
 from .vstar import Site, VStarParams, optimize_deltas
 
 
@@ -35,6 +35,7 @@ class VStarBatch:
     site: Site
     params: VStarParams
     templates: tuple[str, ...]
+    dtype: torch.dtype
 
 
 @dataclass
@@ -65,7 +66,7 @@ def optimise_batch(
     model: nn.Module, tokenizer: object, batch: VStarBatch, context: MethodContext
 ) -> tuple[torch.Tensor, list[float], list[int]]:
     """The fan-out task: one batch's deltas [B, d] (float32, on CPU), losses and steps."""
-    with optimisation_kernels(model):
+    with optimisation_precision(model, batch.dtype, batch.layer):
         result = optimize_deltas(
             model,
             tokenizer,
@@ -98,16 +99,15 @@ def optimise_targets(
     resolved = optimisation_dtype(model, dtype)
     groups = length_batches(tokenizer, facts, batch_size)
     payloads = [
-        VStarBatch(tuple(facts[i] for i in group), layer, site, params, tuple(templates))
+        VStarBatch(tuple(facts[i] for i in group), layer, site, params, tuple(templates), resolved)
         for group in groups
     ]
     hidden = get_adapter(model).hidden_size
     deltas = torch.zeros(len(facts), hidden)
     losses, steps = [0.0] * len(facts), [0] * len(facts)
     done = 0
-    through = optimisation_copy(model, resolved)
     for index, (batch_deltas, batch_losses, batch_steps) in context.fan_out(
-        optimise_batch, through, tokenizer, payloads, context
+        optimise_batch, model, tokenizer, payloads, context
     ):
         group = groups[index]
         deltas[group] = batch_deltas.float()
