@@ -1,22 +1,25 @@
-"""Knowledge editing at scale on SmolLM2-135M (CounterFact dev): MEMIT with thousands of facts in
-one job, and sequential editing (a chain of jobs, each on the previous version), with and
-without the null-space projection, side by side in one run.
+"""Knowledge editing at scale on SmolLM2-135M (CounterFact dev): thousands of facts in one job
+(``memit`` with its defaults, ``memit`` with ``targets: optimised``, ``ultraedit``, side by side
+in one run), and sequential editing (a chain of jobs, each on the previous version).
 
-    python benchmarks/memit_scale.py --memit-n 1000 --projection none null_space
-    python benchmarks/memit_scale.py --memit-n 100 --offset 9000 --vstar-dtype float32 auto
-    python benchmarks/memit_scale.py --memit-n 10000 --projection none
-    python benchmarks/memit_scale.py --sequential 100 --per-job 10 --projection none auto
+    python benchmarks/memit_scale.py --memit-n 1000 --offset 2000
+    python benchmarks/memit_scale.py --memit-n 10000 --offset 0 --settings memit ultraedit
+    python benchmarks/memit_scale.py --memit-n 200 --offset 1000 --set target_anchor=2
+    python benchmarks/memit_scale.py --sequential 100 --per-job 10 --projection auto
     python benchmarks/memit_scale.py --sequential 100 --per-job 1 --method rome
 
 Reported facts are CounterFact dev cases from ``--offset`` (default 0); the defaults were chosen on
-cases 1000-1199, 8000-8299 and 9000-9099 (``benchmarks/memit_sweep.py``), which only a run of more
-than 1,000 facts overlaps (it says so). One job: efficacy / paraphrase / locality against the
-unedited model, WikiText-2 perplexity ratio, seconds per fact against the median single-fact ROME
-edit of the same run (``--rome-n`` edits on the fresh base, statistics computed before timing), peak
-RSS (and peak CUDA memory). Sequential: the chain runs through ``execute_job`` on a real store (the
-product's path: each job reads its base's preserved keys), then the final version is scored on all
-facts and perplexity against the root. Prints one JSON line per setting, then each setting's figures
-over the first setting's.
+cases 1000-1199, 8000-8299 and 9000-9099 (``benchmarks/memit_sweep.py``, this script with
+``--set``), and the run says when the reported cases overlap them. One job: efficacy /
+paraphrase / locality / neighbourhood score against the unedited model, WikiText-2 perplexity
+ratio, job seconds (``job_seconds``: the operation's ``run``, statistics cached before timing),
+seconds per fact, and that time over the median ``job_seconds`` of ``--one-fact-n`` single-fact
+``memit`` jobs with the defaults on the fresh base (``over_one_fact_job``); peak RSS (and peak
+CUDA memory). ``--set FIELD=VALUE`` overrides a ``memit`` field for every memit setting (dev
+sweeps). Sequential: the chain runs through ``execute_job`` on a real store (the product's path:
+each job reads its base's preserved keys), then the final version is scored on all facts and
+perplexity against the root. Prints the device, one JSON line per setting, then each setting's
+figures over the first setting's.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit import run as memit_run
 from modelsurgery.editing.registry import MethodContext
-from modelsurgery.editing.rome import RomeConfig
-from modelsurgery.editing.rome import run as rome_run
+from modelsurgery.editing.ultraedit import UltraEditConfig
+from modelsurgery.editing.ultraedit.method import run as ultraedit_run
 from modelsurgery.evaluation.facts import fact_figures, score_facts
 from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
@@ -62,57 +65,86 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return peaks
 
 
-def median_rome_seconds(model, tok, facts: list[Fact], ctx: MethodContext) -> float:
-    """Median seconds of single-fact ROME edits, each on the fresh base (statistics cached
-    before the first is timed)."""
+def restoring(model, layers: list[int]):
+    """A function that puts the down projections of ``layers`` back as they are now."""
     adapter = get_adapter(model)
-    config = RomeConfig(facts=facts[:1], **QUIET)
-    layer = config.edit_layer(model.config)
-    layer_statistics(model, tok, adapter, [layer], ctx, config.stats_settings())
-    weight = adapter.mlp_out(layer).weight
-    original = weight.detach().clone()
+    saved = {layer: adapter.mlp_out(layer).weight.detach().clone() for layer in layers}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                adapter.mlp_out(layer).weight.copy_(weight)
+
+    return restore
+
+
+def one_fact_job_seconds(model, tok, facts: list[Fact], ctx: MethodContext) -> float:
+    """Median seconds of single-fact ``memit`` jobs with the defaults, each on the fresh base
+    (statistics cached before the first is timed); NaN with no facts (``--one-fact-n 0``)."""
+    if not facts:
+        return float("nan")
+    first = MemitConfig(facts=facts[:1], **QUIET).resolved(model.config)
+    layer_statistics(model, tok, get_adapter(model), first.layers, ctx, first.stats_settings())
+    restore = restoring(model, first.layers)
     seconds = []
     for fact in facts:
+        config = MemitConfig(facts=[fact], **QUIET).resolved(model.config)
         start = time.perf_counter()
-        rome_run(model, tok, RomeConfig(facts=[fact], **QUIET), ctx)
+        memit_run(model, tok, config, ctx)
         seconds.append(time.perf_counter() - start)
-        with torch.no_grad():
-            weight.copy_(original)
+        restore()
     return statistics.median(seconds)
 
 
-def one_job(args, model, tok, facts: list[Fact], ctx, rome_s: float, ppl_base: float) -> None:
+def setting_config(name: str, facts: list[Fact], model_config, overrides: dict[str, Any]):
+    if name == "ultraedit":
+        return UltraEditConfig(facts=facts, **QUIET).resolved(model_config)
+    extra = {"targets": "optimised"} if name == "optimised" else {}
+    return MemitConfig(facts=facts, **QUIET, **extra, **overrides).resolved(model_config)
+
+
+def held_out(cases: range) -> list[int]:
+    """Positions in ``cases`` of the cases no dev range holds."""
+    return [i for i, case in enumerate(cases) if not any(case in dev for dev in DEV_CASES)]
+
+
+def one_job(args, model, tok, cases: range, ctx, one_fact_s: float, ppl_base: float) -> None:
+    facts = args.facts[: len(cases)]
     adapter = get_adapter(model)
-    base = MemitConfig(facts=facts, fact_batch=args.fact_batch, **QUIET)
-    layers = base.edit_layers(model.config)
-    layer_statistics(model, tok, adapter, layers, ctx, base.stats_settings())
-    original = {layer: adapter.mlp_out(layer).weight.detach().clone() for layer in layers}
-    before = score_facts(model, tok, adapter, facts)
+    configs = [setting_config(n, facts, model.config, args.overrides) for n in args.settings]
+    layers = sorted({layer for config in configs for layer in config.layers})
+    for config in configs:
+        if isinstance(config, MemitConfig):
+            layer_statistics(model, tok, adapter, config.layers, ctx, config.stats_settings())
+    restore = restoring(model, layers)
+    before = score_facts(model, tok, adapter, facts, neighbourhood=True)
     rows = []
-    for projection in args.projection:
-        for dtype in args.vstar_dtype:
-            config = base.model_copy(update={"projection": projection, "vstar_dtype": dtype})
-            start = time.perf_counter()
-            memit_run(model, tok, config, ctx)
-            seconds = time.perf_counter() - start
-            metrics = fact_figures(score_facts(model, tok, adapter, facts), before=before)
-            ppl = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)
-            row = {
-                "setting": f"memit-{len(facts)}",
-                "projection": projection,
-                "vstar_dtype": dtype,
-                **{k: round(v, 4) for k, v in metrics.items()},
-                "perplexity_ratio": round(ppl / ppl_base, 4),
-                "seconds_total": round(seconds, 1),
-                "seconds_per_fact": round(seconds / len(facts), 3),
-                "per_fact_vs_median_rome": round(seconds / len(facts) / rome_s, 3),
-                **{k: round(v, 2) for k, v in peak_memory(ctx.device).items()},
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            with torch.no_grad():
-                for layer in layers:
-                    adapter.mlp_out(layer).weight.copy_(original[layer])
+    for name, config in zip(args.settings, configs, strict=True):
+        run = ultraedit_run if name == "ultraedit" else memit_run
+        start = time.perf_counter()
+        result = run(model, tok, config, ctx)
+        seconds = time.perf_counter() - start
+        after = score_facts(model, tok, adapter, facts, neighbourhood=True)
+        metrics = fact_figures(after, before=before)
+        ppl = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)
+        row = {
+            "setting": f"{name}-{len(facts)}",
+            "layers": f"{config.layers[0]}-{config.layers[-1]}",
+            **{k: round(v, 4) for k, v in metrics.items()},
+            "perplexity_ratio": round(ppl / ppl_base, 4),
+            "job_seconds": round(seconds, 1),
+            "seconds_per_fact": round(seconds / len(facts), 4),
+            "over_one_fact_job": round(seconds / one_fact_s, 2),
+            "second_pass_facts": result.metrics.get("second_pass_facts"),
+            **{k: round(v, 2) for k, v in peak_memory(ctx.device).items()},
+        }
+        kept = held_out(cases)
+        if len(kept) < len(facts):
+            figures = fact_figures([after[i] for i in kept], before=[before[i] for i in kept])
+            row["held_out"] = {"cases": len(kept), **{k: round(v, 4) for k, v in figures.items()}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        restore()
     print_ratios(rows)
 
 
@@ -167,7 +199,7 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
             for name, value in first.items()
             if isinstance(value, float) and value and name in row
         }
-        label = {k: row[k] for k in ("setting", "projection", "vstar_dtype") if k in row}
+        label = {k: row[k] for k in ("setting", "projection") if k in row}
         print(json.dumps({**label, "over": {k: first[k] for k in label}, **ratios}), flush=True)
 
 
@@ -178,29 +210,30 @@ def main() -> None:
     parser.add_argument("--per-job", type=int, default=10, help="facts per job of the chain")
     parser.add_argument("--method", choices=["memit", "rome"], default="memit", help="chain")
     parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=["memit", "optimised", "ultraedit"],
+        default=["memit", "optimised", "ultraedit"],
+        help="one job: memit defaults, memit with targets: optimised, ultraedit",
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="one job: FIELD=VALUE memit overrides (JSON values)"
+    )
+    parser.add_argument(
         "--projection",
         nargs="+",
         choices=["none", "null_space", "auto"],
-        default=["none", "null_space"],
-        help="settings compared side by side",
+        default=["auto"],
+        help="sequential: settings compared side by side",
     )
     parser.add_argument("--offset", type=int, default=0, help="first reported case")
-    parser.add_argument(
-        "--fact-batch", type=int, default=MemitConfig.model_fields["fact_batch"].default
-    )
-    parser.add_argument(
-        "--vstar-dtype",
-        nargs="+",
-        default=["auto"],
-        choices=["auto", "float32", "bfloat16"],
-        help="one job: v* dtypes compared",
-    )
-    parser.add_argument("--rome-n", type=int, default=10, help="ROME edits timed for the ratio")
+    parser.add_argument("--one-fact-n", type=int, default=3, help="1-fact memit jobs timed")
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()
+    args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     if not (args.memit_n or args.sequential):
         parser.error("give --memit-n N and/or --sequential N")
     torch.set_num_threads(args.threads)
@@ -219,10 +252,11 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     ctx = MethodContext(model_digest=loaded.digest, cache_dir=Path(args.cache_dir), device=device)
     args.ppl_base = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)
-    rome_s = median_rome_seconds(model, tok, facts[: args.rome_n], ctx)
-    print(json.dumps({"median_rome_edit_s": round(rome_s, 3), **peak_memory(device)}), flush=True)
     if args.memit_n:
-        one_job(args, model, tok, facts[: args.memit_n], ctx, rome_s, args.ppl_base)
+        one_fact_s = one_fact_job_seconds(model, tok, facts[: args.one_fact_n], ctx)
+        print(json.dumps({"one_fact_memit_job_seconds": round(one_fact_s, 2)}), flush=True)
+        args.facts = facts
+        one_job(args, model, tok, reported[: args.memit_n], ctx, one_fact_s, args.ppl_base)
     if args.sequential:
         chained = facts[: args.sequential]
         before = score_facts(model, tok, get_adapter(model), chained)

@@ -35,6 +35,7 @@ BUILTIN_METHOD_PACKAGES = (
     "modelsurgery.editing.bias",
     "modelsurgery.editing.rome",
     "modelsurgery.editing.memit",
+    "modelsurgery.editing.ultraedit",
     "modelsurgery.editing.ablate_direction",
     "modelsurgery.editing.iti",
     "modelsurgery.editing.steer",

@@ -6,6 +6,9 @@
 - ``paraphrase``: the same on every rephrase prompt (absent when no fact has one).
 - ``locality``: share of locality_ground_truth positions (teacher-forced) whose argmax token is
   unchanged by the edit (EasyEdit's neighbourhood check; absent when no fact has one).
+- ``neighbourhood``: share of locality prompts on which the locality ground truth has a higher
+  mean token log-probability than the fact's target_new (MEMIT's neighbourhood score); only when
+  scored with ``neighbourhood=True`` (benchmarks), so a job's evaluation does not pay for it.
 - ``probability_gain``: mean over facts of P(target_new) after minus before on the edit prompt,
   P = exp(mean token log-prob).
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +47,7 @@ class FactScores:
     rephrase_new: list[Answer]
     rephrase_true: list[list[Answer]]
     locality: list[Answer]
+    locality_new: list[Answer] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -78,9 +82,15 @@ def answer_scores(
 
 
 def score_facts(
-    model: nn.Module, tokenizer: Any, adapter: ArchitectureAdapter, facts: Sequence[Fact]
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: ArchitectureAdapter,
+    facts: Sequence[Fact],
+    *,
+    neighbourhood: bool = False,
 ) -> list[FactScores]:
-    """Every answer the metrics need, in one batched pass."""
+    """Every answer the metrics need, in one batched pass (with ``neighbourhood``, also
+    target_new on each locality prompt)."""
     pairs: list[tuple[str, str]] = []
     layout: list[dict[str, Any]] = []
     for fact in facts:
@@ -97,6 +107,10 @@ def score_facts(
             entry["rephrase"].append((new_idx, true_idx))
         entry["locality"] = list(range(len(pairs), len(pairs) + len(fact.locality_prompts)))
         pairs += list(zip(fact.locality_prompts, fact.locality_ground_truths, strict=True))
+        entry["locality_new"] = []
+        if neighbourhood:
+            entry["locality_new"] = list(range(len(pairs), len(pairs) + len(fact.locality_prompts)))
+            pairs += [(prompt, fact.target) for prompt in fact.locality_prompts]
         layout.append(entry)
     answers = answer_scores(model, tokenizer, adapter, pairs)
     return [
@@ -106,6 +120,7 @@ def score_facts(
             rephrase_new=[answers[n] for n, _ in e["rephrase"]],
             rephrase_true=[[answers[i] for i in t] for _, t in e["rephrase"]],
             locality=[answers[i] for i in e["locality"]],
+            locality_new=[answers[i] for i in e["locality_new"]],
         )
         for e in layout
     ]
@@ -156,6 +171,14 @@ def fact_figures(
             ]
         ),
         "locality": _mean(locality),
+        "neighbourhood": _mean(
+            [
+                float(true.mean_logp > new.mean_logp)
+                for a in after
+                if a.locality_new
+                for true, new in zip(a.locality, a.locality_new, strict=True)
+            ]
+        ),
     }
     if before is not None:
         values["probability_gain"] = _mean(

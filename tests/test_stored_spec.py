@@ -35,6 +35,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "mask_biased_heads": {"method": "mask_biased_heads", "bias_types": ["gender"], "top_k": 2},
     "mask_heads": {"method": "mask_heads", "heads": ["0.1", "1.3"]},
     "memit": {"method": "memit", "facts": [FACT], "layers": [1, 2], "evaluate_perplexity": False},
+    "ultraedit": {"method": "ultraedit", "facts": [FACT], "layers": [1, 2], "lr": 0.01},
     "prune": {"method": "prune", "kind": "structured", "ratio": 0.25},
     "reft": {"method": "reft", "layers": [0], "examples": [EXAMPLE], "epochs": 3},
     "rome": {"method": "rome", "facts": [FACT], "v_lr": 0.1, "context_templates": ["{}"]},

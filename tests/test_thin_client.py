@@ -60,6 +60,7 @@ EXAMPLES = {
     "mask_biased_heads": {"bias_types": ["gender"], "top_k": 2},
     "mask_heads": {"heads": ["0.1", "1.0"]},
     "memit": {"facts": [FACT], "layers": [1, 2]},
+    "ultraedit": {"facts": [FACT], "layers": [1, 2]},
     "prune": {"kind": "structured", "ratio": 0.25, "per_layer_ratios": {0: 0.25}},
     "reft": {"layers": [0], "examples": [{"prompt": "a", "completion": "b"}]},
     "rome": {"facts": [FACT], "layer": 1},

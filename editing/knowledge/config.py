@@ -97,6 +97,40 @@ def default_memit_layers(model_type: str | None, num_layers: int) -> list[int]:
     return list(range(first, last + 1))
 
 
+def key_width(model_config: Any) -> int | None:
+    """Width of an MLP down projection's input (its keys): the MLP's inner width (GPT-2's
+    default: 4 x hidden), or None when the config does not say."""
+    for name in ("intermediate_size", "n_inner", "ffn_dim"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int):
+            return value
+    hidden = getattr(model_config, "hidden_size", getattr(model_config, "n_embd", None))
+    return 4 * hidden if isinstance(hidden, int) else None
+
+
+# Facts one edited layer holds, as a share of its key width (see ``spread_layers``).
+FACTS_PER_KEY = 0.5
+# The deepest a spread range reaches, as a fraction of depth.
+DEEPEST_SPREAD = 0.6
+
+
+def spread_layers(layers: list[int], facts: int, model_config: Any) -> list[int]:
+    """``layers`` extended upward when ``facts`` outnumber what they hold: a layer's update
+    is fitted to its keys [F, in] under lambda * C, and the fit degrades as F nears the key
+    width (F keys in ``in`` dimensions leave the update no room that C does not penalise), so
+    each layer is given at most ``FACTS_PER_KEY * key width`` facts (SmolLM2-135M: 768, so
+    7 layers hold 5,376 facts and 10,000 take 14). Consecutive layers from the range's first,
+    no deeper than ``DEEPEST_SPREAD`` of the model; unchanged when the width is unknown."""
+    width = key_width(model_config)
+    if width is None:
+        return list(layers)
+    needed = -(-facts // max(1, int(FACTS_PER_KEY * width)))
+    if needed <= len(layers):
+        return list(layers)
+    deepest = max(layers[-1], depth_layer(DEEPEST_SPREAD, layer_count(model_config)))
+    return list(range(layers[0], min(layers[0] + needed - 1, deepest) + 1))
+
+
 def check_layer(field: str, layer: int, num_layers: int) -> None:
     if not 0 <= layer < num_layers:
         raise ValueError(f"{field}: layer {layer} out of range (model has {num_layers} layers)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from modelsurgery.editing.knowledge.config import (
     KnowledgeEditConfig,
@@ -13,9 +13,35 @@ from modelsurgery.editing.knowledge.config import (
     default_memit_layers,
     family_defaults,
     layer_count,
+    spread_layers,
 )
 from modelsurgery.editing.knowledge.facts import Fact
+from modelsurgery.editing.knowledge.templates import DEFAULT_CONTEXT_TEMPLATES
 from modelsurgery.proto import limits
+
+
+class ScaleDefaults(BaseModel):
+    """What ``memit`` picks for a job of at least ``from_facts`` facts (``SCALE_RULE``)."""
+
+    from_facts: int
+    targets: Literal["fast", "optimised"]
+    chunk_size: int
+    target_anchor: float
+    mom2_weight: float | None = None
+    # The first n of the default context templates (bare prompt first); None = all.
+    templates: int | None = None
+
+
+# The defaults' rule by number of facts: see the MemitConfig docstring and
+# docs/knowledge_at_scale.md for the dev figures behind each row.
+SCALE_RULE: tuple[ScaleDefaults, ...] = (
+    ScaleDefaults(from_facts=1, targets="optimised", chunk_size=100, target_anchor=1.0),
+    ScaleDefaults(from_facts=101, targets="fast", chunk_size=250, target_anchor=1.0, templates=2),
+)
+
+
+def scale_defaults(facts: int) -> ScaleDefaults:
+    return [row for row in SCALE_RULE if row.from_facts <= facts][-1]
 
 
 class MemitConfig(KnowledgeEditConfig):
@@ -28,7 +54,24 @@ class MemitConfig(KnowledgeEditConfig):
         conservative edits).
     fact_batch: facts whose v* are optimised together, cut from the facts sorted by length
         (``knowledge.targets``); ``benchmarks/vstar_batches.py`` times batch sizes and dtypes.
+    targets: ``optimised`` (v*, 25 Adam steps per fact), ``fast`` (one forward + backward per
+        fact: the normalised one-step target of UltraEdit, norm-anchored; ``knowledge.gradients``)
+        or ``auto`` (by the number of facts, ``SCALE_RULE``).
+    chunk_size: facts per solve; each chunk keeps the keys of the earlier ones
+        (``knowledge.chunks``). Default by ``SCALE_RULE``.
+    target_anchor: a fast target's length as a multiple of the output's norm (default by rule).
+    second_pass: facts that did not take after their chunk (forward-only check) get fresh
+        targets on the edited model and a second solve.
     Shared fields: see ``KnowledgeEditConfig``.
+
+    Defaults by number of facts (``SCALE_RULE``; figures in docs/knowledge_at_scale.md): up to
+    100 facts v* with every context template, as before; from 101 facts fast targets, anchor 1,
+    chunks of 250, the bare prompt and one template. Chosen on dev cases 1000-1099 as one
+    100-fact job (efficacy / paraphrase / locality, perplexity ratio, seconds; Intel Xeon, 2
+    shared threads): anchor 1 with 2 templates 0.94 / 0.76 / 0.893, 1.035, 89 s; anchor 2
+    0.86 / 0.78 / 0.787, 1.126; anchor 1 with all 6 templates 0.92 / 0.76 / 0.910, 1.035,
+    153 s. Layers spread upward past the family's range when the facts outnumber half a layer's
+    key width per layer (``knowledge.config.spread_layers``; SmolLM2-135M: 2-15 at 10,000).
 
     Llama defaults (SmolLM2-135M): layers 2-8, clamp 4, lambda 5000, weight decay 1e-3, 25
     steps, lr 0.5. Chosen on CounterFact dev cases 1000-1199 as one 200-fact batch with the v*
@@ -77,6 +120,10 @@ class MemitConfig(KnowledgeEditConfig):
     layers: list[int] | None = Field(default=None, min_length=1)
     mom2_weight: float | None = Field(default=None, gt=0)
     fact_batch: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
+    targets: Literal["auto", "fast", "optimised"] = "auto"
+    chunk_size: int | None = Field(default=None, ge=1, le=limits.MAX_MEMIT_FACTS)
+    target_anchor: float | None = Field(default=None, gt=0)
+    second_pass: bool = True
 
     @field_validator("layers")
     @classmethod
@@ -88,14 +135,36 @@ class MemitConfig(KnowledgeEditConfig):
         return value
 
     def edit_layers(self, model_config: Any) -> list[int]:
+        """The spec's layers, else the family's range spread for this many facts."""
         if self.layers is not None:
             return list(self.layers)
         model_type = getattr(model_config, "model_type", None)
-        return default_memit_layers(model_type, layer_count(model_config))
+        default = default_memit_layers(model_type, layer_count(model_config))
+        return spread_layers(default, len(self.facts), model_config)
+
+    def scale(self) -> ScaleDefaults:
+        return scale_defaults(len(self.facts))
+
+    def target_kind(self) -> Literal["fast", "optimised"]:
+        return self.scale().targets if self.targets == "auto" else self.targets
+
+    def chunk_facts(self) -> int:
+        return self.chunk_size or self.scale().chunk_size
+
+    def templates(self) -> tuple[str, ...]:
+        """The spec's templates, else the defaults cut to the rule's count."""
+        if self.context_templates is not None:
+            return tuple(self.context_templates)
+        return DEFAULT_CONTEXT_TEMPLATES[: self.scale().templates]
+
+    def anchor(self) -> float:
+        return self.target_anchor or self.scale().target_anchor
 
     def lambda_weight(self, model_config: Any) -> float:
         if self.mom2_weight is not None:
             return self.mom2_weight
+        if self.scale().mom2_weight is not None:
+            return self.scale().mom2_weight
         return family_defaults(getattr(model_config, "model_type", None)).mom2_weight
 
     def resolved(self, model_config: Any) -> MemitConfig:
@@ -104,7 +173,14 @@ class MemitConfig(KnowledgeEditConfig):
         update = self.shared_settings(defaults, defaults.memit_clamp)
         update["layers"] = self.edit_layers(model_config)
         update["mom2_weight"] = self.lambda_weight(model_config)
+        update["targets"] = self.target_kind()
+        update["chunk_size"] = self.chunk_facts()
+        update["target_anchor"] = self.anchor()
+        update["context_templates"] = list(self.templates())
         return self.model_copy(update=update)
+
+    def metric_names(self) -> set[str]:
+        return super().metric_names() | {"second_pass_facts"}
 
     def check_against(self, model_config: Any) -> None:
         n = layer_count(model_config)

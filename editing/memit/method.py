@@ -1,18 +1,21 @@
-"""MEMIT: v* (here z, a residual-stream target at the last edited layer) for every fact, then
-for each edited layer in turn a least-squares update of its down projection that moves the
-facts' keys toward their share of the remaining residual, regularised by lambda * C.
+"""MEMIT: a target output change for every fact at the last edited layer, then for each edited
+layer in turn a least-squares update of its down projection that moves the facts' keys toward
+their share of the remaining residual, regularised by lambda * C and by the keys that must keep
+their outputs.
 
 For layer l (i-th of n): K = keys at l with earlier layers already updated [F, in], R = (z -
 current output of the last layer) / (n - i) [F, out], and
-W_l += R^T K (lambda C + K^T K)^-1   (the normal equations of MEMIT's objective),
-or with ``projection: null_space`` AlphaEdit's form (``knowledge.nullspace``), which also keeps
-the keys of the lineage's earlier edits (``knowledge.preserved``).
+W_l += R^T K (lambda C + K_p^T K_p + K^T K)^-1   (the normal equations of MEMIT's objective),
+K_p the keys of the facts this job wrote in earlier chunks; or with ``projection: null_space``
+AlphaEdit's form (``knowledge.nullspace``), which also keeps the keys of the lineage's earlier
+edits (``knowledge.preserved``).
 
-Scale: v* runs in batches of ``fact_batch`` facts of similar length (``knowledge.targets``,
-spread over the context's fan-out) and keeps only each fact's delta [F, d];
-the keys [F, in] and current outputs [F, d] of one layer at a time are the largest tensors
-(10,000 facts on SmolLM2-135M: 61 MB and 23 MB in float32), and the solve is [in, in] (or
-[r, r] in the null space) in float64 whatever F is: no per-fact loop in the update.
+Targets (``targets``): ``optimised`` is Meng et al.'s v* (25 Adam steps per fact, batched by
+``knowledge.targets``); ``fast`` is one forward and backward pass per fact, UltraEdit's
+normalised one-step change anchored to the output's norm (``knowledge.gradients``). Facts are
+written in chunks (``knowledge.chunks``): each chunk's solve keeps the earlier chunks' keys, a
+forward-only check follows, and the facts that did not take get a second pass on the edited
+model. Only [F, in] keys and [F, d] outputs of one chunk and one layer are held at once.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelsurgery.editing.knowledge.chunks import ChunkPlan, write_in_chunks
 from modelsurgery.editing.knowledge.config import family_defaults
-from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.knowledge.nullspace import (
     null_space,
     projected_update,
@@ -39,12 +42,19 @@ from .config import MemitConfig
 
 
 def memit_update(
-    keys: torch.Tensor, residuals: torch.Tensor, mom2: torch.Tensor, weight: float
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    mom2: torch.Tensor,
+    weight: float,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[out, in] update R^T K (weight * C + K^T K)^-1 in float64 (keys [F, in], residuals
-    [F, out]); solved against K^T R [in, out], so its cost does not grow with F."""
+    """[out, in] update R^T K (weight * C + K_p^T K_p + K^T K)^-1 in float64 (keys [F, in],
+    residuals [F, out], ``kept`` = K_p^T K_p [in, in] of keys whose outputs must not move);
+    solved against K^T R [in, out], so its cost does not grow with F."""
     k = keys.double().to(mom2.device)
     system = weight * mom2 + k.T @ k  # [in, in], symmetric positive definite
+    if kept is not None:
+        system = system + kept.double().to(mom2.device)
     rhs = k.T @ residuals.double().to(mom2.device)  # [in, out]
     return torch.linalg.solve(system, rhs).T.to(keys.device)
 
@@ -53,11 +63,15 @@ def vstar_targets(
     model: nn.Module, tokenizer: Any, config: MemitConfig, context: MethodContext
 ) -> Targets:
     """Every fact's v* delta at the last edited layer's output, in the facts' order."""
+    return _vstar(model, tokenizer, config, context, config.facts)
+
+
+def _vstar(model, tokenizer, config: MemitConfig, context: MethodContext, facts) -> Targets:
     defaults = family_defaults(get_adapter(model).model_type)
     return optimise_targets(
         model,
         tokenizer,
-        config.facts,
+        facts,
         layer=config.edit_layers(model.config)[-1],
         site="layer",
         params=config.vstar_params(defaults, defaults.memit_clamp),
@@ -72,54 +86,74 @@ def run(
     model: nn.Module, tokenizer: Any, config: MemitConfig, context: MethodContext
 ) -> SurgeryResult:
     adapter = get_adapter(model)
+    config = config.resolved(model.config)
     layers = config.edit_layers(model.config)
-    last = layers[-1]
     defaults = family_defaults(adapter.model_type)
-    facts = config.facts
     stats = layer_statistics(model, tokenizer, adapter, layers, context, config.stats_settings())
     preserved = PreservedKeys.from_bytes(context.read_artifact(PRESERVED_KEYS_ARTIFACT))
-    targets = vstar_targets(model, tokenizer, config, context)
-    z: torch.Tensor | None = None
     weight = config.lambda_weight(model.config)
     threshold, ridge = config.projection_settings(defaults)
     inside = weight if config.nullspace_mom2 else 0.0
-    changed: dict[str, torch.Tensor] = {}
     spaces: dict[str, dict[str, int]] = {}
-    for i, layer in enumerate(layers):
-        context.check_cancelled()
-        context.progress("memit: updating layer", step=i, total=len(layers), layer=layer)
-        keys, current = keys_and_outputs(
-            model,
-            tokenizer,
-            adapter,
-            facts,
-            key_layer=layer,
-            out_layer=last,
-            templates=config.templates(),
-        )
-        if z is None:
-            z = current + targets.deltas  # [F, d]: the last layer's outputs before any update
-        residuals = (z - current) / (len(layers) - i)
-        projection = adapter.mlp_out(layer)
-        module = adapter.mlp_out_path(layer)
-        if config.projects(preserved.count(module)):
-            space = null_space(stats[layer], threshold)
-            earlier = preserved.gram(module, keys.shape[1], context.progress)
-            spaces[str(layer)] = {"rank": space.rank, "preserved_keys": preserved.count(module)}
-            update = projected_update(keys, residuals, space, earlier, ridge, inside)
-        else:
-            update = memit_update(keys, residuals, stats[layer].mom2, weight)
-        with torch.no_grad():
-            projection.weight.add_(update.to(projection.weight))
-        preserved.add(module, keys)
-        changed[f"{module}.weight"] = projection.module.weight.detach().clone()
-    context.progress("memit: edited", step=len(layers), total=len(layers))
-    metrics = {
-        "v_loss": sum(targets.losses) / len(facts),
-        "v_steps_used": sum(targets.steps) / len(facts),
+    # Projection is decided by the lineage's keys at the start of the job; the keys this job
+    # writes chunk by chunk are kept by every later chunk's solve either way.
+    projected = {
+        layer for layer in layers if config.projects(preserved.count(adapter.mlp_out_path(layer)))
     }
+    for layer in sorted(projected):
+        module = adapter.mlp_out_path(layer)
+        spaces[str(layer)] = {"rank": 0, "preserved_keys": preserved.count(module)}
+    bases = {layer: null_space(stats[layer], threshold) for layer in projected}
+    lineage = {
+        layer: preserved.gram(
+            adapter.mlp_out_path(layer), adapter.mlp_out(layer).weight.shape[1], context.progress
+        )
+        for layer in projected
+    }
+    for layer, space in bases.items():
+        spaces[str(layer)]["rank"] = space.rank
+
+    def solve(
+        layer: int, keys: torch.Tensor, residuals: torch.Tensor, kept: torch.Tensor | None
+    ) -> torch.Tensor:
+        if layer not in projected:
+            return memit_update(keys, residuals, stats[layer].mom2, weight, kept)
+        earlier = lineage[layer]
+        if kept is not None:
+            earlier = kept.double() if earlier is None else earlier + kept.double()
+        return projected_update(keys, residuals, bases[layer], earlier, ridge, inside)
+
+    plan = ChunkPlan(
+        layers=layers,
+        chunk=config.chunk_facts(),
+        targets=config.target_kind(),
+        anchor=config.anchor(),
+        second_pass=config.second_pass,
+        templates=config.templates(),
+    )
+    written = write_in_chunks(
+        model,
+        tokenizer,
+        adapter,
+        config.facts,
+        plan,
+        solve,
+        lambda facts: _vstar(model, tokenizer, config, context, facts),
+        lambda layer, keys: preserved.add(adapter.mlp_out_path(layer), keys),
+        context,
+    )
+    changed = {
+        f"{adapter.mlp_out_path(layer)}.weight": adapter.mlp_out(layer)
+        .module.weight.detach()
+        .clone()
+        for layer in layers
+    }
+    context.progress("memit: edited", step=len(config.facts), total=len(config.facts))
     resolved: dict[str, Any] = {
-        "vstar_dtype": str(targets.dtype).removeprefix("torch."),
+        "layers": layers,
+        "targets": config.target_kind(),
+        "chunk_size": config.chunk_facts(),
+        "target_anchor": config.anchor(),
         # ``auto`` stays only where it projected some layers and not others: the one value
         # a rebuilt job on the same parent (same preserved keys) reproduces.
         "projection": "none"
@@ -129,11 +163,13 @@ def run(
         else config.projection,
         "statistics": {str(layer): stats[layer].record() for layer in layers},
     }
+    if written.vstar_dtype is not None:
+        resolved["vstar_dtype"] = str(written.vstar_dtype).removeprefix("torch.")
     if spaces:
         resolved["null_space"] = projection_record(threshold, ridge, inside, spaces)
     return SurgeryResult(
         changed=changed,
-        metrics=metrics,
+        metrics=written.metrics(),
         suite=config.suite(),
         artifacts={PRESERVED_KEYS_ARTIFACT: preserved.to_bytes()},
         resolved=resolved,
