@@ -35,8 +35,9 @@ class ScaleDefaults(BaseModel):
 # The defaults' rule by number of facts: see the MemitConfig docstring and
 # docs/knowledge_at_scale.md for the dev figures behind each row.
 SCALE_RULE: tuple[ScaleDefaults, ...] = (
-    ScaleDefaults(from_facts=1, targets="optimised", chunk_size=100, target_anchor=1.0),
-    ScaleDefaults(from_facts=101, targets="fast", chunk_size=250, target_anchor=1.0, templates=2),
+    ScaleDefaults(
+        from_facts=1, targets="optimised", chunk_size=limits.MAX_MEMIT_FACTS, target_anchor=1.0
+    ),
 )
 
 
@@ -64,13 +65,14 @@ class MemitConfig(KnowledgeEditConfig):
         targets on the edited model and a second solve.
     Shared fields: see ``KnowledgeEditConfig``.
 
-    Defaults by number of facts (``SCALE_RULE``; figures in docs/knowledge_at_scale.md): up to
-    100 facts v* with every context template, as before; from 101 facts fast targets, anchor 1,
-    chunks of 250, the bare prompt and one template. Chosen on dev cases 1000-1099 as one
-    100-fact job (efficacy / paraphrase / locality, perplexity ratio, seconds; Intel Xeon, 2
-    shared threads): anchor 1 with 2 templates 0.94 / 0.76 / 0.893, 1.035, 89 s; anchor 2
-    0.86 / 0.78 / 0.787, 1.126; anchor 1 with all 6 templates 0.92 / 0.76 / 0.910, 1.035,
-    153 s. Layers spread upward past the family's range when the facts outnumber half a layer's
+    Defaults by number of facts (``SCALE_RULE``; figures in docs/knowledge_at_scale.md): v*
+    with every context template, all facts in one solve, no second pass, at every size. Fast
+    targets (anchor 1, 2 templates) looked close on dev cases 1000-1099 as one 100-fact job
+    (0.94 / 0.76 / 0.893, perplexity ratio 1.035, against v*'s 0.97 / 0.92 / 0.91) but fell
+    apart held out at 1,000 facts (cases 5000-5999, chunks of 250 with a second pass: 0.784 /
+    0.655 / 0.584, perplexity ratio 2.198; v* gave 0.916 / 0.819 / 0.682 and 1.323 on cases
+    0-999 in the last round), so they are opt-in (``targets: fast``) until they hold there. Layers
+    spread upward past the family's range when the facts outnumber half a layer's
     key width per layer (``knowledge.config.spread_layers``; SmolLM2-135M: 2-15 at 10,000).
 
     Llama defaults (SmolLM2-135M): layers 2-8, clamp 4, lambda 5000, weight decay 1e-3, 25
@@ -123,7 +125,7 @@ class MemitConfig(KnowledgeEditConfig):
     targets: Literal["auto", "fast", "optimised"] = "auto"
     chunk_size: int | None = Field(default=None, ge=1, le=limits.MAX_MEMIT_FACTS)
     target_anchor: float | None = Field(default=None, gt=0)
-    second_pass: bool = True
+    second_pass: bool = False
 
     @field_validator("layers")
     @classmethod
