@@ -9,6 +9,7 @@ see ``benchmarks/counterfact.py`` and the ROME/MEMIT config docstrings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -129,6 +130,24 @@ def spread_layers(layers: list[int], facts: int, model_config: Any) -> list[int]
         return list(layers)
     deepest = max(layers[-1], depth_layer(DEEPEST_SPREAD, layer_count(model_config)))
     return list(range(layers[0], min(layers[0] + needed - 1, deepest) + 1))
+
+
+def ascending_layers(value: list[int] | None) -> list[int] | None:
+    """A multi-layer edit's ``layers`` validator: strictly ascending, or unset."""
+    if value is not None:
+        for i, (a, b) in enumerate(pairwise(value)):
+            if b <= a:
+                raise ValueError(f"layers[{i + 1}]: layers must be strictly ascending")
+    return value
+
+
+def multi_layer_edit_layers(layers: list[int] | None, facts: int, model_config: Any) -> list[int]:
+    """The spec's layers, else the family's MEMIT range spread for this many facts."""
+    if layers is not None:
+        return list(layers)
+    model_type = getattr(model_config, "model_type", None)
+    default = default_memit_layers(model_type, layer_count(model_config))
+    return spread_layers(default, facts, model_config)
 
 
 def check_layer(field: str, layer: int, num_layers: int) -> None:

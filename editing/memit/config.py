@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from modelsurgery.editing.knowledge.config import (
     KnowledgeEditConfig,
+    ascending_layers,
     check_layer,
-    default_memit_layers,
     family_defaults,
     layer_count,
-    spread_layers,
+    multi_layer_edit_layers,
 )
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.knowledge.templates import DEFAULT_CONTEXT_TEMPLATES
@@ -127,22 +126,10 @@ class MemitConfig(KnowledgeEditConfig):
     target_anchor: float | None = Field(default=None, gt=0)
     second_pass: bool = False
 
-    @field_validator("layers")
-    @classmethod
-    def _ascending(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None:
-            for i, (a, b) in enumerate(pairwise(value)):
-                if b <= a:
-                    raise ValueError(f"layers[{i + 1}]: layers must be strictly ascending")
-        return value
+    _ascending = field_validator("layers")(ascending_layers)
 
     def edit_layers(self, model_config: Any) -> list[int]:
-        """The spec's layers, else the family's range spread for this many facts."""
-        if self.layers is not None:
-            return list(self.layers)
-        model_type = getattr(model_config, "model_type", None)
-        default = default_memit_layers(model_type, layer_count(model_config))
-        return spread_layers(default, len(self.facts), model_config)
+        return multi_layer_edit_layers(self.layers, len(self.facts), model_config)
 
     def scale(self) -> ScaleDefaults:
         return scale_defaults(len(self.facts))

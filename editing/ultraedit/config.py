@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from modelsurgery.editing.knowledge.config import (
+    ascending_layers,
     check_layer,
-    default_memit_layers,
     layer_count,
-    spread_layers,
+    multi_layer_edit_layers,
 )
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.registry import MethodConfig
@@ -54,21 +53,10 @@ class UltraEditConfig(MethodConfig):
 
     carries: ClassVar[frozenset[str]] = frozenset({FACTS})
 
-    @field_validator("layers")
-    @classmethod
-    def _ascending(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None:
-            for i, (a, b) in enumerate(pairwise(value)):
-                if b <= a:
-                    raise ValueError(f"layers[{i + 1}]: layers must be strictly ascending")
-        return value
+    _ascending = field_validator("layers")(ascending_layers)
 
     def edit_layers(self, model_config: Any) -> list[int]:
-        if self.layers is not None:
-            return list(self.layers)
-        model_type = getattr(model_config, "model_type", None)
-        default = default_memit_layers(model_type, layer_count(model_config))
-        return spread_layers(default, len(self.facts), model_config)
+        return multi_layer_edit_layers(self.layers, len(self.facts), model_config)
 
     def suite(self) -> dict[str, list[dict[str, Any]]]:
         return {FACTS: [f.model_dump(mode="json", exclude_none=True) for f in self.facts]}
