@@ -105,11 +105,24 @@ class AliasTable:
                 table[name] = version_id
                 self._write(self.layout.aliases_file, table)
 
-    def delete(self, name: str, expected: Expected) -> None:
+    def delete(
+        self, name: str, expected: Expected, *, authorize: Authorize | None = None
+    ) -> str | None:
+        """Remove ``name`` if ``authorize`` accepts its owner; the version it pointed to
+        (None when there was no such alias)."""
         check_alias_name(name)
         with self.lock:
             table = self.read()
-            self._check(name, table.get(name), expected)
+            current = table.get(name)
+            if current is not None and authorize is not None:
+                authorize(self._read_json(self.owners_file).get(name, ""))
+            self._check(name, current, expected)
             if table.pop(name, None) is not None:
                 self._write(self.layout.aliases_file, table)
                 self._record_owner(name, "")
+            return current
+
+    def owners(self) -> dict[str, str]:
+        """Each existing alias's owner (``""`` when unknown)."""
+        owners = self._read_json(self.owners_file)
+        return {name: owners.get(name, "") for name in self.read()}

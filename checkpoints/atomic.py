@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
@@ -39,13 +40,16 @@ def _temp_name() -> str:
     return f"{os.getpid()}@{socket.gethostname()}@{uuid.uuid4().hex}{TMP_SUFFIX}"
 
 
-def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file (or none) or the new one."""
+def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview], tmp_dir: Path) -> None:
+    """Write ``data`` (or its parts, in order: a header and a view of a tensor's memory, never
+    joined into one copy) to ``path`` so that a crash leaves the old file (or none) or the new
+    one."""
     ensure_dir(path.parent)
     tmp = tmp_dir / _temp_name()
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            for part in [data] if isinstance(data, bytes) else data:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

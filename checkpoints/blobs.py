@@ -16,7 +16,7 @@ from modelsurgery.checkpoints.atomic import atomic_write
 from modelsurgery.checkpoints.codecs import DENSE, choose_encoding, get_codec
 from modelsurgery.checkpoints.layout import StoreLayout
 from modelsurgery.checkpoints.manifest import TensorEntry
-from modelsurgery.models.digest import BLOB_TENSOR_KEY, tensor_sha256
+from modelsurgery.models.digest import BLOB_TENSOR_KEY, tensor_blob_parts, tensor_sha256
 
 _HASH_CHUNK = 1 << 20
 
@@ -42,11 +42,20 @@ class BlobStore:
             atomic_write(path, data, self.layout.tmp)
 
     def put_tensor(self, tensor: torch.Tensor, encoding: str | None = None) -> TensorEntry:
-        """Store ``tensor`` (encoding: chosen by ``choose_encoding`` unless given)."""
+        """Store ``tensor`` (encoding: chosen by ``choose_encoding`` unless given). A dense
+        blob is hashed and written from the tensor's own memory, never copied whole."""
         encoding = encoding or choose_encoding(tensor)
-        data = get_codec(encoding).encode(tensor)
-        sha = hashlib.sha256(data).hexdigest()
-        self._put(self.layout.tensor_blob(sha), data)
+        if encoding == DENSE:
+            header, view = tensor_blob_parts(tensor)
+            digest = hashlib.sha256(header)
+            digest.update(view)
+            sha = digest.hexdigest()
+            if not self.layout.tensor_blob(sha).exists():
+                atomic_write(self.layout.tensor_blob(sha), [header, view], self.layout.tmp)
+        else:
+            data = get_codec(encoding).encode(tensor)
+            sha = hashlib.sha256(data).hexdigest()
+            self._put(self.layout.tensor_blob(sha), data)
         return TensorEntry(
             blob=sha,
             dtype=dtype_name(tensor.dtype),

@@ -132,3 +132,16 @@ def write_folder(
     write_weights(folder, entries, load, max_shard_size, progress)
     write_file(folder, LINEAGE_FILE, (json.dumps(lineage_record, indent=2) + "\n").encode())
     return folder
+
+
+def write_adapter_folder(
+    folder: Path, *, files: dict[str, bytes], lineage_record: dict[str, Any], model_card: str
+) -> Path:
+    """An adapter export: ``files`` (the adapter's own files at the top, tokenizer and other
+    stored files beside them; no config.json or weights), the card, the lineage record last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_file(folder, name, data)
+    write_file(folder, MODEL_CARD_FILE, model_card.encode())
+    write_file(folder, LINEAGE_FILE, (json.dumps(lineage_record, indent=2) + "\n").encode())
+    return folder

@@ -76,6 +76,10 @@ class Manifest(BaseModel):
     # server restarted between the publish and the job's record finds its version here.
     # Not part of the id (a re-run of the same edit is the same version).
     job_id: str | None = None
+    # A candidate kept for inspection (``keep_failed``): the gates its job judged it on, with
+    # the ones that failed; such a version was never given an alias. Part of the id, so it is
+    # never the version a passing job publishes.
+    failed_gates: list[dict[str, Any]] = Field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def to_json_bytes(self) -> bytes:
@@ -94,6 +98,7 @@ class Manifest(BaseModel):
             artifacts=self.artifacts,
             config_overrides=self.config_overrides,
             operations=self.operations,
+            failed_gates=self.failed_gates,
         )
 
 
@@ -118,9 +123,11 @@ def content_id(
     artifacts: dict[str, str],
     config_overrides: dict[str, Any],
     operations: list[dict[str, Any]],
+    failed_gates: list[dict[str, Any]] | None = None,
 ) -> str:
-    """``v`` + 20 hex chars of sha256 over the canonical JSON of what defines the version."""
-    payload = {
+    """``v`` + 20 hex chars of sha256 over the canonical JSON of what defines the version
+    (``failed_gates`` only when there are some, so published versions keep their ids)."""
+    payload: dict[str, Any] = {
         "parent": parent,
         "tensors": {n: e.model_dump(exclude_defaults=True) for n, e in tensors.items()},
         "removed": sorted(removed),
@@ -129,4 +136,6 @@ def content_id(
         "config_overrides": config_overrides,
         "operations": operations,
     }
+    if failed_gates:
+        payload["failed_gates"] = failed_gates
     return "v" + hashlib.sha256(canonical_json(payload)).hexdigest()[:20]

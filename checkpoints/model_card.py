@@ -22,7 +22,15 @@ from modelsurgery.proto.export_record import (
 )
 
 LIBRARY_TAG = "modelsurgery"
-__all__ = ["HOOKS_KEY", "LIBRARY_TAG", "HookedExportWarning", "render_model_card", "warn_if_hooked"]
+FAILED_GATES_TAG = "failed-gates"
+__all__ = [
+    "HOOKS_KEY",
+    "LIBRARY_TAG",
+    "HookedExportWarning",
+    "render_adapter_card",
+    "render_model_card",
+    "warn_if_hooked",
+]
 
 
 def render_model_card(
@@ -39,9 +47,13 @@ def render_model_card(
     history = list(reversed(lineage))
     sections = [
         _front_matter(
-            base_model or root.root.reference, hooks, edited=any(m.operations for m in history)
+            base_model or root.root.reference,
+            hooks,
+            edited=any(m.operations for m in history),
+            failed=bool(version.failed_gates),
         ),
         f"# {version.id}\n\n{_summary(version, root, digest)}",
+        *_failed_gates(version),
         _how_to_load(hooks),
         _lineage_table(history),
         _operations(history),
@@ -50,14 +62,50 @@ def render_model_card(
     return "\n\n".join(sections) + "\n"
 
 
-def _front_matter(reference: str, hooks: Mapping[str, str], *, edited: bool) -> str:
+def render_adapter_card(lineage: Sequence[Manifest], digest: str, base_model: str) -> str:
+    """The card of an adapter export (a peft folder, ``Attachment.adapter_folder``): the Hub's
+    peft metadata (``library_name: peft``, ``base_model``), how to load it onto the base, then
+    the lineage, operations and metrics as for any version."""
+    version, root = lineage[0], lineage[-1]
+    history = list(reversed(lineage))
+    meta: dict[str, Any] = {
+        "base_model": base_model,
+        "base_model_relation": "adapter",
+        "library_name": "peft",
+        "tags": [LIBRARY_TAG, "lora", *([FAILED_GATES_TAG] if version.failed_gates else [])],
+    }
+    how = (
+        "## How to load\n\nA peft LoRA adapter for `"
+        + base_model
+        + "` (not merged; this folder holds no base weights):\n\n```python\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+        "model = PeftModel.from_pretrained(base, folder)  # merge_and_unload() for plain weights\n"
+        "```"
+    )
+    sections = [
+        f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---",
+        f"# {version.id}\n\n{_summary(version, root, digest)}",
+        *_failed_gates(version),
+        how,
+        _lineage_table(history),
+        _operations(history),
+        _metrics(version.metrics),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _front_matter(
+    reference: str, hooks: Mapping[str, str], *, edited: bool, failed: bool = False
+) -> str:
     meta: dict[str, Any] = {"base_model": reference}
     if hooks:
         meta["base_model_relation"] = "adapter"
     elif edited:
         meta["base_model_relation"] = "finetune"
     meta["library_name"] = "transformers"
-    meta["tags"] = [LIBRARY_TAG]
+    meta["tags"] = [LIBRARY_TAG, *([FAILED_GATES_TAG] if failed else [])]
     return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---"
 
 
@@ -78,6 +126,32 @@ def _summary(version: Manifest, root: Manifest, digest: str) -> str:
             f"`{root.root.digest}`)",
         ]
     )
+
+
+def _failed_gates(version: Manifest) -> list[str]:
+    """A kept candidate (``keep_failed``) says first that its job's gates failed."""
+    if not version.failed_gates:
+        return []
+    rows = [
+        f"| {g.get('metric')} | {g.get('condition')} | "
+        f"{'-' if g.get('value') is None else format(g['value'], '.6g')} | "
+        f"{'pass' if g.get('passed') else 'FAIL'} |"
+        for g in version.failed_gates
+    ]
+    return [
+        "\n".join(
+            [
+                "## Failed its gates",
+                "",
+                "> **This candidate failed its job's gates and was kept for inspection "
+                "(`keep_failed`); it was not published under an alias.**",
+                "",
+                "| gate | condition | value | result |",
+                "|---|---|---|---|",
+                *rows,
+            ]
+        )
+    ]
 
 
 def _how_to_load(hooks: Mapping[str, str]) -> str:

@@ -33,9 +33,10 @@ from modelsurgery.checkpoints.export import (
     RESERVED_NAMES,
     Progress,
     safe_relative_path,
+    write_adapter_folder,
     write_folder,
 )
-from modelsurgery.checkpoints.hf import CONFIG_FILE, model_files, tokenizer_files
+from modelsurgery.checkpoints.hf import CONFIG_FILE, json_file_bytes, model_files, tokenizer_files
 from modelsurgery.checkpoints.layout import StoreLayout, default_root
 from modelsurgery.checkpoints.manifest import (
     VERSION_ID_RE,
@@ -45,12 +46,19 @@ from modelsurgery.checkpoints.manifest import (
     content_id,
     normalize_json,
 )
-from modelsurgery.checkpoints.model_card import HOOKS_KEY, render_model_card, warn_if_hooked
+from modelsurgery.checkpoints.model_card import (
+    HOOKS_KEY,
+    render_adapter_card,
+    render_model_card,
+    warn_if_hooked,
+)
 from modelsurgery.checkpoints.resolved import ResolvedVersion, resolve_lineage
 from modelsurgery.checkpoints.verify import VerifyReport, verify_store
 from modelsurgery.models.digest import digest_from_hashes, persistent_state_dict
 
 MIN_PREFIX_LEN = 5
+# What a peft adapter folder holds its settings in (``adapter_files``).
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 ORPHAN_MAX_AGE_S = 24 * 3600.0
 _LIBRARIES = ("modelsurgery", "torch", "transformers", "safetensors")
 
@@ -124,9 +132,11 @@ class CheckpointStore:
         artifacts: dict[str, bytes] | None = None,
         removed: list[str] | None = None,
         job_id: str | None = None,
+        failed_gates: list[dict[str, Any]] | None = None,
     ) -> Manifest:
         """A child of ``parent`` holding only the tensors and artifacts that differ from it;
-        ``job_id`` names the job publishing it (see ``version_of_job``)."""
+        ``job_id`` names the job publishing it (see ``version_of_job``); ``failed_gates``
+        marks a candidate kept although its job's gates failed (``keep_failed``)."""
         base = self._resolve_version(self.resolve(parent))
         artifacts = artifacts or {}
         removed = sorted(set(removed or []))
@@ -151,6 +161,7 @@ class CheckpointStore:
             operations=normalize_json(operations, "operations"),
             metrics={name: float(value) for name, value in (metrics or {}).items()},
             job_id=job_id,
+            failed_gates=normalize_json(failed_gates or [], "failed_gates"),
         )
 
     @staticmethod
@@ -217,9 +228,10 @@ class CheckpointStore:
         config_overrides: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
         job_id: str | None = None,
+        failed_gates: list[dict[str, Any]] | None = None,
     ) -> Manifest:
         """Write the manifest (blobs are already durable); an identical version is returned."""
-        content = {
+        content: dict[str, Any] = {
             "parent": parent,
             "tensors": tensors,
             "removed": sorted(removed or []),
@@ -228,6 +240,8 @@ class CheckpointStore:
             "config_overrides": config_overrides or {},
             "operations": operations,
         }
+        if failed_gates:
+            content["failed_gates"] = failed_gates
         version_id = content_id(**content)
         path = self.layout.manifest(version_id)
         with self._lock:
@@ -264,13 +278,20 @@ class CheckpointStore:
         return manifest
 
     def resolve(self, ref: str) -> str:
-        """Version id for a version id, an alias, or a unique id prefix (at least 5 chars)."""
+        """Version id for a version id, an alias, a built-in model reference already imported
+        (``smollm2-135m``: its root), or a unique id prefix (at least 5 chars)."""
+        from modelsurgery.models.aliases import BUILTIN_ALIASES
+
         if VERSION_ID_RE.fullmatch(ref) and self.layout.manifest(ref).is_file():
             return ref
         if ALIAS_RE.fullmatch(ref):
             target = self._aliases.get(ref)
             if target is not None:
                 return target
+        if ref in BUILTIN_ALIASES:
+            root = self.imported_root(ref)
+            if root is not None:
+                return root.id
         if len(ref) >= MIN_PREFIX_LEN:
             matches = [i for i in self._version_ids() if i.startswith(ref)]
             if len(matches) == 1:
@@ -278,6 +299,18 @@ class CheckpointStore:
             if matches:
                 raise VersionNotFoundError(f"{ref!r} is ambiguous: {', '.join(matches)}")
         raise VersionNotFoundError(f"no version, alias or unique id prefix {ref!r}")
+
+    def imported_root(self, reference: str) -> Manifest | None:
+        """The newest root version imported from model reference ``reference`` (a built-in
+        alias such as ``smollm2-135m``), None when it was never imported."""
+        return next(
+            (
+                m
+                for m in self.list_versions()
+                if m.parent is None and not m.operations and m.root.reference == reference
+            ),
+            None,
+        )
 
     def get(self, ref: str) -> Manifest:
         return self._manifest(self.resolve(ref))
@@ -361,7 +394,7 @@ class CheckpointStore:
         ``shown`` maps each manifest of the lineage to what ``modelsurgery.json`` and the card
         say of it, and ``leave_out`` names stored files not written: the server's redaction of
         training data for callers who may not see it (the store keeps everything whole)."""
-        from modelsurgery.editing.attachments import loading_notes
+        from modelsurgery.editing.attachments import adapter_folder, loading_notes
 
         show = shown or (lambda manifest: manifest)
         resolved = self._resolve_version(self.resolve(ref))
@@ -375,6 +408,22 @@ class CheckpointStore:
             HOOKS_KEY: list(hooks),
         }
         lineage = [show(self._manifest(version_id)) for version_id in resolved.lineage]
+        adapter = adapter_folder(resolved.artifacts)
+        if adapter is not None and digest == lineage[-1].root.digest:
+            # The adapter was trained on the root's own weights: the export is the adapter
+            # folder alone, loaded onto the base as its library does (peft).
+            base_model = _hub_id(lineage[-1]) or lineage[-1].root.reference
+            files = {
+                name: self._blobs.file(sha)
+                for name, sha in stored.items()
+                if name not in leave_out and name != CONFIG_FILE
+            }
+            return write_adapter_folder(
+                Path(folder),
+                files=adapter_files(files, adapter, base_model),
+                lineage_record={**record, HOOKS_KEY: [], "adapter": adapter},
+                model_card=render_adapter_card(lineage, digest, base_model),
+            )
         written = write_folder(
             Path(folder),
             config=self._config(resolved),
@@ -419,8 +468,16 @@ class CheckpointStore:
     def list_aliases(self) -> dict[str, str]:
         return self._aliases.read()
 
-    def delete_alias(self, name: str, *, expected: Expected = ...) -> None:
-        self._aliases.delete(name, expected)
+    def alias_owners(self) -> dict[str, str]:
+        """Each alias's owner (``""`` if unknown)."""
+        return self._aliases.owners()
+
+    def delete_alias(
+        self, name: str, *, expected: Expected = ..., authorize: Authorize | None = None
+    ) -> str | None:
+        """Remove alias ``name`` (asking ``authorize`` with its owner, under the store lock);
+        the version it pointed to, None when it did not exist."""
+        return self._aliases.delete(name, expected, authorize=authorize)
 
     # --- maintenance -----------------------------------------------------------------------
     def verify(self) -> VerifyReport:
@@ -430,6 +487,22 @@ class CheckpointStore:
     def gc(self, *, max_age_s: float = ORPHAN_MAX_AGE_S) -> list[Path]:
         """Delete temp files of dead writers (same host) or older than ``max_age_s``."""
         return remove_orphans(self.layout.tmp, max_age_s)
+
+
+def adapter_files(files: dict[str, bytes], adapter: str, base_model: str) -> dict[str, bytes]:
+    """The export's files with the adapter folder's at the top; its config names
+    ``base_model`` (peft records the path the model was trained from, a server's temp)."""
+    prefix = f"{adapter}/"
+    out = {name: data for name, data in files.items() if not name.startswith(prefix)}
+    for name, data in files.items():
+        if name.startswith(prefix):
+            out[name[len(prefix) :]] = data
+    config = ADAPTER_CONFIG_FILE
+    if config in out:
+        out[config] = json_file_bytes(
+            {**json.loads(out[config]), "base_model_name_or_path": base_model}
+        )
+    return out
 
 
 def _hub_id(root: Manifest) -> str | None:

@@ -21,6 +21,7 @@ from modelsurgery.client.connection import (
     ConnectionSettings,
     Deadline,
     DownloadWriter,
+    delete_alias_request,
     evaluate_request,
     generate_request,
     list_jobs_request,
@@ -175,6 +176,14 @@ class AsyncClient:
         request = checkpoints_pb2.GetAliasRequest(name=name)
         return (await self._call(self._checkpoints.GetAlias, request)).version_id
 
+    async def list_aliases(self) -> list[checkpoints_pb2.AliasEntry]:
+        request = checkpoints_pb2.ListAliasesRequest()
+        return list((await self._call(self._checkpoints.ListAliases, request)).aliases)
+
+    async def delete_alias(self, name: str, *, expected: str | None = UNSET) -> str:
+        request = delete_alias_request(name, expected)
+        return (await self._call(self._checkpoints.DeleteAlias, request)).version_id
+
     async def revert(self, ref: str) -> checkpoints_pb2.Version:
         request = checkpoints_pb2.RevertRequest(ref=ref)
         return (await self._call(self._checkpoints.Revert, request)).version
@@ -191,8 +200,10 @@ class AsyncClient:
         suite: dict[str, Any] | None = None,
         perplexity: bool = False,
         timeout: float = 900,
+        per_case: bool = False,
     ) -> checkpoints_pb2.EvaluateVersionResponse:
         request = evaluate_request(ref, against, suite, perplexity)
+        request.per_case = per_case
         return await self._call(self._checkpoints.EvaluateVersion, request, timeout=timeout)
 
     async def import_model(

@@ -21,6 +21,8 @@ class VersionBackend(Protocol):
     def revert(self, ref: str) -> dict[str, Any]: ...
     def set_alias(self, name: str, version: str, expected: Any) -> str: ...
     def get_alias(self, name: str) -> str | None: ...
+    def list_aliases(self) -> list[dict[str, str]]: ...
+    def delete_alias(self, name: str, expected: Any) -> str | None: ...
     def import_model(
         self, reference: str, alias: str | None, progress: Callable[[int, int], None]
     ) -> dict[str, Any]: ...
@@ -84,6 +86,16 @@ class LocalBackend:
 
     def get_alias(self, name: str) -> str | None:
         return self.store.get_alias(name)
+
+    def list_aliases(self) -> list[dict[str, str]]:
+        owners = self.store.alias_owners()
+        return [
+            {"name": name, "version_id": target, "owner": owners.get(name, "")}
+            for name, target in sorted(self.store.list_aliases().items())
+        ]
+
+    def delete_alias(self, name: str, expected: Any) -> str | None:
+        return self.store.delete_alias(name, expected=expected)
 
     def import_model(
         self, reference: str, alias: str | None, progress: Callable[[int, int], None]
@@ -173,6 +185,15 @@ class RemoteBackend:
 
     def get_alias(self, name: str) -> str | None:
         return self.client.get_alias(name)
+
+    def list_aliases(self) -> list[dict[str, str]]:
+        return [
+            {"name": a.name, "version_id": a.version_id, "owner": a.owner}
+            for a in self.client.list_aliases()
+        ]
+
+    def delete_alias(self, name: str, expected: Any) -> str | None:
+        return self.client.delete_alias(name, expected=expected)
 
     def import_model(
         self, reference: str, alias: str | None, progress: Callable[[int, int], None]

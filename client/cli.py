@@ -18,20 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from modelsurgery.client.batch import (
-    BatchResult,
-    all_succeeded,
-    over_bases,
-    over_fact_sets,
-    read_facts,
-    run_batch,
-)
+from modelsurgery.client.cli_batch import register_batch_command
 from modelsurgery.client.cli_common import (
-    EXIT_CANCELLED,
-    EXIT_FAILED,
-    EXIT_INFRASTRUCTURE,
     EXIT_OK,
-    EXIT_TIMEOUT,
     CaOption,
     JsonOption,
     Reported,
@@ -40,19 +29,22 @@ from modelsurgery.client.cli_common import (
     TokenOption,
     connect,
     console,
-    count_progress,
     emit_json,
     emit_json_line,
+    event_data,
     id_column,
+    junit_problem,
     out,
     plain_row,
     reported_errors,
-    to_data,
+    state_exit_code,
 )
 from modelsurgery.client.cli_eval import register_eval_command
+from modelsurgery.client.cli_methods import register_methods_command
 from modelsurgery.client.cli_versions import register_version_commands
 from modelsurgery.client.connection import as_spec
-from modelsurgery.client.junit import ApplyReport, Problem
+from modelsurgery.client.job_progress import JobProgress
+from modelsurgery.client.junit import ApplyReport
 from modelsurgery.client.sdk import Client
 from modelsurgery.proto import limits
 from modelsurgery.proto.job_state import JobState
@@ -70,7 +62,6 @@ app.add_typer(jobs_app, name="jobs")
 register_version_commands(app)
 register_eval_command(app)
 _STATE_COLORS = {JobState.SUCCEEDED: "green", JobState.FAILED: "red", JobState.CANCELLED: "yellow"}
-_EXIT_CODES = {JobState.SUCCEEDED: EXIT_OK, JobState.CANCELLED: EXIT_CANCELLED}
 
 
 def _print_version(wanted: bool) -> None:
@@ -223,14 +214,6 @@ def serve(
     run(settings, ready_file=ready_file, json_logs=not text_logs)
 
 
-def _print_event(event: jobs_pb2.JobEvent) -> None:
-    fields = to_data(event.fields) if event.fields.fields else {}
-    extra = " ".join(
-        f"{k}={int(v) if isinstance(v, float) and v.is_integer() else v}" for k, v in fields.items()
-    )
-    console.print(f"[dim]{event.seq:>4}[/dim] {escape(event.message)} [dim]{escape(extra)}[/dim]")
-
-
 def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
     return {
         "job_id": job.id,
@@ -248,7 +231,19 @@ def _job_summary(job: jobs_pb2.Job) -> dict[str, object]:
         ],
         "error": job.error or None,
         "previous_attempt": job.previous_attempt or None,
+        "base": job.spec.base,
+        "base_version": job.base_version or None,
+        "methods": [op.method for op in job.spec.operations],
+        "created": _time(job, "created"),
+        "started": _time(job, "started"),
+        "finished": _time(job, "finished"),
+        "attempts": job.attempts,
     }
+
+
+def _time(job: jobs_pb2.Job, name: str) -> str | None:
+    """A job's timestamp as ISO 8601 (UTC), None when it has not happened."""
+    return getattr(job, name).ToJsonString() if job.HasField(name) else None
 
 
 def _print_job(job: jobs_pb2.Job) -> None:
@@ -278,7 +273,7 @@ def _print_job(job: jobs_pb2.Job) -> None:
 
 
 def _exit_code(job: jobs_pb2.Job) -> int:
-    return _EXIT_CODES.get(JobState.from_proto(job.state), EXIT_FAILED)
+    return state_exit_code(JobState.from_proto(job.state))
 
 
 def _apply(
@@ -303,27 +298,13 @@ def _apply(
         if as_json:
             emit_json(_job_summary(job))
         return EXIT_OK
-    report.job = job = client.wait(
-        job.id, progress=None if as_json else _print_event, timeout=timeout
-    )
+    with JobProgress(console, quiet=as_json) as progress:
+        report.job = job = client.wait(job.id, progress=progress, timeout=timeout)
     if as_json:
         emit_json(_job_summary(job))
     else:
         _print_job(job)
     return _exit_code(job)
-
-
-def _junit_problem(reported: Reported) -> Problem:
-    """Infrastructure errors and timeouts are JUnit errors (the run broke off); a refused
-    request is a failure of the patch itself."""
-    broke_off = reported.exit_code in (EXIT_INFRASTRUCTURE, EXIT_TIMEOUT)
-    named = reported.field is None or reported.field in reported.message
-    field = "" if named else f" (field {reported.field})"
-    return Problem(
-        "error" if broke_off else "failure",
-        reported.code or "error",
-        f"{reported.message}{field}",
-    )
 
 
 @app.command()
@@ -378,7 +359,7 @@ def apply(
     report = ApplyReport(spec.stem)
 
     def record(reported: Reported) -> None:
-        report.problem = _junit_problem(reported)
+        report.problem = junit_problem(reported)
 
     try:
         with reported_errors(as_json, on_error=record):
@@ -407,61 +388,8 @@ def apply(
     raise typer.Exit(code)
 
 
-@app.command()
-def batch(
-    spec: Annotated[Path, typer.Argument(help="Job spec (YAML) to fan out.", exists=True)],
-    base: Annotated[
-        list[str] | None, typer.Option(help="Run the spec on each of these bases (repeatable).")
-    ] = None,
-    facts: Annotated[
-        Path | None,
-        typer.Option(help="JSONL (or JSON list) of facts, split over jobs (rome/memit specs)."),
-    ] = None,
-    facts_per_job: Annotated[int, typer.Option(min=1, help="Facts per job with --facts.")] = 500,
-    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at once.")] = 4,
-    name: Annotated[
-        str | None, typer.Option(help="Batch name (request ids derive from it; re-runs reuse).")
-    ] = None,
-    as_json: JsonOption = False,
-    server: ServerOption = None,
-    token: TokenOption = None,
-    tls_ca: CaOption = None,
-) -> None:
-    """Fan a spec out over many bases or many fact sets as parallel jobs; exit 0 only if every
-    job succeeded."""
-    with reported_errors(as_json):
-        template = as_spec(spec)
-        if bool(base) == (facts is not None):
-            raise SpecError("batch", "give either --base (repeatable) or --facts")
-        items = (
-            over_bases(template, base)
-            if base
-            else over_fact_sets(template, read_facts(facts), facts_per_job)
-        )
-        with connect(server, token, tls_ca) as client, count_progress("jobs", not as_json) as bar:
-            done = 0
-
-            def update(result: BatchResult) -> None:
-                nonlocal done
-                done += 1
-                bar(done, len(items))
-
-            results = run_batch(
-                client,
-                items,
-                concurrency=concurrency,
-                batch_name=name or spec.stem,
-                on_update=update,
-            )
-    if as_json:
-        emit_json([vars(r) for r in results])
-    else:
-        table = Table("item", id_column("job"), "state", id_column("version"), "metrics")
-        for r in results:
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items())[:4])
-            plain_row(table, r.label, r.job_id, r.state, r.version_id or "-", shown or r.error[:60])
-        out.print(table)
-    raise typer.Exit(EXIT_OK if all_succeeded(results) else EXIT_FAILED)
+register_batch_command(app)
+register_methods_command(app)
 
 
 @jobs_app.command("list")
@@ -514,13 +442,16 @@ def jobs_watch(
     token: TokenOption = None,
     tls_ca: CaOption = None,
 ) -> None:
-    """Stream a job's events until it ends."""
+    """Stream a job's events until it ends; exit with the job's outcome as apply --wait does
+    (0 succeeded, 1 failed, 3 cancelled)."""
     with reported_errors(as_json), connect(server, token, tls_ca) as client:
-        for event in client.watch(job_id, after_seq=after):
-            if as_json:
-                emit_json_line(event)
-            else:
-                _print_event(event)
+        with JobProgress(console, quiet=as_json) as progress:
+            for event in client.watch(job_id, after_seq=after):
+                progress(event)
+                if as_json:
+                    emit_json_line(event_data(event))
+        job = client.get_job(job_id)
+    raise typer.Exit(_exit_code(job))
 
 
 @jobs_app.command("cancel")

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ import grpc
 import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
@@ -24,15 +24,35 @@ from rich.text import Text
 
 from modelsurgery.client.connection import SERVER_ENV, TOKEN_ENV
 from modelsurgery.client.errors import JobFailed, ModelSurgeryError, WaitTimeout
+from modelsurgery.client.junit import Problem
 from modelsurgery.client.sdk import Client
 from modelsurgery.proto.export_record import HookedExportWarning
 from modelsurgery.proto.job_state import PROTO_PREFIX, JobState
 from modelsurgery.proto.spec import SpecError
+from modelsurgery.v1 import jobs_pb2
+
+# Width of a line written to a file or pipe: as long as its text (a table as wide as its cells).
+UNWRAPPED = 100_000
+
+
+class _Console(Console):
+    """A console that wraps only on a terminal: written to a CI log or a pipe (without COLUMNS
+    set), a line is as long as its text, where rich would cut it at 80 columns. Decided at
+    each print, as the stream may change after import (a test runner's capture)."""
+
+    def _size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
+            return ConsoleDimensions(UNWRAPPED, size.height)
+        return size
+
+    size = property(_size, Console.size.fset)  # type: ignore[attr-defined]
+
 
 # Text from servers and users is printed through ``escape``, ``Text`` or ``plain_row``, never
 # as markup; emoji codes (``:warning:``) in it stay as written too.
-console = Console(stderr=True, emoji=False)
-out = Console(highlight=False, emoji=False)
+console = _Console(stderr=True, emoji=False)
+out = _Console(highlight=False, emoji=False)
 
 # Exit codes, the contract CI pipelines rely on (README "Using it", `apply --help`).
 EXIT_OK = 0
@@ -41,6 +61,17 @@ EXIT_INVALID = 2  # invalid spec or usage: the request was refused, retrying wil
 EXIT_CANCELLED = 3
 EXIT_INFRASTRUCTURE = 4  # server unreachable, or an error on its side
 EXIT_TIMEOUT = 5  # --timeout ran out before the job ended
+# Which of several outcomes a command that runs many jobs (batch) exits with: the worst first.
+# A broken run outweighs a refusal, which outweighs a timeout, a failed job, a cancelled one.
+WORST_FIRST = (
+    EXIT_INFRASTRUCTURE,
+    EXIT_INVALID,
+    EXIT_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_CANCELLED,
+    EXIT_OK,
+)
+_STATE_EXIT_CODES = {JobState.SUCCEEDED: EXIT_OK, JobState.CANCELLED: EXIT_CANCELLED}
 INFRASTRUCTURE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -144,6 +175,32 @@ def emit_json(value: Any) -> None:
     out.print_json(json.dumps(to_data(value), default=str))
 
 
+def whole_numbers(value: Any) -> Any:
+    """Floats that are whole numbers as integers, at any depth: a protobuf Struct holds every
+    number as a double, so a step 3 would be written ``3.0``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
+def event_data(event: jobs_pb2.JobEvent) -> dict[str, Any]:
+    """A job event as JSON data: ``seq`` and the fields' whole numbers as integers (protobuf's
+    JSON writes an int64 as a string)."""
+    return {
+        "job_id": event.job_id,
+        "seq": event.seq,
+        "time": event.time.ToJsonString() if event.HasField("time") else None,
+        "kind": event.kind,
+        "state": JobState.from_proto(event.state) if event.state else None,
+        "message": event.message,
+        "fields": whole_numbers(dict(sorted(json_format.MessageToDict(event.fields).items()))),
+    }
+
+
 def emit_json_line(value: Any) -> None:
     """One compact JSON object per line (JSON Lines), for streams a reader parses line by line."""
     sys.stdout.write(json.dumps(to_data(value), default=str, separators=(",", ":")) + "\n")
@@ -189,6 +246,29 @@ def classify(exc: Exception) -> Reported | None:
         cancelled = exc.state is JobState.CANCELLED
         return Reported(EXIT_CANCELLED if cancelled else EXIT_FAILED, str(exc))
     return None
+
+
+def state_exit_code(state: JobState) -> int:
+    """The exit code of a job that ended in ``state`` (apply --wait, jobs watch, batch)."""
+    return _STATE_EXIT_CODES.get(state, EXIT_FAILED)
+
+
+def worst_exit(codes: Iterable[int]) -> int:
+    """The exit code of several outcomes: the worst of them (``WORST_FIRST``), 0 for none."""
+    return min(codes, key=WORST_FIRST.index, default=EXIT_OK)
+
+
+def junit_problem(reported: Reported) -> Problem:
+    """Infrastructure errors and timeouts are JUnit errors (the run broke off); a refused
+    request is a failure of the patch itself."""
+    broke_off = reported.exit_code in (EXIT_INFRASTRUCTURE, EXIT_TIMEOUT)
+    named = reported.field is None or reported.field in reported.message
+    field = "" if named else f" (field {reported.field})"
+    return Problem(
+        "error" if broke_off else "failure",
+        reported.code or "error",
+        f"{reported.message}{field}",
+    )
 
 
 def _store_errors() -> tuple[type[Exception], ...]:

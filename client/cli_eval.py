@@ -22,6 +22,7 @@ from modelsurgery.client.cli_common import (
     plain_row,
     reported_errors,
 )
+from modelsurgery.v1 import checkpoints_pb2
 
 
 def suite_from_file(path: Path) -> dict[str, Any]:
@@ -32,6 +33,27 @@ def suite_from_file(path: Path) -> dict[str, Any]:
         return {"pairs": [json.loads(line) for line in text.splitlines() if line.strip()]}
     data = json.loads(text)
     return {"facts": data} if isinstance(data, list) else data
+
+
+def case_data(case: checkpoints_pb2.EvaluationCase) -> dict[str, Any]:
+    """One judged fact or pair as JSON data, its figures by name."""
+    return {
+        "suite": case.suite,
+        "index": case.index,
+        "label": case.label or None,
+        "passed": case.passed,
+        "figures": dict(sorted(case.figures.items())),
+    }
+
+
+def print_cases(cases: list[dict[str, Any]]) -> None:
+    """A row per case, failing ones marked, in suite order."""
+    table = Table("suite", "case", "label", "result", "figures")
+    for case in cases:
+        figures = " ".join(f"{k}={v:.4g}" for k, v in case["figures"].items())
+        verdict = Text("pass", style="green") if case["passed"] else Text("FAIL", style="red")
+        plain_row(table, case["suite"], str(case["index"]), case["label"] or "-", verdict, figures)
+    out.print(table)
 
 
 def register_eval_command(app: typer.Typer) -> None:
@@ -53,6 +75,14 @@ def register_eval_command(app: typer.Typer) -> None:
         perplexity: Annotated[
             bool, typer.Option("--perplexity", help="Also measure WikiText-2 perplexity.")
         ] = False,
+        per_case: Annotated[
+            bool,
+            typer.Option(
+                "--per-case",
+                help="Also show each fact's and pair's own result, so a CI log shows which "
+                "one broke.",
+            ),
+        ] = False,
         as_json: JsonOption = False,
         server: ServerOption = None,
         token: TokenOption = None,
@@ -64,15 +94,24 @@ def register_eval_command(app: typer.Typer) -> None:
         with reported_errors(as_json):
             given = suite_from_file(suite) if suite is not None else None
             with connect(server, token, tls_ca) as client:
-                result = client.evaluate(ref, against=against, suite=given, perplexity=perplexity)
+                result = client.evaluate(
+                    ref, against=against, suite=given, perplexity=perplexity, per_case=per_case
+                )
         metrics = dict(sorted(result.metrics.items()))
+        cases = [case_data(case) for case in result.cases]
         if as_json:
-            emit_json(
-                {"version_id": result.version_id, "against": result.against, "metrics": metrics}
-            )
-            return
-        title = Text(f"{result.version_id} against {result.against}")
-        table = Table("metric", "value", title=title)
-        for name, value in metrics.items():
-            plain_row(table, name, f"{value:.6g}")
-        out.print(table)
+            shown: dict[str, Any] = {
+                "version_id": result.version_id,
+                "against": result.against,
+                "metrics": metrics,
+            }
+            emit_json({**shown, "cases": cases} if per_case else shown)
+        else:
+            # A line of its own: a table's title wraps at the table's width.
+            out.print(Text(f"{result.version_id} against {result.against}"))
+            table = Table("metric", "value")
+            for name, value in metrics.items():
+                plain_row(table, name, f"{value:.6g}")
+            out.print(table)
+            if per_case:
+                print_cases(cases)

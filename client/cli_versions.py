@@ -214,6 +214,49 @@ def alias_set(
             out.print(escape(f"{name} -> {target}"))
 
 
+@alias_app.command("list")
+def alias_list(
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Every alias, the version it points at and who created it."""
+    with backend(server, token, tls_ca, store, as_json) as b:
+        rows = b.list_aliases()
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("alias", id_column("version"), "owner")
+    for row in rows:
+        plain_row(table, row["name"], row["version_id"], row["owner"] or "-")
+    out.print(table)
+
+
+@alias_app.command("delete")
+def alias_delete(
+    name: str,
+    expected: Annotated[
+        str | None, typer.Option(help="Only delete it if it points here now.")
+    ] = None,
+    as_json: JsonOption = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    tls_ca: CaOption = None,
+    store: StoreOption = None,
+) -> None:
+    """Delete an alias (on a server: its owner or an admin); the version stays."""
+    with backend(server, token, tls_ca, store, as_json) as b:
+        target = b.delete_alias(name, UNSET if expected is None else expected)
+        if target is None:
+            fail(f"no alias {name!r}", 1, as_json=as_json)
+    if as_json:
+        emit_json({"name": name, "version_id": target})
+    else:
+        out.print(escape(f"deleted {name} (was {target})"))
+
+
 @alias_app.command("get")
 def alias_get(
     name: str,

@@ -13,9 +13,15 @@ from typing import Any, BinaryIO
 
 import grpc
 
-from modelsurgery.client.errors import ModelSurgeryError, Unavailable, WaitTimeout, from_rpc_error
+from modelsurgery.client.errors import (
+    ModelSurgeryError,
+    Unavailable,
+    WaitTimeout,
+    from_rpc_error,
+    spec_refusal,
+)
 from modelsurgery.proto.job_state import JobState
-from modelsurgery.proto.spec import JobSpec, load_spec_file, parse_spec
+from modelsurgery.proto.spec import JobSpec, SpecError, load_spec_file, parse_spec
 from modelsurgery.v1 import checkpoints_pb2, jobs_pb2
 
 SERVER_ENV = "MODELSURGERY_SERVER"
@@ -166,12 +172,14 @@ class Deadline:
 
 
 def as_spec(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
-    """A spec from a JobSpec, plain data, or a YAML file path."""
+    """A spec from a JobSpec, plain data, or a YAML file path; an invalid one raises the
+    typed error the server would answer it with (InvalidSpec, SpecOverBound)."""
     if isinstance(spec, JobSpec):
         return spec
-    if isinstance(spec, str | Path):
-        return load_spec_file(spec)
-    return parse_spec(spec)
+    try:
+        return load_spec_file(spec) if isinstance(spec, str | Path) else parse_spec(spec)
+    except SpecError as exc:
+        raise spec_refusal(exc) from None
 
 
 def submit_request(
@@ -314,3 +322,11 @@ class DownloadWriter:
             if digest != entry.sha256:
                 raise OSError(f"download corrupt: {entry.path} sha256 mismatch")
         return self.folder
+
+
+def delete_alias_request(name: str, expected: Any) -> checkpoints_pb2.DeleteAliasRequest:
+    request = checkpoints_pb2.DeleteAliasRequest(name=name)
+    if expected is not UNSET:
+        request.check_expected = True
+        request.expected_version_id = expected or ""
+    return request

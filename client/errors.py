@@ -7,6 +7,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from modelsurgery.proto.job_state import JobState
+from modelsurgery.proto.spec import SpecError, SpecTooLarge, request_field
 
 
 class ModelSurgeryError(Exception):
@@ -54,14 +55,34 @@ class Unavailable(ModelSurgeryError):
 class WaitTimeout(DeadlineExceeded, TimeoutError):
     """``wait(..., timeout=...)`` ran out before the job ended (the job itself goes on)."""
 
-    def __init__(self, job_id: str, timeout: float) -> None:
+    def __init__(self, job_id: str, timeout: float, message: str | None = None) -> None:
         super().__init__(
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"job {job_id} did not end within {timeout:g} s",
+            message or f"job {job_id} did not end within {timeout:g} s",
             "timeout",
         )
         self.job_id = job_id
         self.timeout = timeout
+
+
+class InvalidSpec(InvalidArgument, ValueError):
+    """A spec the client refused before sending it, as the server would have: the same
+    message and field path (``spec.operations[0].heads``). Still a ValueError, as the spec
+    errors the SDK raised before."""
+
+
+class SpecOverBound(ResourceExhausted, ValueError):
+    """A spec over a size bound, refused before sending it (RESOURCE_EXHAUSTED, as the server)."""
+
+
+def spec_refusal(error: SpecError) -> ModelSurgeryError:
+    """The typed error the server answers a spec with: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED
+    for one over a size bound, naming the field as the server does."""
+    if isinstance(error, SpecTooLarge):
+        code, kind = grpc.StatusCode.RESOURCE_EXHAUSTED, SpecOverBound
+    else:
+        code, kind = grpc.StatusCode.INVALID_ARGUMENT, InvalidSpec
+    return kind(code, str(error), request_field(error.field))
 
 
 class JobFailed(Exception):

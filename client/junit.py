@@ -1,5 +1,6 @@
 """JUnit XML for ``apply --junit``: a case per gate, so CI systems show each gate natively, and a
-``job`` case, written whatever the outcome (also when no job ran or the wait broke off)."""
+``job`` case, written whatever the outcome (also when no job ran or the wait broke off); for
+``batch --junit``, a case per item."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ def _state(job: jobs_pb2.Job) -> str:
 @dataclass(frozen=True)
 class Problem:
     """Why apply ended without the job's own verdict. ``failure``: the request was refused
-    (e.g. an invalid spec); ``error``: the run broke off (server unreachable, timeout)."""
+    (e.g. an invalid spec); ``error``: the run broke off (server unreachable, timeout);
+    ``skipped``: a batch item not run because another was invalid."""
 
-    kind: Literal["failure", "error"]
+    kind: Literal["failure", "error", "skipped"]
     type: str
     message: str
 
@@ -92,11 +94,54 @@ def job_report(
     elif job is not None and (state := _state(job)) != JobState.SUCCEEDED:
         message = xml_text(f"job ended {state}" + (f": {job.error}" if job.error else ""))
         ET.SubElement(job_case, "failure", message=message, type=state)
+    return _counted(suite)
+
+
+def _counted(suite: ET.Element) -> ET.ElementTree:
+    """The suite with its totals of tests, failures and errors set."""
     cases = list(suite.iter("testcase"))
     suite.set("tests", str(len(cases)))
     suite.set("failures", str(sum(c.find("failure") is not None for c in cases)))
     suite.set("errors", str(sum(c.find("error") is not None for c in cases)))
     return ET.ElementTree(suite)
+
+
+@dataclass(frozen=True)
+class ItemCase:
+    """One batch item as a test case: its outcome line and what failed it (None: passed)."""
+
+    name: str
+    summary: str
+    problem: Problem | None
+
+
+def batch_report(
+    cases: list[ItemCase], suite_name: str, *, started: datetime, seconds: float
+) -> ET.ElementTree:
+    """A suite with a case per batch item, so a CI system shows every item's outcome."""
+    suite = ET.Element(
+        "testsuite",
+        name=suite_name,
+        timestamp=started.isoformat(timespec="seconds"),
+        time=f"{seconds:.3f}",
+    )
+    for item in cases:
+        case = ET.SubElement(suite, "testcase", classname=suite_name, name=xml_text(item.name))
+        ET.SubElement(case, "system-out").text = xml_text(item.summary)
+        if item.problem is not None:
+            ET.SubElement(
+                case,
+                item.problem.kind,
+                message=xml_text(item.problem.message),
+                type=item.problem.type,
+            )
+    return _counted(suite)
+
+
+def write_report(tree: ET.ElementTree, path: Path) -> None:
+    ET.indent(tree)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tree.write(path, encoding="utf-8", xml_declaration=True)
 
 
 @dataclass
@@ -128,6 +173,4 @@ class ApplyReport:
             started=self.started,
             seconds=time.monotonic() - self._clock,
         )
-        ET.indent(tree)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tree.write(path, encoding="utf-8", xml_declaration=True)
+        write_report(tree, path)

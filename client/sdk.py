@@ -24,6 +24,7 @@ from modelsurgery.client.connection import (
     Deadline,
     DownloadWriter,
     as_spec,
+    delete_alias_request,
     evaluate_request,
     generate_request,
     list_jobs_request,
@@ -199,6 +200,17 @@ class Client:
         request = checkpoints_pb2.GetAliasRequest(name=name)
         return self._call(self._checkpoints.GetAlias, request).version_id
 
+    def list_aliases(self) -> list[checkpoints_pb2.AliasEntry]:
+        """Every alias (name, version id, owner), by name."""
+        request = checkpoints_pb2.ListAliasesRequest()
+        return list(self._call(self._checkpoints.ListAliases, request).aliases)
+
+    def delete_alias(self, name: str, *, expected: str | None = UNSET) -> str:
+        """Delete an alias (its owner or an admin); with ``expected``, only while it points
+        there. Returns the version it pointed to."""
+        request = delete_alias_request(name, expected)
+        return self._call(self._checkpoints.DeleteAlias, request).version_id
+
     def revert(self, ref: str) -> checkpoints_pb2.Version:
         request = checkpoints_pb2.RevertRequest(ref=ref)
         return self._call(self._checkpoints.Revert, request).version
@@ -220,10 +232,13 @@ class Client:
         suite: dict[str, Any] | None = None,
         perplexity: bool = False,
         timeout: float = 900,
+        per_case: bool = False,
     ) -> checkpoints_pb2.EvaluateVersionResponse:
         """Judge a version against ``against`` (default: its parent) on its stored suite and
-        its lineage's, or on ``suite``, without making a version (metrics as a job's)."""
+        its lineage's, or on ``suite``, without making a version (metrics as a job's); with
+        ``per_case``, each fact's and pair's own result in ``cases``."""
         request = evaluate_request(ref, against, suite, perplexity)
+        request.per_case = per_case
         return self._call(self._checkpoints.EvaluateVersion, request, timeout=timeout)
 
     def generate(

@@ -90,6 +90,13 @@ def loading_notes(artifact_names: Iterable[str]) -> dict[str, str]:
     return {m.name: m.attachment.loading for m in _carried(artifact_names) if m.attachment}
 
 
+def adapter_folder(artifact_names: Iterable[str]) -> str | None:
+    """The artifact folder that is a version's whole export when the only hooks it carries
+    are one method's self-contained adapter (``Attachment.adapter_folder``), else None."""
+    carried = [m.attachment for m in _carried(artifact_names) if m.attachment]
+    return carried[0].adapter_folder if len(carried) == 1 else None
+
+
 def leaf_methods(artifact_names: Iterable[str]) -> list[str]:
     """Names of the leaf methods whose hooks a version with these artifacts carries."""
     return [m.name for m in _carried(artifact_names) if m.attachment and m.attachment.leaf]

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 DATA_ENV = "MODELSURGERY_DATA"
+# Shipped data sets under the shared data folder that configs may name (``shared_data``).
+CROWS_PAIRS_PATH = "crows-pairs/crows_pairs_anonymized.csv"
+WINOGENDER_DIR = "winogender"
 
 
 def shared_data_dir() -> Path:

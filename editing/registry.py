@@ -58,6 +58,11 @@ class MethodConfig(BaseModel):
     # Suite kinds (``evaluation.metrics.FACTS``, ``PAIRS``) the operation hands to the
     # job-level evaluation through ``SurgeryResult.suite``.
     carries: ClassVar[frozenset[str]] = frozenset()
+    # Fields naming a user's file under the server's data roots, and fields naming a text
+    # file there or a shared data set by its relative path: admission checks that each one
+    # given exists before the job is queued (``server.admission``).
+    data_file_fields: ClassVar[tuple[str, ...]] = ()
+    text_source_fields: ClassVar[tuple[str, ...]] = ()
 
     def metric_names(self) -> set[str]:
         """The figures ``run`` reports with this config (gates ``op<i>.<name>``)."""
@@ -74,6 +79,11 @@ class MethodConfig(BaseModel):
         naming the field). Called on the server before a job is queued, without loading
         weights; what it needs from the ML stack it imports inside."""
 
+    def shared_data(self) -> dict[str, tuple[str, ...]]:
+        """Field -> the shipped data sets (paths under the shared data folder) it makes
+        ``run`` read, so admission refuses a job whose data set this server lacks."""
+        return {}
+
     def leaves_hooks(self, model_config: Any) -> bool:
         """Whether ``run`` with this config on this model returns hook artifacts (its method's
         ``Attachment``) instead of, or besides, changed weights."""
@@ -88,6 +98,19 @@ def _cpu() -> torch.device:
     import torch
 
     return torch.device("cpu")
+
+
+PutBack = Callable[[], None]
+
+
+def keep_aside(parameter: Any) -> PutBack:
+    """``MethodContext.set_aside`` by default: the tensor stays referenced and comes back."""
+    kept = parameter.data
+
+    def put_back() -> None:
+        parameter.data = kept
+
+    return put_back
 
 
 @dataclass
@@ -107,6 +130,11 @@ class MethodContext:
     # Where independent batches of one operation run (``editing.fan_out``): here by default,
     # on Ray helper actors when the server was started with ``--fan-out``.
     fan_out: FanOut = run_here
+    # Lets go of a parameter's tensor while a method runs its module in another form (v* in
+    # bfloat16) and returns what puts the value back. On the server a tensor the job has not
+    # written is read back from the store then, so nothing holds it meanwhile; by default (and
+    # for a written tensor) it is kept referenced.
+    set_aside: Callable[[Any], PutBack] = keep_aside
 
     def progress(self, message: str, **fields: Any) -> None:
         """Emit a progress event (step, loss, metric ...) to the job's watchers."""
@@ -174,12 +202,16 @@ class Attachment:
     loading: one short markdown paragraph telling a user how to load an exported folder that
         carries these hooks (the export's model card shows it; plain ``from_pretrained``
         silently gives the unedited base).
+    adapter_folder: the artifacts' folder when it is a complete adapter in its library's own
+        format (peft): a version whose weights are its root's and whose only hooks these are
+        exports as that folder alone, which the library loads onto the base directly.
     """
 
     artifacts: tuple[str, ...]
     attach: Callable[[torch.nn.Module, Mapping[str, bytes]], Detachable]
     leaf: bool = True
     loading: str = DEFAULT_LOADING
+    adapter_folder: str | None = None
 
 
 @dataclass(frozen=True)

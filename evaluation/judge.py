@@ -18,17 +18,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from modelsurgery.editing.stereotypes.metrics import bias_metrics, tokenize_pairs
+from modelsurgery.editing.stereotypes.metrics import pair_gaps, summarize_gaps, tokenize_pairs
 from modelsurgery.editing.stereotypes.pairs import ContrastPair
 
+from .cases import Case, fact_cases, pair_cases
 from .facts import fact_figures, locality_references
 from .measure import JobMeasurements
+from .metrics import FACTS, LINEAGE_PREFIX
 from .suite import PairCase, Suite
 
 
@@ -48,11 +50,13 @@ class Reference:
 class Judgement:
     metrics: dict[str, float]
     suite: Suite  # the judged suite with its references filled in: what the version stores
+    # Each fact's and pair's own result (``evaluation.cases``), in suite order.
+    cases: list[Case] = field(default_factory=list)
 
 
-def _pair_figures(model: nn.Module, tokenizer: Any, pairs: Sequence[PairCase]) -> dict[str, float]:
+def _pair_gaps(model: nn.Module, tokenizer: Any, pairs: Sequence[PairCase]) -> torch.Tensor:
     contrast = [ContrastPair(p.stereo, p.anti) for p in pairs]
-    return bias_metrics(model, tokenize_pairs(tokenizer, contrast))
+    return pair_gaps(model, tokenize_pairs(tokenizer, contrast))
 
 
 @torch.no_grad()
@@ -73,19 +77,20 @@ def judge(
     started, measured_before = time.perf_counter(), measurements.seconds
     tokenizer = measurements.tokenizer
     metrics: dict[str, float] = {}
+    cases: list[Case] = []
     ancestors_facts = [f for s in lineage for f in s.facts]
     references = list(suite.locality_reference)
 
     # Everything read from the reference, in one reading: a job's reference is its warm model
     # with the job's edits taken off for the while (``server.in_place``).
     before: list[Any] = []
-    base_pairs: dict[str, float] = {}
+    base_gaps = torch.empty(0)
     base_ppl = 0.0
     with reference.reading():
         if suite.facts:
             before = measurements.fact_scores(0, reference.model, suite.facts)
         if suite.pairs:
-            base_pairs = _pair_figures(reference.model, tokenizer, suite.pairs)
+            base_gaps = _pair_gaps(reference.model, tokenizer, suite.pairs)
         if measurements.protocol is not None:
             base_ppl = measurements.perplexity(0, reference.model)
         base_parameters = sum(p.numel() for p in reference.model.parameters())
@@ -97,22 +102,26 @@ def judge(
         own, ancestors = after[: len(suite.facts)], after[len(suite.facts) :]
         if suite.facts:
             metrics.update(fact_figures(own, before=before, references=references))
+            cases += fact_cases(FACTS, suite.facts, own, references, before)
         if ancestors_facts:
             stored = [r for s in lineage for r in _padded(s)]
             figures = fact_figures(ancestors, references=stored)
+            cases += fact_cases(f"{LINEAGE_PREFIX}{FACTS}", ancestors_facts, ancestors, stored)
             metrics.update({f"lineage_{k}": v for k, v in figures.items()})
             metrics["lineage_facts"] = float(len(ancestors_facts))
 
     if suite.pairs:
-        final_pairs = _pair_figures(final, tokenizer, suite.pairs)
+        final_gaps = _pair_gaps(final, tokenizer, suite.pairs)
+        final_pairs, base_pairs = summarize_gaps(final_gaps), summarize_gaps(base_gaps)
         for name in ("stereotype_share", "bias_gap"):
             metrics[name] = final_pairs[name]
             metrics[f"{name}_base"] = base_pairs[name]
+        cases += pair_cases(suite.pairs, final_gaps.tolist(), base_gaps.tolist())
     ancestor_pairs = [p for s in lineage for p in s.pairs]
     if ancestor_pairs:
-        metrics["lineage_stereotype_share"] = _pair_figures(final, tokenizer, ancestor_pairs)[
-            "stereotype_share"
-        ]
+        metrics["lineage_stereotype_share"] = summarize_gaps(
+            _pair_gaps(final, tokenizer, ancestor_pairs)
+        )["stereotype_share"]
         metrics["lineage_pairs"] = float(len(ancestor_pairs))
 
     if measurements.protocol is not None:
@@ -129,7 +138,7 @@ def judge(
             "perplexity": measurements.protocol,
         }
     )
-    return Judgement(metrics, judged)
+    return Judgement(metrics, judged, cases)
 
 
 def _padded(suite: Suite) -> list[list[list[int]]]:

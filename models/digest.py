@@ -8,6 +8,8 @@ same digest without reading anything back.
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from collections.abc import Mapping
 
 import torch
@@ -16,13 +18,49 @@ from safetensors.torch import save as safetensors_save
 BLOB_TENSOR_KEY = "tensor"
 
 
+# safetensors' dtype codes for the dtypes models hold; any other goes through its ``save``.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def tensor_blob_parts(tensor: torch.Tensor) -> tuple[bytes, memoryview]:
+    """The one-tensor safetensors encoding the store keeps, as its header and a view of the
+    tensor's own bytes, so hashing or writing a tensor never copies it (safetensors' ``save``
+    built the file in memory: twice a tensor's bytes while the largest one was hashed)."""
+    dense = tensor.detach().cpu().contiguous()
+    code = _SAFETENSORS_DTYPES.get(dense.dtype)
+    if code is None:
+        return safetensors_save({BLOB_TENSOR_KEY: dense}), memoryview(b"")
+    flat = dense.reshape(-1)
+    size = flat.numel() * flat.element_size()
+    entry = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [0, size]}
+    header = json.dumps({BLOB_TENSOR_KEY: entry}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    data = memoryview(flat.view(torch.uint8).numpy()) if size else memoryview(b"")
+    return struct.pack("<Q", len(header)) + header, data
+
+
 def tensor_blob_bytes(tensor: torch.Tensor) -> bytes:
-    """The safetensors encoding the store keeps for one tensor."""
-    return safetensors_save({BLOB_TENSOR_KEY: tensor.detach().cpu().contiguous()})
+    """The safetensors encoding the store keeps for one tensor, in one bytes object."""
+    header, data = tensor_blob_parts(tensor)
+    return header + bytes(data)
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor_blob_bytes(tensor)).hexdigest()
+    header, data = tensor_blob_parts(tensor)
+    digest = hashlib.sha256(header)
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def digest_from_hashes(tensor_hashes: dict[str, str]) -> str:

@@ -92,8 +92,12 @@ def load(
     say(f"loading {resolved.kind.value} {resolved.reference}")
     model, tokenizer = _load_weights(resolved, store, torch_dtype)
     model.eval()
-    say("hashing weights")
-    digest = model_digest(model)
+    if resolved.kind is SourceKind.STORE and torch_dtype is None:
+        assert store is not None and resolved.version_id is not None
+        digest = store.digest(resolved.version_id)  # the manifest's tensor hashes: no pass
+    else:
+        say("hashing weights")
+        digest = model_digest(model)
     if device is not None:
         model.to(device)
     hooks = _attach_hooks(model, resolved, store) if with_hooks else None

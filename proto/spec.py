@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from modelsurgery.editing.registry import MethodConfig, config_class, method_configs
 from modelsurgery.evaluation.metrics import EvaluationSettings, gate_problem
 from modelsurgery.proto import limits
+from modelsurgery.proto.field_docs import field_descriptions
 from modelsurgery.v1 import jobs_pb2
 
 API_VERSION = "v1"
@@ -52,6 +53,11 @@ class SpecError(ValueError):
 
 class SpecTooLarge(SpecError):
     """A spec over a size bound (bytes): the server answers RESOURCE_EXHAUSTED."""
+
+
+def request_field(field: str) -> str:
+    """A spec field's path in a SubmitJob request, as a refusal names it (``spec.base``)."""
+    return "spec" if field == "spec" else f"spec.{field}"
 
 
 class Gate(BaseModel):
@@ -96,6 +102,12 @@ class JobSpec(BaseModel):
         "(serve --max-job-seconds), which is also the most it may ask for.",
     )
     evaluation: EvaluationSettings = EvaluationSettings()
+    keep_failed: bool = Field(
+        default=False,
+        description="When a gate fails, keep the candidate as a version for inspection: no "
+        "alias moves to it, its manifest and model card say which gates it failed, and the job "
+        "still FAILS, naming the kept version.",
+    )
 
     @field_validator("base")
     @classmethod
@@ -139,6 +151,8 @@ class JobSpec(BaseModel):
             data["alias"] = self.alias
         if self.timeout_s:
             data["timeout_s"] = self.timeout_s
+        if self.keep_failed:
+            data["keep_failed"] = True
         if self.evaluation != EvaluationSettings():
             data["evaluation"] = self.evaluation.model_dump(mode="json", exclude_none=True)
         return data
@@ -191,6 +205,7 @@ def stored_spec_to_proto(data: dict[str, Any]) -> jobs_pb2.JobSpec:
         alias=data.get("alias") or "",
         timeout_s=data.get("timeout_s", 0.0),
         evaluation=jobs_pb2.EvaluationSettings(**data.get("evaluation", {})),
+        keep_failed=bool(data.get("keep_failed", False)),
     )
 
 
@@ -344,6 +359,8 @@ def spec_from_proto(message: jobs_pb2.JobSpec) -> JobSpec:
         data["alias"] = message.alias
     if message.timeout_s:
         data["timeout_s"] = message.timeout_s
+    if message.keep_failed:
+        data["keep_failed"] = True
     evaluation = {
         name: value
         for name, value in (
@@ -370,17 +387,53 @@ def spec_json_schema() -> dict[str, Any]:
     )
     schema = described.model_json_schema()
     for config in configs:
-        required = schema["$defs"][config.__name__].setdefault("required", [])
+        definition = schema["$defs"][config.__name__]
+        required = definition.setdefault("required", [])
         if "method" not in required:
             required.insert(0, "method")
+        for name, text in field_descriptions(config).items():
+            if text and name in definition["properties"]:
+                definition["properties"][name].setdefault("description", text)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
+class WrittenFloat(float):
+    """A number a YAML spec wrote with a decimal point, keeping its text: ``heads: [7.10]``
+    is head 10 of layer 7, which the float 7.1 alone cannot tell from head 1."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> WrittenFloat:
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+
+class SpecLoader(yaml.SafeLoader):
+    """YAML read as spec authors mean it: a mapping key ``true`` / ``false`` (``yes``, ``no``,
+    ``on``, ``off``) stays the text it is (an ITI record's ``true:`` answers, not the boolean
+    True), and a float keeps its text (``WrittenFloat``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag == _YAML_BOOL:
+                key.tag = _YAML_STR
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_written_float(self, node: yaml.ScalarNode) -> float:
+        value = self.construct_yaml_float(node)
+        return WrittenFloat(value, str(node.value))
+
+
+_YAML_BOOL, _YAML_STR = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:str"
+SpecLoader.add_constructor("tag:yaml.org,2002:float", SpecLoader.construct_written_float)
+
+
 def load_spec_file(path: str | Path) -> JobSpec:
-    """Read a YAML (or JSON) spec file."""
+    """Read a YAML (or JSON) spec file (``SpecLoader``)."""
     text = Path(path).read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=SpecLoader)
     except yaml.YAMLError as exc:
         raise SpecError("spec", f"{path} is not valid YAML: {exc}") from None
     return parse_spec(data)

@@ -19,6 +19,13 @@ from typing import Any
 
 from modelsurgery.checkpoints import CheckpointStore, VersionNotFoundError
 from modelsurgery.editing.attachments import combination_error
+from modelsurgery.editing.data import (
+    DATA_ENV,
+    resolve_data_file,
+    resolve_text_source,
+    shared_data_dir,
+)
+from modelsurgery.editing.registry import MethodConfig
 from modelsurgery.evaluation.lineage import lineage_suites, stored_kinds
 from modelsurgery.evaluation.metrics import LINEAGE_PREFIX
 from modelsurgery.models import ModelReferenceError, load_config
@@ -57,9 +64,11 @@ class Admission:
         model_roots: tuple[Path, ...] | None,
         max_job_seconds: float,
         import_reference: Callable[[str], str | None],
+        data_roots: tuple[Path, ...] = (),
     ) -> None:
         self.store = store
         self.model_roots = model_roots
+        self.data_roots = data_roots
         self.max_job_seconds = max_job_seconds
         self.import_reference = import_reference
         self._configs: OrderedDict[str, Any] = OrderedDict()
@@ -120,9 +129,33 @@ class Admission:
         for index, operation in enumerate(spec.operations):
             try:
                 operation.check_against(model_config)
+                check_data_files(operation, self.data_roots)
             except ValueError as exc:
                 match = MESSAGE_FIELD.match(str(exc))
                 raise AdmissionError(
                     f"operations[{index}]" + (f".{match.group(1)}" if match else ""),
                     f"operations[{index}] ({operation.method}): {exc}",
                 ) from None
+
+
+def check_data_files(operation: MethodConfig, data_roots: tuple[Path, ...]) -> None:
+    """Every data file the operation names (its config's ``data_file_fields`` and
+    ``text_source_fields``) and every shipped data set it reads (``shared_data``) exists where
+    the worker will read it; raises ValueError naming the field, as the worker would only
+    after the queue."""
+    shared = shared_data_dir()
+    for name, paths in operation.shared_data().items():
+        missing = [path for path in paths if not (shared / path).exists()]
+        if missing:
+            raise ValueError(
+                f"{name}: this server lacks the shared data {', '.join(missing)} "
+                f"(its {DATA_ENV} folder; its start-up log lists what is missing)"
+            )
+    for name in operation.data_file_fields:
+        value = getattr(operation, name)
+        if value is not None:
+            resolve_data_file(value, data_roots, name)
+    for name in operation.text_source_fields:
+        value = getattr(operation, name)
+        if value is not None:
+            resolve_text_source(value, data_roots, name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from modelsurgery.server.credentials import take_from_environment
 from modelsurgery.server.engine import EngineSettings, JobEngine
 from modelsurgery.server.executor import WorkerSettings
 from modelsurgery.server.failures import FailureInterceptor
+from modelsurgery.server.health_probe import write_ready_file
 from modelsurgery.server.job_service import JobService
 from modelsurgery.server.job_table import JobTable
 from modelsurgery.server.logs import configure_logging, relay_output
@@ -265,12 +265,9 @@ class ModelSurgeryServer:
 async def serve_forever(settings: ServerSettings, ready_file: Path | None = None) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly (running jobs are re-queued next start)."""
     server = ModelSurgeryServer(settings)
-    port = await server.start()
+    await server.start()
     if ready_file is not None:
-        ready = {"port": port, "address": server.address, "metrics_port": server.metrics_port}
-        partial = ready_file.with_name(ready_file.name + ".partial")
-        partial.write_text(json.dumps(ready), encoding="utf-8")
-        partial.replace(ready_file)
+        write_ready_file(ready_file, server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -59,6 +59,7 @@ READ_METHODS = frozenset(
         "/modelsurgery.v1.CheckpointService/GetVersion",
         "/modelsurgery.v1.CheckpointService/Diff",
         "/modelsurgery.v1.CheckpointService/GetAlias",
+        "/modelsurgery.v1.CheckpointService/ListAliases",
         "/modelsurgery.v1.CheckpointService/DownloadVersion",
         "/modelsurgery.v1.CheckpointService/GetArtifact",
         "/modelsurgery.v1.CheckpointService/Generate",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import ray
@@ -24,7 +25,7 @@ from modelsurgery.checkpoints import (
 )
 from modelsurgery.checkpoints.resolved import resolve_lineage
 from modelsurgery.evaluation.suite import SUITE_ARTIFACT, Suite
-from modelsurgery.models import ModelReferenceError, resolve_reference
+from modelsurgery.models import BUILTIN_ALIASES, ModelReferenceError, resolve_reference
 from modelsurgery.models.stored import stored_artifact_names
 from modelsurgery.proto import limits
 from modelsurgery.server.auth import current_identity
@@ -40,6 +41,8 @@ from modelsurgery.server.permissions import (
     require_alias_move,
 )
 from modelsurgery.v1 import checkpoints_pb2, checkpoints_pb2_grpc
+
+T = TypeVar("T")
 
 MAX_CHUNK = 3 << 20
 DEFAULT_CHUNK = MAX_CHUNK
@@ -150,7 +153,26 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         try:
             return await asyncio.to_thread(self.store.get, ref)
         except VersionNotFoundError:
-            await abort(context, grpc.StatusCode.NOT_FOUND, f"no version or alias {ref!r}", field)
+            try:
+                builtin = await self._builtin_root(ref)
+            except ModelReferenceError as exc:  # its packages are not installed here
+                await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), field)
+            if builtin is None:
+                await abort(
+                    context, grpc.StatusCode.NOT_FOUND, f"no version or alias {ref!r}", field
+                )
+            return builtin
+
+    async def _builtin_root(self, ref: str) -> Manifest | None:
+        """A built-in model reference (``smollm2-135m``) names the root version importing it
+        makes, as it does as a job's base; the store resolves one imported already, this
+        imports it now on a worker (None when ``ref`` is no built-in reference or no worker
+        can import it)."""
+        if ref not in BUILTIN_ALIASES:
+            return None
+        BUILTIN_ALIASES[ref].check_installed()
+        version_id = await asyncio.to_thread(self.engine.import_reference, ref)
+        return None if version_id is None else await asyncio.to_thread(self.store.get, version_id)
 
     async def _with_data(self, manifests: list[Manifest]) -> dict[str, bool]:
         """Version id -> whether the current caller sees its inline data (its creators and
@@ -237,8 +259,18 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         expected: Any = ...
         if request.check_expected:
             expected = request.expected_version_id or None
+        await self._change_alias(
+            context, self._move_alias, request.name, target.id, expected, "name"
+        )
+        return checkpoints_pb2.SetAliasResponse(name=request.name, version_id=target.id)
+
+    async def _change_alias(
+        self, context: grpc.aio.ServicerContext, change: Callable[..., T], *args: Any
+    ) -> T:
+        """Run a store alias change in a thread; its refusals become the caller's status
+        (bad name, not the owner, compare-and-swap lost)."""
         try:
-            await asyncio.to_thread(self._move_alias, request.name, target.id, expected, "name")
+            return await asyncio.to_thread(change, *args)
         except InvalidAliasError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "name")
         except PermissionDenied as exc:
@@ -247,7 +279,6 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
             await abort(
                 context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "expected_version_id"
             )
-        return checkpoints_pb2.SetAliasResponse(name=request.name, version_id=target.id)
 
     async def GetAlias(
         self, request: checkpoints_pb2.GetAliasRequest, context: grpc.aio.ServicerContext
@@ -259,6 +290,35 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
         if version_id is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no alias {request.name!r}", "name")
         return checkpoints_pb2.GetAliasResponse(name=request.name, version_id=version_id)
+
+    async def ListAliases(
+        self, request: checkpoints_pb2.ListAliasesRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.ListAliasesResponse:
+        targets = await asyncio.to_thread(self.store.list_aliases)
+        owners = await asyncio.to_thread(self.store.alias_owners)
+        return checkpoints_pb2.ListAliasesResponse(
+            aliases=[
+                checkpoints_pb2.AliasEntry(name=n, version_id=v, owner=owners.get(n, ""))
+                for n, v in sorted(targets.items())
+            ]
+        )
+
+    async def DeleteAlias(
+        self, request: checkpoints_pb2.DeleteAliasRequest, context: grpc.aio.ServicerContext
+    ) -> checkpoints_pb2.DeleteAliasResponse:
+        """Only the alias's owner or an admin deletes it (``AliasPolicy``, as for moving)."""
+        expected: Any = ...
+        if request.check_expected:
+            expected = request.expected_version_id or None
+        authorize = self.alias_policy.authorizer(current_identity(), request.name, "name")
+        deleted = await self._change_alias(
+            context,
+            functools.partial(self.store.delete_alias, expected=expected, authorize=authorize),
+            request.name,
+        )
+        if deleted is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no alias {request.name!r}", "name")
+        return checkpoints_pb2.DeleteAliasResponse(name=request.name, version_id=deleted)
 
     async def Revert(
         self, request: checkpoints_pb2.RevertRequest, context: grpc.aio.ServicerContext
@@ -511,9 +571,23 @@ class CheckpointService(checkpoints_pb2_grpc.CheckpointServiceServicer):
                     context, grpc.StatusCode.INVALID_ARGUMENT, "has no facts or pairs", "suite_json"
                 )
         worker = self.engine.pool.any_actor()
-        metrics = await cancelled_with_caller(
+        metrics, cases = await cancelled_with_caller(
             worker.evaluate.remote(manifest.id, against, request.suite_json, request.perplexity)
         )
-        return checkpoints_pb2.EvaluateVersionResponse(
+        response = checkpoints_pb2.EvaluateVersionResponse(
             version_id=manifest.id, against=against, metrics=metrics
         )
+        if request.per_case:
+            # Labels quote facts and pairs: only for a caller who may see the lineage's data.
+            labelled = all(await self._lineage_shown(manifest))
+            response.cases.extend(
+                checkpoints_pb2.EvaluationCase(
+                    suite=case["suite"],
+                    index=case["index"],
+                    label=case["label"] if labelled else "",
+                    figures=case["figures"],
+                    passed=case["passed"],
+                )
+                for case in cases
+            )
+        return response

@@ -89,6 +89,7 @@ def _job_message(job: jt.JobRecord) -> jobs_pb2.Job:
         caller=job.caller,
         cancel_requested=job.cancel_requested,
         previous_attempt=job.previous_attempt,
+        base_version=job.base_version,
         gates=[
             jobs_pb2.GateResult(
                 metric=g["metric"],

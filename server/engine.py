@@ -37,6 +37,7 @@ from modelsurgery.server.leases import (
     server_identity,
     settle_abandoned,
 )
+from modelsurgery.server.logs import log_job_finished, log_job_started
 from modelsurgery.server.metrics import ServerMetrics
 from modelsurgery.server.outcome import JobOutcome
 from modelsurgery.server.permissions import AliasPolicy, submitter
@@ -238,6 +239,7 @@ class JobEngine:
                 self.pool.idle.put_nowait(actor)
                 continue
             self.pool.busy[job.id] = actor  # before any await: the tick sweeps jobs not busy
+            log_job_started(job.id, job.attempts, job.base_version)
             await self.notify()
             task = asyncio.create_task(self._run(job, actor))
             self._job_tasks.add(task)
@@ -384,7 +386,7 @@ class JobEngine:
             JobState.CANCELLED: "cancelled; nothing published",
         }.get(state, "job failed")
         self._finish(job.id, state, message=message, **{**outcome.row_fields(), "error": error})
-        log.info("job finished", extra={"job_id": job.id, "state": state})
+        log_job_finished(job.id, state, error, outcome.version_id)
 
     def _handle_worker_death(self, job: jt.JobRecord, exc: Exception) -> None:
         """A worker that died after publishing leaves a version that names the job: the job

@@ -34,13 +34,19 @@ from modelsurgery.evaluation.perplexity import PerplexityCache
 from modelsurgery.evaluation.suite import SUITE_ARTIFACT, carried_suite, job_protocol
 from modelsurgery.models import LoadedModel, load
 from modelsurgery.models.digest import combined_digest, files_digest, model_digest
+from modelsurgery.models.memory import give_back_freed_memory
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import JobSpec, parse_spec
 from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.fan_out import fan_out_for
 from modelsurgery.server.in_place import InPlaceEdit, ReadOriginal
 from modelsurgery.server.model_cache import CachedModel, ModelCache, parameter_bytes
-from modelsurgery.server.outcome import JobOutcome, evaluate_gates, settle_published
+from modelsurgery.server.outcome import (
+    JobOutcome,
+    evaluate_gates,
+    keep_candidate,
+    settle_published,
+)
 from modelsurgery.server.permissions import AliasPolicy
 
 Emit = Callable[[dict[str, Any]], None]
@@ -80,7 +86,11 @@ def load_base(
         manifest = store.import_model(
             loaded.model, loaded.tokenizer, reference=reference, revision=loaded.revision
         )
-        return _cached(loaded, manifest.id)
+        # The warm model is the stored version, loaded once the reference's is gone: a
+        # folder's weights are one memory map whose pages stay resident while any tensor of
+        # it lives, so a job could not let go of one (``InPlaceEdit.set_aside``).
+        del loaded
+        return from_store(manifest.id)
 
     try:
         version_id = store.resolve(reference)
@@ -131,7 +141,9 @@ def _operation_facts(operation: MethodConfig) -> list[Fact]:
 
 @dataclass
 class _JobRun:
-    """What a job's operations produced so far (a cancelled job reports its metrics)."""
+    """What a job's operations produced so far (a cancelled job reports its metrics).
+    ``changed`` holds the model's tensors themselves (on CPU): the version is written from
+    them before the model is put back."""
 
     changed: dict[str, torch.Tensor] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -159,6 +171,7 @@ def _put_back(edit: InPlaceEdit, base: CachedModel, cache: ModelCache) -> None:
     except Exception:
         log.exception("warm model %s could not be restored; dropping it", base.version_id)
         cache.discard(base.digest)
+    give_back_freed_memory()
 
 
 def _operate_and_judge(
@@ -204,11 +217,13 @@ def _operate_and_judge(
             is_cancelled=is_cancelled,
             read_artifact=artifact_reader(store, base.version_id, run.artifacts),
             fan_out=fan_out_for(settings.fan_out, settings.fan_out_cpus),
+            set_aside=edit.set_aside,
         )
         emit({"kind": "progress", "message": f"running {operation.method}", "operation": index})
         result = method.run(model, base.tokenizer, operation, context)
+        give_back_freed_memory()
         edit.note_changed(result.changed)
-        run.changed.update({name: t.detach().cpu().clone() for name, t in result.changed.items()})
+        run.changed.update({name: t.detach().cpu() for name, t in result.changed.items()})
         run.overrides.update(result.config_overrides)
         run.artifacts.update(result.artifacts)
         if measures:
@@ -264,10 +279,41 @@ def execute_job(
             judgement = _operate_and_judge(
                 spec, base, edit, run, store, settings, emit, is_cancelled
             )
+            # The version is written before the model is put back: ``run.changed`` holds the
+            # model's own tensors, not copies of them.
+            return _settle(
+                spec,
+                run,
+                judgement,
+                store,
+                settings,
+                emit,
+                is_cancelled,
+                started,
+                caller,
+                base.version_id,
+                job_id,
+            )
         except JobCancelled:
             return JobOutcome(JobState.CANCELLED, metrics=run.metrics, error="cancelled by request")
         finally:
             _put_back(edit, base, cache)
+
+
+def _settle(
+    spec: JobSpec,
+    run: _JobRun,
+    judgement: Judgement,
+    store: CheckpointStore,
+    settings: WorkerSettings,
+    emit: Emit,
+    is_cancelled: Callable[[], bool],
+    started: float,
+    caller: Caller,
+    parent: str,
+    job_id: str | None,
+) -> JobOutcome:
+    """Gates on the figures, then the version (or the kept candidate) written."""
     metrics = run.metrics
     metrics.update(judgement.metrics)
     if not judgement.suite.empty:
@@ -276,13 +322,15 @@ def execute_job(
     outcome = JobOutcome(JobState.FAILED, metrics=metrics, gates=evaluate_gates(spec, metrics))
     if not all(g.passed for g in outcome.gates):
         outcome.error = outcome.failed_gates_message()
+        if spec.keep_failed and not is_cancelled():
+            keep_candidate(store, parent, run, outcome, job_id)
         return outcome
     if is_cancelled():
         outcome.state, outcome.error = JobState.CANCELLED, "cancelled by request"
         return outcome
     emit({"kind": "progress", "message": "writing version", "tensors": len(run.changed)})
     manifest = store.commit(
-        base.version_id,
+        parent,
         run.changed,
         operations=run.operations,
         metrics=metrics,

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelsurgery.editing.registry import PutBack, keep_aside
+
 ReadOriginal = Callable[[str], torch.Tensor | None]
 """The base version's tensor by state-dict name (None: the store has no such tensor)."""
 
@@ -141,47 +143,79 @@ class InPlaceEdit:
             for name, tensor in self.written().items():
                 self._read_back(name, tensor)
         # 3. Config, gradients and flags.
+        self._reset_config_and_flags()
+        self._fingerprints = {id(t): _fingerprint(t) for t in self._tensors.values()}
+        self._named.clear()
+
+    def _reset_config_and_flags(self) -> None:
         vars(self.model.config).clear()
         vars(self.model.config).update(copy.deepcopy(self._config))
         for parameter, requires_grad, grad in self._parameters.values():
             parameter.requires_grad_(requires_grad)
             parameter.grad = grad
-        self._fingerprints = {id(t): _fingerprint(t) for t in self._tensors.values()}
-        self._named.clear()
+
+    def set_aside(self, parameter: nn.Parameter) -> PutBack:
+        """``MethodContext.set_aside``: a parameter the job has not written is let go, and
+        put back as the base version's tensor read from the store (memory-mapped, so reading
+        it costs no copy); a written one, or one the journal does not know, is kept."""
+        names = self._names_of(parameter)
+        written = _fingerprint(parameter) != self._fingerprints.get(id(parameter))
+        if not names or written or self._named.intersection(names):
+            return keep_aside(parameter)
+        device, dtype, shape = parameter.device, parameter.dtype, parameter.shape
+
+        def put_back() -> None:
+            original = self._original(names, shape)
+            parameter.data = original.to(device=device, dtype=dtype)
+            self._fingerprints[id(parameter)] = _fingerprint(parameter)
+
+        return put_back
+
+    def _names_of(self, tensor: torch.Tensor) -> list[str]:
+        return [n for n, t in self._tensors.items() if t is tensor]
+
+    def _original(self, names: list[str], shape: torch.Size) -> torch.Tensor:
+        original = next((t for t in map(self._read_original, names) if t is not None), None)
+        if original is None or original.shape != shape:
+            raise RestoreError(f"tensor {names[0]!r} of the warm model cannot be read back")
+        return original
 
     def _read_back(self, name: str, tensor: torch.Tensor) -> None:
-        names = [n for n, t in self._tensors.items() if t is tensor]
-        original = next(
-            (t for t in map(self._read_original, [name, *names]) if t is not None), None
-        )
-        if original is None or original.shape != tensor.shape:
-            raise RestoreError(f"tensor {name!r} of the warm model cannot be read back")
+        original = self._original([name, *self._names_of(tensor)], tensor.shape)
         tensor.copy_(original.to(device=tensor.device, dtype=tensor.dtype))
 
     @contextmanager
     def base_view(self) -> Iterator[None]:
         """The model as the job found it while the block runs, the job's edits after.
 
-        The edited values of tensors written in place are kept aside (on CPU) meanwhile:
-        the transient cost of a reading is the tensors the job changed."""
+        Nothing is copied: a tensor written in place hands its storage aside and holds the base
+        version's tensor from the store (memory-mapped) meanwhile, then gets its storage back;
+        replaced modules are swapped by reference. The transient cost of a reading is the
+        store's pages of the tensors the job changed, as far as it reads them."""
         edited_states = _module_states(self.model)
         written = self.written()
-        edited = {name: t.detach().to("cpu", copy=True) for name, t in written.items()}
         named = set(self._named)
         config = copy.deepcopy(vars(self.model.config))
-        grads = {
-            id(p): p.requires_grad for _, p in self.model.named_parameters(remove_duplicate=False)
+        flags = {
+            id(p): (p, p.requires_grad, p.grad)
+            for _, p in self.model.named_parameters(remove_duplicate=False)
         }
-        self.restore()
+        _apply_states(self._states)
+        edited: dict[str, torch.Tensor] = {}
+        for name, tensor in written.items():
+            edited[name] = tensor.data
+            original = self._original([name, *self._names_of(tensor)], tensor.shape)
+            tensor.data = original.to(device=tensor.device, dtype=tensor.dtype)
+        self._reset_config_and_flags()
         try:
             yield
         finally:
             _apply_states(edited_states)
-            with torch.no_grad():
-                for name, value in edited.items():
-                    written[name].copy_(value.to(written[name].device))
+            for name, data in edited.items():
+                written[name].data = data
             vars(self.model.config).clear()
             vars(self.model.config).update(config)
-            for _, parameter in self.model.named_parameters(remove_duplicate=False):
-                parameter.requires_grad_(grads.get(id(parameter), False))
+            for parameter, requires_grad, grad in flags.values():
+                parameter.requires_grad_(requires_grad)
+                parameter.grad = grad
             self._named = named | set(edited)

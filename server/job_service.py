@@ -11,7 +11,13 @@ import grpc
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.proto import limits
 from modelsurgery.proto.job_state import JobState
-from modelsurgery.proto.spec import SpecError, SpecTooLarge, check_stored_size, spec_from_proto
+from modelsurgery.proto.spec import (
+    SpecError,
+    SpecTooLarge,
+    check_stored_size,
+    request_field,
+    spec_from_proto,
+)
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.admission import Admission, AdmissionError, AdmittedJob
 from modelsurgery.server.auth import current_identity
@@ -22,6 +28,7 @@ from modelsurgery.server.convert import (
 )
 from modelsurgery.server.engine import JobEngine
 from modelsurgery.server.errors import abort
+from modelsurgery.server.logs import log_job_submitted
 from modelsurgery.server.permissions import AliasPolicy, may_see_job, require_alias_move
 from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -66,6 +73,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             model_roots=model_roots,
             max_job_seconds=max_job_seconds,
             import_reference=engine.import_reference,
+            data_roots=engine.settings.worker.data_roots,
         )
 
     async def _admit(
@@ -79,8 +87,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 if isinstance(exc, SpecTooLarge)
                 else grpc.StatusCode.INVALID_ARGUMENT
             )
-            field = "spec" if exc.field == "spec" else f"spec.{exc.field}"
-            await abort(context, code, str(exc), field)
+            await abort(context, code, str(exc), request_field(exc.field))
         try:
             return await asyncio.to_thread(self.admission.admit, spec)
         except AdmissionError as exc:
@@ -125,6 +132,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         except jt.IdempotencyConflict as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), "request_id")
         if created:
+            log_job_submitted(job.id, caller, spec.base, [op.method for op in spec.operations])
             self.engine.wake()
             await self.engine.notify()
         return jobs_pb2.SubmitJobResponse(job=job_to_proto(job), created=created)

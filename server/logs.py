@@ -38,6 +38,17 @@ _LEVELS = {
     "C": logging.CRITICAL,
 }
 RELAY_WAIT_S = 10
+# A progress bar's frame (tqdm: "Loading weights:  40%|####      | 2/5 [00:01<00:02]"): meant
+# for a terminal, noise in a JSON log.
+_PROGRESS_BAR = re.compile(r"\d+%\|[^|]*\|")
+# Environment switches that turn the libraries' progress bars off (tqdm reads TQDM_* itself);
+# set in the server before Ray starts, so its workers inherit them.
+QUIET_PROGRESS_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+JOBS_LOGGER = "modelsurgery.jobs"
 
 
 class JsonFormatter(LibraryJsonFormatter):
@@ -75,6 +86,46 @@ def configure_logging(json_logs: bool = True, level: int = logging.INFO) -> None
         logger.handlers.clear()
         logger.propagate = True
     logging.captureWarnings(True)
+    quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """No progress bars in a server or worker process: transformers, datasets and the Hub
+    draw them with tqdm on stderr, which the relay would turn into one record per frame."""
+    for name, value in QUIET_PROGRESS_ENV.items():
+        os.environ.setdefault(name, value)
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:
+        transformers_logging.disable_progress_bar()
+
+
+def is_progress_bar(line: str) -> bool:
+    """A line a progress bar drew (carriage-return frames, tqdm's ``NN%|...|``)."""
+    return "\r" in line or bool(_PROGRESS_BAR.search(line))
+
+
+def log_job_submitted(job_id: str, caller: str, base: str, methods: list[str]) -> None:
+    logging.getLogger(JOBS_LOGGER).info(
+        "job submitted",
+        extra={"job_id": job_id, "caller": caller, "base": base, "methods": methods},
+    )
+
+
+def log_job_started(job_id: str, attempt: int, base_version: str) -> None:
+    logging.getLogger(JOBS_LOGGER).info(
+        "job started", extra={"job_id": job_id, "attempt": attempt, "base_version": base_version}
+    )
+
+
+def log_job_finished(job_id: str, state: str, error: str, version_id: str | None) -> None:
+    """SUCCEEDED and CANCELLED at INFO; FAILED at WARNING with its reason (a job's failure is
+    the caller's to act on, not the server's error, which is logged where it happens)."""
+    failed = state == "FAILED"
+    logging.getLogger(JOBS_LOGGER).log(
+        logging.WARNING if failed else logging.INFO,
+        f"job failed: {error}" if failed else f"job {state.lower()}",
+        extra={"job_id": job_id, "state": state, "error": error, "version_id": version_id or ""},
+    )
 
 
 def native_record(line: str) -> tuple[str, int, str, dict[str, str]]:
@@ -111,6 +162,8 @@ def _relay() -> None:
     for raw in sys.stdin.buffer:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line.strip():
+            continue
+        if is_progress_bar(line):
             continue
         if _is_json_object(line):
             out.write(line + "\n")

@@ -19,6 +19,7 @@ from grpc_health.v1 import health
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
@@ -30,6 +31,7 @@ from opentelemetry.semconv._incubating.attributes.rpc_attributes import (
     RPC_SYSTEM_NAME,
 )
 from opentelemetry.semconv._incubating.metrics.rpc_metrics import (
+    RPC_SERVER_CALL_DURATION,
     create_rpc_server_call_duration,
 )
 from opentelemetry.trace import SpanKind
@@ -47,6 +49,13 @@ from modelsurgery.proto.job_state import JobState
 from modelsurgery.server import job_table as jt
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# Call durations are in seconds; OpenTelemetry's default boundaries (0, 5, 10 ... 10000) are
+# meant for milliseconds and would put every call in one bucket. These are the semantic
+# conventions' advice for durations, extended to the minutes a Generate or download may take.
+CALL_DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
+    300.0,
+)  # fmt: skip
 
 
 class JobTableCollector:
@@ -156,7 +165,13 @@ class ServerMetrics:
         )
         resource = Resource.create({SERVICE_NAME: "modelsurgery"})
         reader = PrometheusMetricReader(scope_info_enabled=False, registry=self.registry)
-        self._meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
+        seconds = View(
+            instrument_name=RPC_SERVER_CALL_DURATION,
+            aggregation=ExplicitBucketHistogramAggregation(CALL_DURATION_BUCKETS),
+        )
+        self._meter_provider = MeterProvider(
+            metric_readers=[reader], resource=resource, views=[seconds]
+        )
         self._tracer_provider = TracerProvider(sampler=ALWAYS_ON, resource=resource)
         self._tracer_provider.add_span_processor(_CallDurations(self._meter_provider))
         self._http: WSGIServer | None = None

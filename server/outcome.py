@@ -6,7 +6,7 @@ whose server died after publishing).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from modelsurgery.checkpoints import CheckpointStore, Manifest
 from modelsurgery.proto.job_state import JobState
@@ -14,8 +14,22 @@ from modelsurgery.proto.spec import JobSpec
 from modelsurgery.server.auth import Caller
 from modelsurgery.server.permissions import AliasPolicy, PermissionDenied
 
+if TYPE_CHECKING:
+    import torch
+
 # How a SUCCEEDED job's error starts when its version was published but its alias refused.
 ALIAS_NOT_MOVED = "version published; alias not moved"
+# How a FAILED job's error ends when ``keep_failed`` kept its candidate.
+KEPT = "candidate kept as version"
+
+
+class Candidate(Protocol):
+    """What a job's operations produced (the executor's run record)."""
+
+    changed: dict[str, torch.Tensor]
+    overrides: dict[str, Any]
+    artifacts: dict[str, bytes]
+    operations: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,11 @@ class JobOutcome:
         )
         return f"gates failed: {reasons}"
 
+    def kept(self, version_id: str) -> None:
+        """FAILED on its gates, with the candidate ``keep_failed`` kept as ``version_id``."""
+        self.state, self.version_id = JobState.FAILED, version_id
+        self.error = f"{self.failed_gates_message()}; {KEPT} {version_id} (keep_failed)"
+
 
 def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[GateResult]:
     results = []
@@ -66,6 +85,29 @@ def evaluate_gates(spec: JobSpec, metrics: dict[str, float]) -> list[GateResult]
         value = metrics.get(name)
         results.append(GateResult(name, str(gate), value, value is not None and gate.holds(value)))
     return results
+
+
+def keep_candidate(
+    store: CheckpointStore,
+    parent: str,
+    run: Candidate,
+    outcome: JobOutcome,
+    job_id: str | None,
+) -> None:
+    """``keep_failed``: store the candidate that failed its gates as a version marked with
+    them (``Manifest.failed_gates``, the card says so) and no alias; the job stays FAILED,
+    its ``version_id`` and error naming the kept version."""
+    manifest = store.commit(
+        parent,
+        run.changed,
+        operations=run.operations,
+        metrics=outcome.metrics,
+        config_overrides=run.overrides or None,
+        artifacts=run.artifacts or None,
+        job_id=job_id,
+        failed_gates=[g.to_dict() for g in outcome.gates],
+    )
+    outcome.kept(manifest.id)
 
 
 def settle_published(
@@ -87,6 +129,10 @@ def settle_published(
         metrics=metrics,
         gates=evaluate_gates(spec, metrics),
     )
+    if manifest.failed_gates:
+        # A candidate kept by ``keep_failed``: its job failed, and no alias moves to it.
+        outcome.kept(manifest.id)
+        return outcome
     if spec.alias and store.get_alias(spec.alias) != manifest.id:
         try:
             store.set_alias(

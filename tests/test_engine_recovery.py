@@ -5,6 +5,7 @@ and jobs of a live server are left alone. Runs the engine's recovery without sta
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sqlite3
 import subprocess
@@ -296,3 +297,16 @@ def test_a_job_failed_by_a_full_disk_is_retried_while_attempts_remain(engine: Jo
     asyncio.run(engine._run(job, FinishedActor(full)))
     failed = engine.table.get(job.id)
     assert failed.state is JobState.FAILED and "no space left" in failed.error
+
+
+def test_job_starts_and_failures_are_logged_with_the_reason(
+    engine: JobEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operators see a failed job at WARNING with why (not INFO "job finished")."""
+    job = running_job(engine, "tiny", owner=engine.identity, lease=60)
+    outcome = JobOutcome(JobState.FAILED, error="gates failed: efficacy=0.5 (needs >= 0.9)")
+    with caplog.at_level(logging.INFO, logger="modelsurgery.jobs"):
+        asyncio.run(engine._run(job, FinishedActor(outcome)))
+    (record,) = [r for r in caplog.records if r.name == "modelsurgery.jobs"]
+    assert record.levelno == logging.WARNING and record.job_id == job.id
+    assert record.getMessage() == f"job failed: {outcome.error}"

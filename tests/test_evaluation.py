@@ -89,7 +89,7 @@ def test_lineage_rechecks_earlier_facts_and_eval_reproduces_the_job(env: dict[st
     assert {"efficacy", "paraphrase", "locality", "op0.efficacy", "op0.v_loss"} <= set(m)
 
     worker = SurgeryWorker(env["settings"], num_threads=1)
-    again = worker.evaluate(second.version_id, first.version_id, b"", False)
+    again = worker.evaluate(second.version_id, first.version_id, b"", False)[0]
     for name in ("efficacy", "paraphrase", "locality", "probability_gain", "lineage_efficacy"):
         assert again[name] == pytest.approx(m[name], abs=1e-6), name
     assert again["lineage_locality"] == pytest.approx(m["lineage_locality"], abs=1e-6)

@@ -29,6 +29,14 @@ PAIRS = [
 ]
 OPERATIONS: dict[str, dict[str, Any]] = {
     "rome": {"method": "rome", "facts": FACTS, **QUICK},
+    # v* in bfloat16 lets go of the float32 layers it casts (read back from the store after);
+    # the second fact's v* runs after the first wrote its layer, which is kept instead.
+    "rome-bf16-vstar": {
+        "method": "rome",
+        "facts": [*FACTS, {**FACTS[0], "subject": "spain", "target_new": "paris"}],
+        "vstar_dtype": "bfloat16",
+        **QUICK,
+    },
     "prune-structured": {
         "method": "prune",
         "kind": "structured",
@@ -206,6 +214,39 @@ def test_base_view_shows_the_base_and_gives_the_edits_back() -> None:
     assert model.model.layers[1].mlp.down_proj.weight.shape == (3, 2)
     edit.restore()
     assert all(torch.equal(t, originals[n]) for n, t in model.state_dict().items())
+
+
+def test_set_aside_lets_go_of_unwritten_tensors_and_keeps_written_ones() -> None:
+    """v* in bfloat16 casts layers it runs: an unwritten float32 tensor is let go meanwhile and
+    read back from the store, a written one is kept; neither counts as written afterwards
+    unless it was before."""
+    model = build_editable("llama")
+    originals = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    reads: list[str] = []
+
+    def read(name: str) -> torch.Tensor | None:
+        reads.append(name)
+        return originals.get(name)
+
+    edit = InPlaceEdit(model, read)
+    unwritten = model.model.layers[1].mlp.up_proj.weight
+    written = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        written.add_(1.0)
+    edited = written.detach().clone()
+    put_back = [edit.set_aside(p) for p in (unwritten, written)]
+    storage = unwritten.untyped_storage()
+    for parameter in (unwritten, written):
+        parameter.data = parameter.data.to(torch.bfloat16)
+    assert reads == []
+    for back in put_back:
+        back()
+    assert unwritten.untyped_storage().data_ptr() != storage.data_ptr()
+    assert reads == ["model.layers.1.mlp.up_proj.weight"]
+    assert unwritten.dtype == torch.float32
+    assert torch.equal(unwritten, originals["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(written, edited)
+    assert set(edit.written()) == {"model.layers.0.mlp.down_proj.weight"}
 
 
 def test_a_model_that_cannot_be_put_back_leaves_the_cache(job_env: dict[str, Any]) -> None:

@@ -172,14 +172,51 @@ def test_unmerged_adapter_leaves_the_model_and_attaches_through_the_seam(
         torch.testing.assert_close(logits(model), edited, atol=0, rtol=0)
 
 
-def test_exported_adapter_loads_with_peft_as_our_loader_applies_it(
-    tmp_path: Path, store: CheckpointStore
-) -> None:
+def test_unmerged_export_is_a_peft_adapter_folder(tmp_path: Path, store: CheckpointStore) -> None:
+    """Issue 31: on its root's weights, an unmerged version exports as the adapter folder peft
+    loads onto the base directly, with peft's card metadata, and no copy of the base."""
     model = tiny_model("llama")
     root = store.import_model(model, build_tiny_tokenizer(), reference="tiny-llama")
     result = run_lora(model, tmp_path, examples=EXAMPLES, merge=False, lr=0.05)
     version = store.commit(
         root.id, {}, operations=[{"method": "lora", "merge": False}], artifacts=result.artifacts
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HookedExportWarning)  # plain peft loading applies it
+        folder = store.export(version.id, tmp_path / "export")
+    names = sorted(p.name for p in folder.iterdir())
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(names)
+    assert not {"config.json", "model.safetensors", "lora"} & set(names)
+    card = (folder / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: peft" in front and "base_model: tiny-llama" in front
+    assert "base_model_relation: adapter" in front
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-llama"
+    base = tiny_model("llama")
+    with attach_hooks(base, result.artifacts):  # as the server's Generate applies it
+        served = logits(base)
+    theirs = PeftModel.from_pretrained(tiny_model("llama"), folder).eval()
+    torch.testing.assert_close(logits(theirs), served, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(tiny_model("llama")), served)
+
+
+def test_an_adapter_on_edited_weights_exports_beside_them(
+    tmp_path: Path, store: CheckpointStore
+) -> None:
+    """The adapter needs the weights it was trained on: those stay in the export, the adapter
+    in ``lora/``, and our loader applies it as peft does."""
+    model = tiny_model("llama")
+    root = store.import_model(model, build_tiny_tokenizer(), reference="tiny-llama")
+    name = "model.layers.0.mlp.down_proj.weight"
+    edited = store.commit(
+        root.id, {name: model.state_dict()[name] * 0.5}, operations=[{"method": "x"}]
+    )
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    result = run_lora(model, tmp_path, examples=EXAMPLES, merge=False, lr=0.05)
+    version = store.commit(
+        edited.id, {}, operations=[{"method": "lora", "merge": False}], artifacts=result.artifacts
     )
     with pytest.warns(HookedExportWarning, match="lora"):
         folder = store.export(version.id, tmp_path / "export")
@@ -191,8 +228,6 @@ def test_exported_adapter_loads_with_peft_as_our_loader_applies_it(
         AutoModelForCausalLM.from_pretrained(folder), folder / "lora"
     ).eval()
     torch.testing.assert_close(logits(theirs), logits(ours.model), atol=1e-5, rtol=1e-5)
-    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assert not torch.allclose(logits(plain), logits(ours.model))
 
 
 def test_cancelled_training_restores_the_model(tmp_path: Path) -> None:

@@ -203,6 +203,36 @@ def test_grpc_calls_are_measured_by_method_and_status(metrics: ServerMetrics) ->
     )
 
 
+def test_call_duration_buckets_are_seconds(metrics: ServerMetrics) -> None:
+    """A call of a few milliseconds lands below 1 s, not in the first of millisecond buckets
+    (0, 5, 10 ... read as seconds, every call fell in ``le="5"``)."""
+
+    async def one_call() -> None:
+        async with (
+            echo_server(metrics) as port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            echo = channel.unary_unary("/test.Echo/Ping")
+            await echo(b"x", metadata=(("authorization", f"Bearer {TOKEN}"),))
+
+    asyncio.run(one_call())
+    labels = {
+        "rpc_method": "test.Echo/Ping",
+        "rpc_response_status_code": "OK",
+        "rpc_system_name": "grpc",
+    }
+    buckets = {
+        float(s.labels["le"]): s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "rpc_server_call_duration_seconds_bucket"
+        and all(s.labels.get(k) == v for k, v in labels.items())
+    }
+    assert 0.005 in buckets and 1.0 in buckets and 5.0 in buckets
+    assert buckets[1.0] == 1
+    assert 10000.0 not in buckets
+
+
 # --- reflection ----------------------------------------------------------------------------
 def canonical(message: descriptor_pb2.DescriptorProto) -> list[tuple[object, ...]]:
     fields = [
@@ -326,6 +356,11 @@ RELAY_SCRIPT = textwrap.dedent(
         os.write(2, b"E0101 00:00:00.000000   1 chttp2_server.cc:10] bind failed\\n")
         os.write(1, b"[2026-01-01 00:00:00,000 W 1 1] core_worker.cc:5: slow\\n")
         print("a stray print", flush=True)
+        os.write(2, b"Loading weights:  40%|####      | 2/5 [00:01<00:02,  1.5it/s]\\r")
+        os.write(2, b"Loading weights: 100%|##########| 5/5 [00:02<00:00,  2.0it/s]\\n")
+        from tqdm import tqdm
+        for _ in tqdm(range(3), desc="a bar tqdm draws"):
+            pass
         warnings.warn("an old API")
     """
 )
@@ -348,6 +383,8 @@ def test_every_output_line_is_json() -> None:
     assert by_message["a stray print"]["logger"] == "stdio"
     assert any(r["logger"] == "py.warnings" and "an old API" in r["message"] for r in records)
     assert not any("fork()" in r["message"] for r in records)
+    assert not any("Loading weights" in r["message"] for r in records)
+    assert not any("a bar tqdm draws" in r["message"] for r in records)
 
 
 # --- the real server -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from modelsurgery.editing import rome
 from modelsurgery.editing.data import DATA_ENV
+from modelsurgery.editing.knowledge.solve import SpdSolve, with_ridge
 from modelsurgery.editing.registry import JobCancelled, MethodContext, get_method
 from modelsurgery.evaluation.facts import answer_scores
 from modelsurgery.evaluation.measure import JobMeasurements
@@ -87,11 +88,29 @@ def test_update_maps_averaged_key_to_target() -> None:
     keys = torch.randn(200, 16, dtype=torch.float64)
     mom2 = keys.T @ keys / 200
     key, delta = torch.randn(16), torch.randn(8)
-    update = rome.rank_one_update(key, delta, mom2)
+    update = rome.rank_one_update(key, delta, SpdSolve(lambda: with_ridge(mom2)))
     torch.testing.assert_close(update @ key.double(), delta.double())
     assert torch.linalg.matrix_rank(update) == 1
     plain = rome.rank_one_update(key, delta, None)
     torch.testing.assert_close(plain @ key.double(), delta.double())
+
+
+def test_factored_solve_matches_a_direct_solve_and_leaves_c_alone() -> None:
+    """The factored solve is C^-1 k with the tiny ridge; C itself is not written; a C that is
+    not positive definite in floating point falls back to LU."""
+    torch.manual_seed(0)
+    keys = torch.randn(50, 16, dtype=torch.float64)
+    mom2 = keys.T @ keys / 50
+    kept = mom2.clone()
+    k = torch.randn(16, dtype=torch.float64)
+    ridged = mom2 + 1e-6 * mom2.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(SpdSolve(lambda: with_ridge(mom2))(k), torch.linalg.solve(ridged, k))
+    assert torch.equal(mom2, kept)
+    indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+    k3 = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    ridge = 1e-6 * indefinite.diagonal().mean()
+    expected = k3 / (indefinite.diagonal() + ridge)
+    torch.testing.assert_close(SpdSolve(lambda: with_ridge(indefinite))(k3), expected)
 
 
 def test_sequential_facts_and_edited_model(data_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import build_tiny_tokenizer, tiny_model
 
 from modelsurgery.checkpoints import (
     AliasConflictError,
@@ -290,3 +291,55 @@ def test_default_root_follows_modelsurgery_home(monkeypatch, tmp_path):
     monkeypatch.delenv("MODELSURGERY_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
     assert default_root() == tmp_path / "user" / ".modelsurgery" / "store"
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(3, 5),
+        torch.randn(4, 7).to(torch.bfloat16),
+        torch.randn(2, 3, 2).half(),
+        torch.tensor(2.5, dtype=torch.float64),
+        torch.zeros(0, 4),
+        torch.arange(9, dtype=torch.int64),
+        torch.tensor([True, False, True]),
+        torch.randn(6, 4).t(),
+        torch.randn(5).to(torch.float8_e4m3fn),
+    ],
+    ids=["f32", "bf16", "f16", "f64-scalar", "empty", "i64", "bool", "transposed", "f8"],
+)
+def test_blob_encoding_streamed_from_the_tensor_is_safetensors_own(tensor: torch.Tensor) -> None:
+    """Blobs are hashed and written from the tensor's memory (header + view, no whole copy):
+    the bytes and address must stay exactly safetensors' ``save`` of the tensor."""
+    from safetensors.torch import save
+
+    from modelsurgery.models.digest import tensor_blob_parts, tensor_sha256
+
+    expected = save({"tensor": tensor.contiguous()})
+    header, view = tensor_blob_parts(tensor)
+    assert header + bytes(view) == expected == tensor_blob_bytes(tensor)
+    assert tensor_sha256(tensor) == hashlib.sha256(expected).hexdigest()
+
+
+def test_a_dense_blob_is_written_from_its_parts(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    weight = torch.randn(16, 8)
+    entry = store._blobs.put_tensor(weight)
+    path = store.layout.tensor_blob(entry.blob)
+    assert path.read_bytes() == tensor_blob_bytes(weight)
+    assert torch.equal(store._blobs.tensor(entry), weight)
+
+
+def test_a_builtin_reference_resolves_to_its_imported_root(tmp_path: Path) -> None:
+    """Issue 31: the base a spec names (``smollm2-135m``) can be named again, locally too;
+    other model references and unknown names are not versions."""
+    store = CheckpointStore(tmp_path / "store")
+    model, tokenizer = tiny_model("llama"), build_tiny_tokenizer()
+    with pytest.raises(VersionNotFoundError):
+        store.resolve("smollm2-135m")
+    root = store.import_model(model, tokenizer, reference="smollm2-135m")
+    store.import_model(tiny_model("llama", seed=1), tokenizer, reference="/models/tiny")
+    assert store.resolve("smollm2-135m") == root.id
+    assert store.get("smollm2-135m").id == root.id
+    with pytest.raises(VersionNotFoundError):
+        store.resolve("/models/tiny")

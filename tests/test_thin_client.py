@@ -171,7 +171,8 @@ def test_schema_validates_real_specs_and_refuses_unknown_keys() -> None:
     parse_spec(real)
     validator.validate(json.loads(json.dumps(every_example())))
     validator.validate(yaml.safe_load((ROOT / "examples" / "safety-patch.yaml").read_text()))
-    typo = {**real, "operations": [{**real["operations"][0], "layers": [3]}]}
+    # ``layers`` is EasyEdit's key, which rome accepts (issue 31); ``layer_index`` is no key.
+    typo = {**real, "operations": [{**real["operations"][0], "layer_index": 3}]}
     with pytest.raises(jsonschema.ValidationError):
         validator.validate(typo)
     with pytest.raises(jsonschema.ValidationError):

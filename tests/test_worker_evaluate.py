@@ -90,7 +90,7 @@ def test_a_hook_version_is_judged_against_its_parent_without_the_hooks_on_the_pa
 ) -> None:
     base, version = hook_version
     metrics = bounded(
-        lambda: worker.evaluate(version, base, SUITE.to_bytes(), True),
+        lambda: worker.evaluate(version, base, SUITE.to_bytes(), True)[0],
         JOIN_SECONDS,
         "evaluate (a deadlock?)",
     )
@@ -108,7 +108,7 @@ def test_a_hook_version_is_judged_against_its_parent_without_the_hooks_on_the_pa
     assert metrics["probability_gain"] != pytest.approx(0.0, abs=1e-9)
     # The hooks came off the shared model when the evaluation ended.
     again = bounded(
-        lambda: worker.evaluate(base, base, SUITE.to_bytes(), True),
+        lambda: worker.evaluate(base, base, SUITE.to_bytes(), True)[0],
         JOIN_SECONDS,
         "evaluate (a deadlock?)",
     )
@@ -127,7 +127,7 @@ def test_a_revert_is_judged_against_the_version_it_restores(
     )
     reverted = store.revert(edited.id)
     metrics = bounded(
-        lambda: worker.evaluate(reverted.id, base, SUITE.to_bytes(), True),
+        lambda: worker.evaluate(reverted.id, base, SUITE.to_bytes(), True)[0],
         JOIN_SECONDS,
         "evaluate (a deadlock?)",
     )
@@ -150,7 +150,7 @@ def test_a_cancelled_evaluation_stops_and_leaves_the_warm_model_as_it_was(
     monkeypatch.setattr(worker_module, "_task_cancelled", cancelled_after_two_checks)
     with pytest.raises(EvaluationStopped):
         bounded(
-            lambda: worker.evaluate(version, base, SUITE.to_bytes(), True),
+            lambda: worker.evaluate(version, base, SUITE.to_bytes(), True)[0],
             JOIN_SECONDS,
             "evaluate (a deadlock?)",
         )
@@ -161,7 +161,7 @@ def test_a_cancelled_evaluation_stops_and_leaves_the_warm_model_as_it_was(
     assert warm.lock.acquire(blocking=False)
     warm.lock.release()
     metrics = bounded(
-        lambda: worker.evaluate(base, base, SUITE.to_bytes(), True),
+        lambda: worker.evaluate(base, base, SUITE.to_bytes(), True)[0],
         JOIN_SECONDS,
         "evaluate (a deadlock?)",
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from modelsurgery.editing.contrast import PairsSource, TextPair
+from modelsurgery.editing.data import CROWS_PAIRS_PATH, WINOGENDER_DIR
 from modelsurgery.editing.knowledge.config import layer_count
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import MethodConfig
@@ -82,18 +83,39 @@ class AblateDirectionConfig(MethodConfig):
     """
 
     method: Literal["ablate_direction"] = "ablate_direction"
-    pairs: list[TextPair] | None = Field(default=None, max_length=limits.MAX_PAIRS)
-    pairs_file: str | None = None
-    dataset: Dataset | None = None
-    holdout_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    data_file_fields: ClassVar[tuple[str, ...]] = ("pairs_file",)
+    pairs: list[TextPair] | None = Field(
+        default=None,
+        max_length=limits.MAX_PAIRS,
+        description="Inline contrast pairs {positive, negative} (one source of three).",
+    )
+    pairs_file: str | None = Field(
+        default=None,
+        description="JSONL of {positive, negative} pairs under the server's data roots.",
+    )
+    dataset: Dataset | None = Field(
+        default=None,
+        description="A shipped pair set instead of pairs: winogender or crows-pairs-gender.",
+    )
+    holdout_fraction: float = Field(
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the contrast pairs never used to fit the direction; the projection "
+        "figures are measured on it.",
+    )
     layer: int | None = Field(default=None, ge=0)
     token: Literal["last", "mean"] = "mean"
     aggregate: Literal["mean", "pca"] = "mean"
     fill: Fill = "mean"
     calibration_windows: int = Field(default=4, ge=1, le=limits.MAX_CALIBRATION_SAMPLES)
     calibration_window: int = Field(default=128, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
-    seed: int = 0
-    batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
+    seed: int = Field(
+        default=0, description="Seed of the held-out split and the calibration windows."
+    )
+    batch_size: int = Field(
+        default=16, ge=1, le=limits.MAX_BATCH_SIZE, description="Texts per forward pass."
+    )
     evaluate_perplexity: bool = True
 
     @model_validator(mode="after")
@@ -105,6 +127,13 @@ class AblateDirectionConfig(MethodConfig):
         elif self.pairs is not None or self.pairs_file is not None:
             raise ValueError("dataset: give either dataset or pairs / pairs_file, not both")
         return self
+
+    def shared_data(self) -> dict[str, tuple[str, ...]]:
+        """Both gender data sets also read CrowS-Pairs (the stereotype share's pairs)."""
+        if self.dataset is None:
+            return {}
+        winogender = (WINOGENDER_DIR,) if self.dataset == "winogender" else ()
+        return {"dataset": (CROWS_PAIRS_PATH, *winogender)}
 
     @property
     def carries(self) -> frozenset[str]:  # type: ignore[override]

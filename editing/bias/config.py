@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from modelsurgery.editing.data import CROWS_PAIRS_PATH
 from modelsurgery.editing.mask_heads import config_sizes
 from modelsurgery.editing.registry import MethodConfig
 from modelsurgery.evaluation.metrics import PAIRS
@@ -48,22 +49,83 @@ class MaskBiasedHeadsConfig(MethodConfig):
     """
 
     method: Literal["mask_biased_heads"] = "mask_biased_heads"
-    bias_types: list[str] | None = None
-    pairs: list[PairSpec] | None = Field(default=None, max_length=limits.MAX_PAIRS)
-    pairs_file: str | None = None
-    max_pairs: int | None = Field(default=None, ge=2, le=limits.MAX_PAIRS)
-    holdout_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
-    seed: int = 0
-    top_k: int | None = Field(default=None, ge=1, le=limits.MAX_HEADS)
-    z_threshold: float | None = None
-    objective: Literal["share", "gap"] = "share"
-    share_temperature: float = Field(default=1.0, gt=0.0)
-    rank_by: Literal["gradient", "shortlist", "ablation"] = "shortlist"
-    shortlist_size: int = Field(default=16, ge=1, le=limits.MAX_HEADS)
-    perplexity_penalty: float = Field(default=1.0, ge=0.0)
-    calibration_windows: int = Field(default=8, ge=1, le=limits.MAX_CALIBRATION_SAMPLES)
-    batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
-    evaluate_perplexity: bool = True
+    data_file_fields: ClassVar[tuple[str, ...]] = ("pairs_file",)
+    bias_types: list[str] | None = Field(
+        default=None,
+        description='CrowS-Pairs bias types to use when no pairs are given (e.g. ["gender"]; '
+        "default: all).",
+    )
+    pairs: list[PairSpec] | None = Field(
+        default=None,
+        max_length=limits.MAX_PAIRS,
+        description="Inline {stereo, anti} sentence pairs (instead of CrowS-Pairs).",
+    )
+    pairs_file: str | None = Field(
+        default=None, description="JSONL of {stereo, anti} pairs under the server's data roots."
+    )
+    max_pairs: int | None = Field(
+        default=None,
+        ge=2,
+        le=limits.MAX_PAIRS,
+        description="Cap on the pairs used (a seeded sample).",
+    )
+    holdout_fraction: float = Field(
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the pairs never used for scoring; bias is measured on it.",
+    )
+    seed: int = Field(default=0, description="Seed of the sample and the held-out split.")
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=limits.MAX_HEADS,
+        description="Mask this many highest-scoring heads (default 3 when z_threshold is unset).",
+    )
+    z_threshold: float | None = Field(
+        default=None,
+        description="Mask the heads whose score has a z-score above this (instead of top_k).",
+    )
+    objective: Literal["share", "gap"] = Field(
+        default="share",
+        description="share (smooth stereotype share) or gap (raw mean log-likelihood gap).",
+    )
+    share_temperature: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Temperature of the share objective: mean sigmoid(gap / temperature).",
+    )
+    rank_by: Literal["gradient", "shortlist", "ablation"] = Field(
+        default="shortlist",
+        description="gradient (one backward pass), shortlist (the best gradient heads, each "
+        "ablated) or ablation (every head ablated).",
+    )
+    shortlist_size: int = Field(
+        default=16,
+        ge=1,
+        le=limits.MAX_HEADS,
+        description="Heads ablated exactly with rank_by shortlist.",
+    )
+    perplexity_penalty: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of the LM loss (nats/token) a head's removal adds, subtracted from "
+        "its objective drop.",
+    )
+    calibration_windows: int = Field(
+        default=8,
+        ge=1,
+        le=limits.MAX_CALIBRATION_SAMPLES,
+        description="WikiText-2 validation windows of 128 tokens the perplexity penalty is "
+        "measured on.",
+    )
+    batch_size: int = Field(
+        default=16, ge=1, le=limits.MAX_BATCH_SIZE, description="Pairs per forward pass."
+    )
+    evaluate_perplexity: bool = Field(
+        default=True,
+        description="Measure WikiText-2 perplexity before and after (the job's protocol).",
+    )
 
     carries: ClassVar[frozenset[str]] = frozenset({PAIRS})
 
@@ -84,6 +146,10 @@ class MaskBiasedHeadsConfig(MethodConfig):
         if self.rank_by == "shortlist" and top_k is not None and top_k > self.shortlist_size:
             raise ValueError(f"shortlist_size: {self.shortlist_size} is below top_k {top_k}")
         return self
+
+    def shared_data(self) -> dict[str, tuple[str, ...]]:
+        """Without pairs of its own, the method scores CrowS-Pairs."""
+        return {"pairs": (CROWS_PAIRS_PATH,)} if self.pairs is None and not self.pairs_file else {}
 
     def selection(self) -> dict[str, Any]:
         if self.z_threshold is not None:

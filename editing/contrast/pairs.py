@@ -24,8 +24,15 @@ class PairsSource(BaseModel):
     """Config fields of a method fitted on contrast pairs: exactly one of ``pairs`` and
     ``pairs_file`` (one ``{"positive": ..., "negative": ...}`` object per line)."""
 
-    pairs: list[TextPair] | None = Field(default=None, max_length=limits.MAX_PAIRS)
-    pairs_file: str | None = None
+    pairs: list[TextPair] | None = Field(
+        default=None,
+        max_length=limits.MAX_PAIRS,
+        description="Inline contrast pairs {positive, negative}.",
+    )
+    pairs_file: str | None = Field(
+        default=None,
+        description="JSONL of {positive, negative} pairs under the server's data roots.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PairsSource:

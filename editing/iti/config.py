@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -32,6 +32,17 @@ class QARecord(BaseModel):
     true: list[str] = Field(min_length=1)
     false: list[str] = Field(min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _answer_keys_as_written(cls, data: Any) -> Any:
+        """YAML reads the keys ``true:`` and ``false:`` as booleans (``yaml.safe_load``):
+        they are the answers' keys all the same."""
+        if isinstance(data, dict) and any(isinstance(key, bool) for key in data):
+            return {
+                str(key).lower() if isinstance(key, bool) else key: v for key, v in data.items()
+            }
+        return data
+
     @field_validator(
         "true",
         "false",
@@ -40,6 +51,12 @@ class QARecord(BaseModel):
     )
     @classmethod
     def _as_list(cls, value: Any) -> Any:
+        answers = value if isinstance(value, list) else [value]
+        if any(isinstance(answer, bool) for answer in answers):
+            raise ValueError(
+                "an answer written yes, no, true or false without quotes was read by YAML as "
+                "a boolean: quote it, e.g. 'yes'"
+            )
         return [value] if isinstance(value, str) else value
 
     @field_validator("true", "false")
@@ -101,19 +118,66 @@ class ItiConfig(MethodConfig):
     """
 
     method: Literal["iti"] = "iti"
-    pairs: list[TextPair] | None = Field(default=None, max_length=limits.MAX_PAIRS)
-    pairs_file: str | None = None
-    records: list[QARecord] | None = Field(default=None, max_length=limits.MAX_PAIRS)
-    records_file: str | None = None
-    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=limits.MAX_HEADS)
-    alpha: float = Field(default=DEFAULT_ALPHA, gt=0.0, le=1000.0)
-    direction: Literal["mass_mean", "probe"] = "mass_mean"
-    layers: list[int] | None = Field(default=None, min_length=1)
-    probe_holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    seed: int = 0
-    token: Literal["last", "mean"] = "last"
-    batch_size: int = Field(default=16, ge=1, le=limits.MAX_BATCH_SIZE)
-    evaluate_perplexity: bool = True
+    data_file_fields: ClassVar[tuple[str, ...]] = ("pairs_file", "records_file")
+    pairs: list[TextPair] | None = Field(
+        default=None,
+        max_length=limits.MAX_PAIRS,
+        description="Contrast texts {positive, negative}; positive is the side to move toward "
+        "(one source of four).",
+    )
+    pairs_file: str | None = Field(
+        default=None,
+        description="JSONL of {positive, negative} pairs under the server's data roots.",
+    )
+    records: list[QARecord] | None = Field(
+        default=None,
+        max_length=limits.MAX_PAIRS,
+        description='Question records {question, true, false}; each answer becomes the text "Q: '
+        '{question}\\nA: {answer}".',
+    )
+    records_file: str | None = Field(
+        default=None, description="JSONL of question records under the server's data roots."
+    )
+    top_k: int = Field(
+        default=DEFAULT_TOP_K,
+        ge=1,
+        le=limits.MAX_HEADS,
+        description="How many heads to shift: the best by held-out probe accuracy.",
+    )
+    alpha: float = Field(
+        default=DEFAULT_ALPHA,
+        gt=0.0,
+        le=1000.0,
+        description="Shift size, in standard deviations of the fit activations along the "
+        "direction.",
+    )
+    direction: Literal["mass_mean", "probe"] = Field(
+        default="mass_mean",
+        description="mass_mean (mean true minus mean false activation) or probe (the probe's "
+        "weight).",
+    )
+    layers: list[int] | None = Field(
+        default=None, min_length=1, description="Layers whose heads are probed (default: all)."
+    )
+    probe_holdout_fraction: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the pairs or questions held out to rank the probes on (seeded, "
+        "never splitting one).",
+    )
+    seed: int = Field(default=0, description="Seed of the held-out split.")
+    token: Literal["last", "mean"] = Field(
+        default="last",
+        description="Read each head at the text's last token or averaged over its tokens.",
+    )
+    batch_size: int = Field(
+        default=16, ge=1, le=limits.MAX_BATCH_SIZE, description="Texts per forward pass."
+    )
+    evaluate_perplexity: bool = Field(
+        default=True,
+        description="Measure WikiText-2 perplexity before and after (the job's protocol).",
+    )
 
     def metric_names(self) -> set[str]:
         names = {"heads_shifted", "probe_accuracy_mean", "probe_accuracy_best"}

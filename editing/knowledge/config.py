@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from modelsurgery.editing.registry import DtypeSetting, MethodConfig
 from modelsurgery.editing.validators import one_slot_templates
 from modelsurgery.evaluation.metrics import FACT_METRICS, FACTS
 from modelsurgery.proto import limits
 
-from .easyedit import from_easyedit, is_easyedit
+from .easyedit import from_easyedit, is_easyedit, schema_with_easyedit_keys
 from .facts import Fact
 from .templates import DEFAULT_CONTEXT_TEMPLATES
 
@@ -188,6 +188,10 @@ class KnowledgeEditConfig(MethodConfig):
         (``perplexity_before``, ``perplexity_after``, ``perplexity_ratio``).
     """
 
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, json_schema_extra=schema_with_easyedit_keys
+    )
+
     facts: list[Fact] = Field(min_length=1)
     v_steps: int | None = Field(default=None, ge=1, le=limits.MAX_OPTIMISATION_STEPS)
     v_lr: float | None = Field(default=None, gt=0)
@@ -206,6 +210,8 @@ class KnowledgeEditConfig(MethodConfig):
     nullspace_l2: float | None = Field(default=None, gt=0)
     nullspace_mom2: bool = True
     vstar_dtype: DtypeSetting = "auto"
+    # EasyEdit's layer whose output the v* loss reads: ours is always the last (the logits).
+    v_loss_layer: int | None = None
     evaluate: bool = True
     evaluate_perplexity: bool = True
 
@@ -219,6 +225,16 @@ class KnowledgeEditConfig(MethodConfig):
             return values
         method = values.get("method") or cls.model_fields["method"].default
         return from_easyedit(method, values) if is_easyedit(method, values) else values
+
+    def check_v_loss_layer(self, model_config: Any) -> None:
+        """``v_loss_layer`` (EasyEdit) is honoured when it is the last layer, where our v*
+        loss is read; another layer would change what v* optimises."""
+        last = layer_count(model_config) - 1
+        if self.v_loss_layer is not None and self.v_loss_layer not in (last, -1):
+            raise ValueError(
+                f"v_loss_layer: the v* loss is read at the last layer ({last}) here; "
+                f"{self.v_loss_layer} cannot be honoured (write {last} or leave it out)"
+            )
 
     def suite(self) -> dict[str, list[dict[str, Any]]]:
         """The facts, for the job-level evaluation and every later lineage check."""

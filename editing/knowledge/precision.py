@@ -3,11 +3,13 @@ expensive part runs at the hardware's best speed, without a second copy of the m
 
 v* runs only the layers from the edited one up, the final norm and the LM head (``runner``:
 the prefix is computed once, below it nothing runs per step). ``optimisation_precision`` casts
-those matrices alone, for the optimisation only: each parameter's float32 tensor is set aside and
-a bfloat16 one put in its place, and the float32 ones are put back after, untouched (no
-round trip through bfloat16). Autocast joins the cast layers to the rest (the cached prefix, the
-delta, the losses). The transient cost is the cast layers in bfloat16, half of their float32
-bytes; a copy of the whole model in bfloat16 was half of all the weights, on top of them.
+those matrices alone, for the optimisation only: each parameter's float32 tensor is set aside
+(``MethodContext.set_aside``) and a bfloat16 one put in its place, and the float32 ones are put
+back after, untouched (no round trip through bfloat16). Autocast joins the cast layers to the
+rest (the cached prefix, the delta, the losses). On the server a float32 tensor the job has not
+written is let go meanwhile and read back from the store's memory map after, so the cast layers
+cost less than they held (half their bytes, instead of half on top of all of them); tensors the
+job already wrote are kept, and then the transient cost is their bfloat16 copies.
 
 Keys, the original outputs v* is added to and the weight update are computed on the model in
 its own dtype, so bf16 rounding enters the weights only through the direction the optimisation
@@ -18,16 +20,17 @@ did not.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from modelsurgery.editing.registry import DtypeSetting
+from modelsurgery.editing.registry import DtypeSetting, PutBack, keep_aside
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import resolve_dtype
+from modelsurgery.models.memory import give_back_freed_memory
 
 
 def optimisation_dtype(model: nn.Module, setting: DtypeSetting) -> torch.dtype:
@@ -48,23 +51,23 @@ def _run_by_vstar(model: nn.Module, layer: int) -> list[nn.Parameter]:
 
 
 @contextmanager
-def optimisation_precision(model: nn.Module, dtype: torch.dtype, layer: int) -> Iterator[None]:
+def optimisation_precision(
+    model: nn.Module,
+    dtype: torch.dtype,
+    layer: int,
+    set_aside: Callable[[nn.Parameter], PutBack] = keep_aside,
+) -> Iterator[None]:
     """While the block runs, the weights v* runs from ``layer`` up are in ``dtype`` and autocast
     joins them to the rest; afterwards the model is exactly as before (module docstring)."""
     device = next(model.parameters()).device
     with ExitStack() as stack:
+        stack.callback(give_back_freed_memory)  # runs last: the cast copies are gone by then
         if device.type == "cpu":
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if next(model.parameters()).dtype != dtype:
             cast = [p for p in _run_by_vstar(model, layer) if p.is_floating_point() and p.dim() > 1]
-            kept = [p.data for p in cast]
-            stack.callback(_put_back, cast, kept)
             for parameter in cast:
+                stack.callback(set_aside(parameter))
                 parameter.data = parameter.data.to(dtype)
             stack.enter_context(torch.autocast(device.type, dtype=dtype))
         yield
-
-
-def _put_back(parameters: list[nn.Parameter], tensors: list[torch.Tensor]) -> None:
-    for parameter, tensor in zip(parameters, tensors, strict=True):
-        parameter.data = tensor

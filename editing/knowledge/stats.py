@@ -14,6 +14,7 @@ never sees half a file.
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -75,10 +76,17 @@ class LayerStatistics:
     such as the eigendecomposition, sit beside)."""
 
     layer: int
-    mom2: torch.Tensor
+    held: torch.Tensor | None  # C itself, or None: read from ``path`` on each use
     key_digest: str
     settings: StatsSettings
     path: Path
+
+    @property
+    def mom2(self) -> torch.Tensor:
+        """C [in, in] float64. Read through the cache file's memory map on each use unless
+        held: a job with several layers' statistics (MEMIT: 7 x 0.25 GB at in = 5,632) keeps
+        in memory only the one it is solving with."""
+        return self.held if self.held is not None else load_file(str(self.path))["mom2"]
 
     def record(self) -> dict[str, Any]:
         """Which statistics an edit used, for the version's operation config."""
@@ -139,9 +147,7 @@ def layer_statistics(
             calibration=settings.tag(),
         )
         return {
-            layer: LayerStatistics(
-                layer, load_file(str(paths[layer]))["mom2"], digests[layer], settings, paths[layer]
-            )
+            layer: LayerStatistics(layer, None, digests[layer], settings, paths[layer])
             for layer in layers
         }
 
@@ -167,7 +173,14 @@ def _compute(
     windows = calibration_windows(tokenizer, settings.samples, settings.window, seed=settings.seed)
     device = next(model.parameters()).device
     width = adapter.intermediate_size
+    # Each layer's keys go into its sum as the forward passes it (the sum's own memory, in
+    # place), so a batch holds one layer's keys at a time, not every edited layer's.
     sums = {layer: torch.zeros(width, width, dtype=torch.float64) for layer in layers}
+
+    def accumulate(layer: int, keys: torch.Tensor) -> None:
+        flat = keys.reshape(-1, width).double().cpu()  # (tokens, width)
+        sums[layer].addmm_(flat.T, flat)
+
     count = 0
     deepest = max(layers)
     total = (len(windows) + settings.batch_size - 1) // settings.batch_size
@@ -175,20 +188,16 @@ def _compute(
     for step, start in enumerate(range(0, len(windows), settings.batch_size), start=1):
         context.check_cancelled()
         batch = windows[start : start + settings.batch_size].to(device)
-        keys: dict[int, torch.Tensor] = {}
         with ExitStack() as stack:
             for layer in layers:
                 stack.enter_context(
                     capture_input(
                         adapter.mlp_out(layer).module,
-                        lambda k, layer=layer, keys=keys: keys.__setitem__(layer, k),
+                        functools.partial(accumulate, layer),
                         stop=layer == deepest,
                     )
                 )
             run_until_stopped(model, batch, torch.ones_like(batch))
-        for layer in layers:
-            flat = keys[layer].reshape(-1, width).double().cpu()
-            sums[layer] += flat.T @ flat
         count += batch.numel()
         context.progress("second-moment statistics: computing", step=step, total=total)
-    return {layer: (sums[layer] / count, count) for layer in layers}
+    return {layer: (sums[layer].div_(count), count) for layer in layers}

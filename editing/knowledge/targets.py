@@ -66,7 +66,7 @@ def optimise_batch(
     model: nn.Module, tokenizer: object, batch: VStarBatch, context: MethodContext
 ) -> tuple[torch.Tensor, list[float], list[int]]:
     """The fan-out task: one batch's deltas [B, d] (float32, on CPU), losses and steps."""
-    with optimisation_precision(model, batch.dtype, batch.layer):
+    with optimisation_precision(model, batch.dtype, batch.layer, context.set_aside):
         result = optimize_deltas(
             model,
             tokenizer,

@@ -14,10 +14,17 @@ from modelsurgery.editing.registry import Attachment, Implementation, register_m
 
 
 def _implementation() -> Implementation:
-    from modelsurgery.editing.lora.adapter import ARTIFACTS, LOADING_NOTE, attach_adapter
+    from modelsurgery.editing.lora.adapter import (
+        ADAPTER_DIR,
+        ARTIFACTS,
+        LOADING_NOTE,
+        attach_adapter,
+    )
     from modelsurgery.editing.lora.method import run
 
-    attachment = Attachment(artifacts=ARTIFACTS, attach=attach_adapter, loading=LOADING_NOTE)
+    attachment = Attachment(
+        artifacts=ARTIFACTS, attach=attach_adapter, loading=LOADING_NOTE, adapter_folder=ADAPTER_DIR
+    )
     return Implementation(run, attachment)
 
 

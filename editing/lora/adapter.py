@@ -1,8 +1,11 @@
 """An unmerged LoRA version's files (a peft adapter folder under ``lora/``) and attaching them.
 
-The artifacts are exactly what ``PeftModel.save_pretrained`` writes, so an export's ``lora/``
-folder loads with ``PeftModel.from_pretrained(base, folder / "lora")``; the server and
-``modelsurgery.models.load`` attach them the same way and detach with peft's ``unload``.
+The artifacts are exactly what ``PeftModel.save_pretrained`` writes. A version on its root's
+weights exports as that adapter folder alone (``adapter_config.json``,
+``adapter_model.safetensors``, a card with ``library_name: peft`` and ``base_model``), which
+``PeftModel.from_pretrained(base, folder)`` loads; on edited weights the adapter sits in
+``lora/`` beside them. The server and ``modelsurgery.models.load`` attach the artifacts the
+same way and detach with peft's ``unload``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ WEIGHTS_ARTIFACT = f"{ADAPTER_DIR}/adapter_model.safetensors"
 ARTIFACTS = (CONFIG_ARTIFACT, WEIGHTS_ARTIFACT)
 
 LOADING_NOTE = (
-    "The LoRA adapter is not merged: the weights here are the base's and `lora/` is a peft "
-    "adapter folder. Load it with `PeftModel.from_pretrained(AutoModelForCausalLM"
-    '.from_pretrained(folder), f"{folder}/lora")` (then `merge_and_unload()` for plain '
-    "weights), or with `modelsurgery.models.load(folder)`, which attaches it."
+    "The LoRA adapter is not merged, and the weights it was trained on are edited ones, so "
+    "they are here with the adapter in `lora/` (a peft adapter folder). Load it with "
+    "`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), "
+    'f"{folder}/lora")` (then `merge_and_unload()` for plain weights), or with '
+    "`modelsurgery.models.load(folder)`, which attaches it."
 )
 
 

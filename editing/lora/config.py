@@ -60,9 +60,10 @@ class LoraEditConfig(MethodConfig):
     layers: decoder layers to adapt; default all, and for ``facts`` the family's MEMIT layers
         (2-8 of SmolLM2-135M's 30).
     merge: True merges B A into the weights (the version stores only the changed tensors and
-        exports plain weights); False keeps a peft adapter (``lora/adapter_config.json`` +
-        ``lora/adapter_model.safetensors``, which ``PeftModel.from_pretrained`` loads from the
-        export's ``lora/`` folder); such a version is a leaf and ``lora`` runs last in its job.
+        exports plain weights); False keeps a peft adapter, which exports as a peft adapter
+        folder (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base
+        with ``PeftModel.from_pretrained``); such a version is a leaf and ``lora`` runs last
+        in its job.
     alpha, dropout, lr, epochs, batch_size, kl_factor: None takes ``OBJECTIVE_DEFAULTS`` of the
         objective. The version records every defaulted value.
     train_dtype: the forward passes of training run in bfloat16 autocast where bf16 matmuls are
@@ -76,31 +77,74 @@ class LoraEditConfig(MethodConfig):
     """
 
     method: Literal["lora"] = "lora"
-    facts: list[Fact] | None = Field(default=None, max_length=limits.MAX_LORA_FACTS)
-    examples: list[Example] | None = Field(default=None, max_length=limits.MAX_EXAMPLES)
-    examples_file: str | None = None
-    text: str | None = None
+    data_file_fields: ClassVar[tuple[str, ...]] = ("examples_file",)
+    text_source_fields: ClassVar[tuple[str, ...]] = ("text",)
+    facts: list[Fact] | None = Field(
+        default=None,
+        max_length=limits.MAX_LORA_FACTS,
+        description="CounterFact records to write (constrained fine-tuning); one data source of "
+        "three.",
+    )
+    examples: list[Example] | None = Field(
+        default=None,
+        max_length=limits.MAX_EXAMPLES,
+        description="Inline {prompt, completion} pairs; the loss is on the completion only.",
+    )
+    examples_file: str | None = Field(
+        default=None,
+        description="JSONL of {prompt, completion} pairs under the server's data roots.",
+    )
+    text: str | None = Field(
+        default=None,
+        description="A text file to model (under a data root, or a shared data set such as "
+        "wikitext-2/valid.tokens).",
+    )
     target_modules: list[str] | None = Field(default=None, min_length=1)
     layers: list[int] | None = Field(default=None, min_length=1)
-    rank: int = Field(default=8, ge=1, le=limits.MAX_RANK)
+    rank: int = Field(
+        default=8, ge=1, le=limits.MAX_RANK, description="Rank of the adapters' A and B."
+    )
     alpha: float | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     lr: float | None = Field(default=None, gt=0)
     epochs: int | None = Field(default=None, ge=1, le=limits.MAX_EPOCHS)
     batch_size: int | None = Field(default=None, ge=1, le=limits.MAX_BATCH_SIZE)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_length: int = Field(default=256, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
-    kl_factor: float | None = Field(default=None, ge=0.0)
-    kl_prompts: list[str] | None = Field(default=None, max_length=limits.MAX_PROMPT_LIST)
-    context_templates: list[str] | None = Field(
-        default=None, min_length=1, max_length=limits.MAX_CONTEXT_TEMPLATES
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    max_length: int = Field(
+        default=256,
+        ge=2,
+        le=limits.MAX_SEQUENCE_TOKENS,
+        description="Longest training sequence in tokens.",
     )
-    text_samples: int = Field(default=256, ge=1, le=limits.MAX_TEXT_SAMPLES)
-    text_window: int = Field(default=256, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
+    kl_factor: float | None = Field(default=None, ge=0.0)
+    kl_prompts: list[str] | None = Field(
+        default=None,
+        max_length=limits.MAX_PROMPT_LIST,
+        description="Prompts the KL term keeps unchanged with facts (default: the facts' "
+        "locality prompts).",
+    )
+    context_templates: list[str] | None = Field(
+        description="Prefixes (each with one {}) the facts are also trained under.",
+        default=None,
+        min_length=1,
+        max_length=limits.MAX_CONTEXT_TEMPLATES,
+    )
+    text_samples: int = Field(
+        default=256,
+        ge=1,
+        le=limits.MAX_TEXT_SAMPLES,
+        description="Random windows of the text to train on (seeded).",
+    )
+    text_window: int = Field(
+        default=256, ge=2, le=limits.MAX_SEQUENCE_TOKENS, description="Tokens per text window."
+    )
     merge: bool = True
     train_dtype: DtypeSetting = "auto"
-    evaluate_perplexity: bool = True
-    seed: int = 0
+    evaluate_perplexity: bool = Field(
+        default=True,
+        description="Measure WikiText-2 perplexity before and after (the job's protocol).",
+    )
+    seed: int = Field(default=0, description="Seed of initialisation, shuffling and text windows.")
 
     carries: ClassVar[frozenset[str]] = frozenset({FACTS})
 

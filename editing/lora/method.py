@@ -88,9 +88,7 @@ def run(
     )
     changed = {}
     if config.merge:
-        changed = {
-            f"{path}.weight": model.get_submodule(path).weight.detach().clone() for path in paths
-        }
+        changed = {f"{path}.weight": model.get_submodule(path).weight.detach() for path in paths}
     return SurgeryResult(
         changed=changed,
         metrics=metrics,

@@ -23,6 +23,27 @@ def parse_head(spec: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def head_as_written(index: int, value: Any) -> Any:
+    """A head a YAML or JSON spec gave as a number, as the ``"layer.head"`` text it meant.
+
+    YAML reads ``7.10`` as the float 7.1. A spec file read by ``proto.spec.load_spec_file``
+    keeps the text written (``7.10``), which is taken as it is. A bare float (``yaml.safe_load``
+    in the SDK, JSON) is taken only when it is unambiguous, a whole number such as 7.0 (head
+    0: no trailing zero changes it); 7.1 could be head 1, 10 or 100, so it is refused with the
+    advice to quote it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    written = getattr(value, "text", None)
+    if written is not None:
+        return written
+    if isinstance(value, int) or value.is_integer():
+        return f"{int(value)}.0" if isinstance(value, float) else str(value)
+    raise ValueError(
+        f"heads[{index}]: {value!r} was read as a number, so '{value!r}' cannot be told from "
+        f"'{value!r}0' (YAML reads 7.10 as 7.1): quote it, e.g. '{value!r}' or '{value!r}0'"
+    )
+
+
 def format_head(layer: int, head: int) -> str:
     return f"{layer}.{head}"
 
@@ -66,11 +87,27 @@ class MaskHeadsConfig(MethodConfig):
     """
 
     method: Literal["mask_heads"] = "mask_heads"
-    heads: list[str] = Field(min_length=1, max_length=limits.MAX_HEADS)
-    evaluate_perplexity: bool = False
+    heads: list[str] = Field(
+        min_length=1,
+        max_length=limits.MAX_HEADS,
+        description='Heads to mask, as "layer.head" strings (e.g. "3.1"); quote them in YAML, '
+        "where 7.10 would read as the number 7.1.",
+    )
+    evaluate_perplexity: bool = Field(
+        default=False,
+        description="Measure WikiText-2 perplexity before and after (two evaluations, so off by "
+        "default).",
+    )
 
     def metric_names(self) -> set[str]:
         return {"heads_masked"}
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _heads_as_written(cls, heads: Any) -> Any:
+        if not isinstance(heads, list):
+            return heads
+        return [head_as_written(i, head) for i, head in enumerate(heads)]
 
     @field_validator("heads")
     @classmethod

@@ -172,6 +172,7 @@ class MemitConfig(KnowledgeEditConfig):
         return super().metric_names() | {"second_pass_facts"}
 
     def check_against(self, model_config: Any) -> None:
+        self.check_v_loss_layer(model_config)
         n = layer_count(model_config)
         for i, layer in enumerate(self.edit_layers(model_config)):
             check_layer(f"layers[{i}]", layer, n)

@@ -33,6 +33,7 @@ from modelsurgery.editing.knowledge.nullspace import (
     projection_record,
 )
 from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
+from modelsurgery.editing.knowledge.solve import SpdSolve
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.knowledge.targets import Targets, optimise_targets
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
@@ -50,13 +51,19 @@ def memit_update(
 ) -> torch.Tensor:
     """[out, in] update R^T K (weight * C + K_p^T K_p + K^T K)^-1 in float64 (keys [F, in],
     residuals [F, out], ``kept`` = K_p^T K_p [in, in] of keys whose outputs must not move);
-    solved against K^T R [in, out], so its cost does not grow with F."""
+    solved against K^T R [in, out], so its cost does not grow with F; one [in, in] matrix held
+    (``knowledge.solve``)."""
     k = keys.double().to(mom2.device)
-    system = weight * mom2 + k.T @ k  # [in, in], symmetric positive definite
-    if kept is not None:
-        system = system + kept.double().to(mom2.device)
+
+    def system() -> torch.Tensor:  # [in, in], symmetric positive definite, built in place
+        built = k.T @ k
+        built.add_(mom2, alpha=weight)
+        if kept is not None:
+            built.add_(kept.to(built))
+        return built
+
     rhs = k.T @ residuals.double().to(mom2.device)  # [in, out]
-    return torch.linalg.solve(system, rhs).T.to(keys.device)
+    return SpdSolve(system)(rhs).T.to(keys.device)
 
 
 def vstar_targets(
@@ -143,9 +150,7 @@ def run(
         context,
     )
     changed = {
-        f"{adapter.mlp_out_path(layer)}.weight": adapter.mlp_out(layer)
-        .module.weight.detach()
-        .clone()
+        f"{adapter.mlp_out_path(layer)}.weight": adapter.mlp_out(layer).module.weight.detach()
         for layer in layers
     }
     context.progress("memit: edited", step=len(config.facts), total=len(config.facts))

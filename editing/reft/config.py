@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,22 +54,38 @@ class ReftConfig(MethodConfig):
     """
 
     method: Literal["reft"] = "reft"
+    data_file_fields: ClassVar[tuple[str, ...]] = ("examples_file",)
     intervention: Literal["loreft", "direft"] = "loreft"
-    layers: list[int] = Field(min_length=1)
-    rank: int = Field(default=4, ge=1, le=limits.MAX_RANK)
+    layers: list[int] = Field(
+        min_length=1, description="Decoder layers whose output gets an intervention."
+    )
+    rank: int = Field(
+        default=4, ge=1, le=limits.MAX_RANK, description="Rank of each intervention (rows of R)."
+    )
     positions: str = "f1+l1"
     share_weights: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     examples: list[Example] | None = Field(default=None, max_length=limits.MAX_EXAMPLES)
     examples_file: str | None = None
-    epochs: int = Field(default=20, ge=1, le=limits.MAX_EPOCHS)
-    lr: float = Field(default=4e-3, gt=0.0)
-    batch_size: int = Field(default=4, ge=1, le=limits.MAX_BATCH_SIZE)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_length: int = Field(default=256, ge=2, le=limits.MAX_SEQUENCE_TOKENS)
-    append_eos: bool = True
-    seed: int = 0
+    epochs: int = Field(
+        default=20, ge=1, le=limits.MAX_EPOCHS, description="Training epochs over the examples."
+    )
+    lr: float = Field(default=4e-3, gt=0.0, description="Adam learning rate.")
+    batch_size: int = Field(
+        default=4, ge=1, le=limits.MAX_BATCH_SIZE, description="Examples per training step."
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    max_length: int = Field(
+        default=256,
+        ge=2,
+        le=limits.MAX_SEQUENCE_TOKENS,
+        description="Longest training sequence in tokens.",
+    )
+    append_eos: bool = Field(
+        default=True, description="End each completion with the tokenizer's end-of-sequence token."
+    )
+    seed: int = Field(default=0, description="Seed of initialisation and shuffling.")
 
     def metric_names(self) -> set[str]:
         names = {"initial_loss", "final_loss", "trainable_parameters", "train_seconds"}

@@ -56,4 +56,5 @@ class RomeConfig(KnowledgeEditConfig):
         return self.model_copy(update={**update, "layer": self.edit_layer(model_config)})
 
     def check_against(self, model_config: Any) -> None:
+        self.check_v_loss_layer(model_config)
         check_layer("layer", self.edit_layer(model_config), layer_count(model_config))

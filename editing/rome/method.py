@@ -1,9 +1,10 @@
 """ROME: for each fact, a rank-one update of one MLP down projection so that the (template-
 averaged) key of the subject maps to v*.
 
-Update: with k = averaged key, u = C^-1 k and delta = v* - W k (the optimised output change),
-W' = W + delta u^T / (u^T k), hence W' k = W k + delta exactly. The denominator uses the same
-averaged key as the numerator (the fix of kmeng01/rome PR #44), not the bare prompt's key.
+Update: with k = averaged key, u = C^-1 k (C with a tiny ridge, factored once per job) and
+delta = v* - W k (the optimised output change), W' = W + delta u^T / (u^T k), hence
+W' k = W k + delta exactly. The denominator uses the same averaged key as the numerator (the
+fix of kmeng01/rome PR #44), not the bare prompt's key.
 With ``projection: null_space`` the update's direction is AlphaEdit's instead
 (``knowledge.nullspace.projected_rank_one``): out of the preserved keys' span and, along the
 lineage and the job's own list, away from the keys of earlier edits (``knowledge.preserved``).
@@ -25,6 +26,7 @@ from modelsurgery.editing.knowledge.nullspace import (
 )
 from modelsurgery.editing.knowledge.precision import optimisation_dtype
 from modelsurgery.editing.knowledge.preserved import PRESERVED_KEYS_ARTIFACT, PreservedKeys
+from modelsurgery.editing.knowledge.solve import SpdSolve, with_ridge
 from modelsurgery.editing.knowledge.stats import layer_statistics
 from modelsurgery.editing.knowledge.targets import VStarBatch, optimise_batch
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
@@ -33,20 +35,12 @@ from modelsurgery.models.adapters import get_adapter
 from .config import RomeConfig
 
 
-def rank_one_update(
-    key: torch.Tensor, delta: torch.Tensor, mom2: torch.Tensor | None
-) -> torch.Tensor:
-    """[out, in] update mapping ``key`` to ``key``'s output + ``delta`` (float64)."""
+def rank_one_update(key: torch.Tensor, delta: torch.Tensor, mom2: SpdSolve | None) -> torch.Tensor:
+    """[out, in] update mapping ``key`` to ``key``'s output + ``delta`` (float64); ``mom2``
+    solves against C (plus a tiny ridge), factored once per job."""
     k = key.double()
-    u = _solve(mom2, k) if mom2 is not None else k
+    u = mom2(k).to(k.device) if mom2 is not None else k
     return torch.outer(delta.double(), u) / torch.dot(u, k)
-
-
-def _solve(mom2: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """C^-1 k, with a tiny ridge so an ill-conditioned C (few calibration tokens) stays finite."""
-    ridge = 1e-6 * mom2.diagonal().mean()
-    eye = torch.eye(mom2.shape[0], dtype=mom2.dtype, device=mom2.device)
-    return torch.linalg.solve(mom2 + ridge * eye, k.to(mom2.device)).to(k.device)
 
 
 def run(
@@ -64,10 +58,12 @@ def run(
     if config.use_mom2 or projected:
         settings = config.stats_settings()
         stats = layer_statistics(model, tokenizer, adapter, [layer], context, settings)[layer]
-    mom2 = stats.mom2 if stats is not None and config.use_mom2 else None
     threshold, ridge = config.projection_settings(defaults)
     inside = defaults.mom2_weight if config.nullspace_mom2 else 0.0
     space = null_space(stats, threshold) if stats is not None and projected else None
+    solve = None
+    if stats is not None and config.use_mom2 and space is None:
+        solve = SpdSolve(lambda: with_ridge(stats.mom2))
     projection = adapter.mlp_out(layer)
     templates = config.templates()
     dtype = optimisation_dtype(model, config.vstar_dtype)
@@ -85,7 +81,7 @@ def run(
             earlier = preserved.gram(module, key.shape[0], context.progress)
             update = projected_rank_one(key, delta, space, earlier, ridge, inside)
         else:
-            update = rank_one_update(key, delta, mom2)
+            update = rank_one_update(key, delta, solve)
         preserved.add(module, key[None])
         with torch.no_grad():
             projection.weight.add_(update.to(projection.weight))
@@ -104,7 +100,7 @@ def run(
         layers = {str(layer): {"rank": space.rank, "preserved_keys": preserved_before}}
         resolved["null_space"] = projection_record(threshold, ridge, inside, layers)
     return SurgeryResult(
-        changed={f"{module}.weight": projection.module.weight.detach().clone()},
+        changed={f"{module}.weight": projection.module.weight.detach()},
         metrics=metrics,
         suite=config.suite(),
         artifacts={PRESERVED_KEYS_ARTIFACT: preserved.to_bytes()},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -58,6 +58,7 @@ class SteerConfig(MethodConfig, PairsSource):
     """
 
     method: Literal["steer"] = "steer"
+    data_file_fields: ClassVar[tuple[str, ...]] = ("pairs_file",)
     layers: list[int] | None = Field(default=None, min_length=1)
     coefficient: float = DEFAULT_COEFFICIENT
     aggregate: Literal["mean", "pca"] = "mean"
@@ -65,8 +66,11 @@ class SteerConfig(MethodConfig, PairsSource):
     positions: Literal["all", "generated"] = "all"
     bake: bool | None = None
     holdout_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
-    seed: int = 0
-    evaluate_perplexity: bool = True
+    seed: int = Field(default=0, description="Seed of the held-out split.")
+    evaluate_perplexity: bool = Field(
+        default=True,
+        description="Measure WikiText-2 perplexity before and after (the job's protocol).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SteerConfig:

@@ -17,9 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelsurgery.editing.data import read_jsonl, shared_data_path, split_indices
-
-CROWS_PAIRS_PATH = "crows-pairs/crows_pairs_anonymized.csv"
+from modelsurgery.editing.data import (
+    CROWS_PAIRS_PATH,
+    read_jsonl,
+    shared_data_path,
+    split_indices,
+)
 
 
 @dataclass(frozen=True)

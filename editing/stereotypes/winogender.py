@@ -14,10 +14,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelsurgery.editing.data import shared_data_path
+from modelsurgery.editing.data import WINOGENDER_DIR, shared_data_path
 from modelsurgery.editing.stereotypes.pairs import ContrastPair
-
-WINOGENDER_DIR = "winogender"
 
 
 @dataclass(frozen=True)

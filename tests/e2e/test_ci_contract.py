@@ -141,7 +141,7 @@ def test_timeout_exits_5_with_a_junit_error(
 
 @pytest.mark.parametrize(
     ("heads", "field"),
-    [(["9.0"], "spec.operations[0]"), (["nonsense"], "operations[0].heads")],
+    [(["9.0"], "spec.operations[0]"), (["nonsense"], "spec.operations[0].heads")],
     ids=["refused-by-server", "refused-by-client"],
 )
 def test_invalid_spec_exits_2_with_a_junit_failure(

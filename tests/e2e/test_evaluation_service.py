@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from modelsurgery.client import Client, FailedPrecondition, InvalidArgument
 from modelsurgery.client.cli import app
-from modelsurgery.proto.spec import SpecError
 from modelsurgery.server.process import ServerProcess, start_server
 from modelsurgery.v1 import jobs_pb2
 
@@ -76,9 +75,9 @@ def test_gate_fails_on_the_final_model_and_eval_reproduces(
 def test_gate_nothing_produces_is_refused_at_submit(client: Client, tiny_model_dir: Path) -> None:
     """The SDK refuses what the spec alone shows; the server also knows the base's lineage."""
     spec = two_maskings(tiny_model_dir, gates={"efficacy": ">= 0.9"})
-    with pytest.raises(SpecError) as refused:
+    with pytest.raises(InvalidArgument) as refused:
         client.submit(spec)
-    assert refused.value.field == "gates.efficacy"
+    assert refused.value.field == "spec.gates.efficacy" and isinstance(refused.value, ValueError)
     spec = two_maskings(tiny_model_dir, gates={"lineage_efficacy": ">= 0.9"})
     with pytest.raises(InvalidArgument) as err:
         client.submit(spec)
@@ -96,3 +95,8 @@ def test_evaluate_version_checks_its_input(client: Client, tiny_model_dir: Path)
     pairs = {"pairs": [{"stereo": "he is a doctor", "anti": "she is a doctor"}]}
     judged = client.evaluate(root, against=root, suite=pairs)
     assert judged.metrics["stereotype_share"] == judged.metrics["stereotype_share_base"]
+    per_case = client.evaluate(root, against=root, suite=pairs, per_case=True)
+    (case,) = per_case.cases
+    assert (case.suite, case.index, case.label) == ("pairs", 0, "he is a doctor / she is a doctor")
+    assert case.figures["bias_gap"] == case.figures["bias_gap_base"]
+    assert not judged.cases  # only when asked

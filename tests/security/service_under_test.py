@@ -72,7 +72,9 @@ def running_service(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     table = JobTable(home / "jobs.sqlite3")
-    worker = WorkerSettings(store_root=home / "store", cache_dir=home / "cache")
+    worker = WorkerSettings(
+        store_root=home / "store", cache_dir=home / "cache", data_roots=(home / "data",)
+    )
     engine = JobEngine(table, EngineSettings(worker=worker), ServerMetrics(table))
     policy = AliasPolicy(shared=shared_aliases)
     roots = (home / "models",)

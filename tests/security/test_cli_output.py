@@ -14,8 +14,9 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 from modelsurgery.checkpoints import CheckpointStore
-from modelsurgery.client.cli import _print_event, _print_job, app
+from modelsurgery.client.cli import _print_job, app
 from modelsurgery.client.cli_common import console, out, plain_row
+from modelsurgery.client.job_progress import JobProgress
 from modelsurgery.client.junit import job_report
 from modelsurgery.v1 import jobs_pb2
 
@@ -51,7 +52,7 @@ def test_watch_and_apply_wait_print_event_messages_and_fields_as_written() -> No
     fields.update({"[bold]": "[/oops]"})
     event = jobs_pb2.JobEvent(seq=7, message="step [/oops] :warning:", fields=fields)
     with console.capture() as captured:
-        _print_event(event)
+        JobProgress(console)(event)
     assert "step [/oops] :warning: [bold]=[/oops]" in captured.get()
 
 
