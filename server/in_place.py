@@ -119,6 +119,7 @@ class InPlaceEdit:
         }
         self._config = copy.deepcopy(vars(model.config))
         self._named: set[str] = set()
+        self._released: dict[int, torch.Size] = {}  # parameters let go: id -> shape
 
     def note_changed(self, names: Iterable[str]) -> None:
         """Names an operation reported changing (``SurgeryResult.changed``): read back even
@@ -130,14 +131,42 @@ class InPlaceEdit:
         out: dict[int, tuple[str, torch.Tensor]] = {}
         for name, tensor in self._tensors.items():
             moved = _fingerprint(tensor) != self._fingerprints[id(tensor)]
-            if (moved or name in self._named) and id(tensor) not in out:
+            held = id(tensor) not in self._released
+            if (moved or name in self._named) and held and id(tensor) not in out:
                 out[id(tensor)] = (name, tensor)
         return dict(out.values())
 
+    def let_go_of_replaced(self) -> None:
+        """Free the remembered parameters an operation took out of the model (a structured
+        prune's full-size layers, now smaller ones): ``restore`` and ``base_view`` read them
+        back from the store, so the job does not hold both sizes of those layers."""
+        live = {id(p) for p in self.model.parameters()}
+        for name, tensor in self._tensors.items():
+            gone = isinstance(tensor, nn.Parameter) and id(tensor) not in live
+            if gone and id(tensor) not in self._released and self._read_original(name) is not None:
+                self._released[id(tensor)] = tensor.shape
+                tensor.data = tensor.data.new_empty(0)
+
+    def _bring_back_released(self) -> list[torch.Tensor]:
+        """The parameters let go, read back from the store; returns them."""
+        back = []
+        for name, tensor in self._tensors.items():
+            shape = self._released.pop(id(tensor), None)
+            if shape is None:
+                continue
+            names = [name, *self._names_of(tensor)]
+            tensor.data = self._original(names, shape).to(device=tensor.device, dtype=tensor.dtype)
+            self._fingerprints[id(tensor)] = _fingerprint(tensor)
+            self._named.difference_update(names)
+            back.append(tensor)
+        return back
+
     def restore(self) -> None:
         """Put the model back as the job found it (module docstring, steps 1-3)."""
-        # 1. Structure: the remembered modules, parameters and buffers, by reference.
+        # 1. Structure: the remembered modules, parameters and buffers, by reference (those
+        #    let go read back from the store).
         _apply_states(self._states)
+        self._bring_back_released()
         # 2. Values written in place, read back from the store.
         with torch.no_grad():
             for name, tensor in self.written().items():
@@ -201,6 +230,7 @@ class InPlaceEdit:
             for _, p in self.model.named_parameters(remove_duplicate=False)
         }
         _apply_states(self._states)
+        brought_back = self._bring_back_released()
         edited: dict[str, torch.Tensor] = {}
         for name, tensor in written.items():
             edited[name] = tensor.data
@@ -213,6 +243,9 @@ class InPlaceEdit:
             _apply_states(edited_states)
             for name, data in edited.items():
                 written[name].data = data
+            for tensor in brought_back:
+                self._released[id(tensor)] = tensor.shape
+                tensor.data = tensor.data.new_empty(0)
             vars(self.model.config).clear()
             vars(self.model.config).update(config)
             for parameter, requires_grad, grad in flags.values():

@@ -249,6 +249,27 @@ def test_set_aside_lets_go_of_unwritten_tensors_and_keeps_written_ones() -> None
     assert set(edit.written()) == {"model.layers.0.mlp.down_proj.weight"}
 
 
+def test_replaced_layers_are_let_go_and_read_back() -> None:
+    """A structured prune's full-size layers are not held beside the smaller ones: the
+    journal frees them and reads them back from the store for the base view and the restore."""
+    model = build_editable("llama")
+    originals = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    edit = InPlaceEdit(model, originals.get)
+    mlp = model.model.layers[0].mlp
+    old = mlp.down_proj.weight
+    mlp.down_proj = nn.Linear(2, model.config.hidden_size, bias=False)
+    edit.let_go_of_replaced()
+    assert old.numel() == 0
+    with edit.base_view():
+        assert torch.equal(mlp.down_proj.weight, originals["model.layers.0.mlp.down_proj.weight"])
+    assert mlp.down_proj.weight.shape == (model.config.hidden_size, 2)
+    assert old.numel() == 0
+    edit.restore()
+    assert mlp.down_proj.weight is old
+    assert all(torch.equal(t, originals[n]) for n, t in model.state_dict().items())
+    assert edit.written() == {}
+
+
 def test_a_model_that_cannot_be_put_back_leaves_the_cache(job_env: dict[str, Any]) -> None:
     """A written tensor the store cannot give back: the warm model is dropped, not served."""
     model = warm_model(job_env)
