@@ -26,7 +26,7 @@ from modelsurgery.editing.data import (
 from modelsurgery.models.adapters import ArchitectureAdapter
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Ends a forward pass early: once the first decoder layer's inputs are captured, or once
     every hooked module of a layer has recorded its input."""
 
@@ -134,7 +134,7 @@ class LayerwiseCalibration:
                 captured.hidden.append(rest.pop("hidden_states"))
                 captured.args.append(())
                 captured.kwargs.append(rest)
-            raise _StopForward
+            raise StopForward
 
         handle = self.adapter.layer(0).register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -143,7 +143,7 @@ class LayerwiseCalibration:
                 try:
                     with self._autocast():
                         self.model(input_ids=batch, use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
         finally:
             handle.remove()
@@ -175,12 +175,19 @@ class LayerwiseCalibration:
         next and its pruned outputs, not these, feed the following layer (as in Wanda /
         SparseGPT)."""
         stats: dict[str, InputStats] = {}
-        layer = self.adapter.layer(index)
-        with _input_hooks(modules, stats, self.device, first_moments), self._autocast():
-            for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-                with suppress(_StopForward):
-                    layer(hidden, *args, **kwargs)
+        with _input_hooks(modules, stats, self.device, first_moments):
+            self.feed(index, inputs)
         return stats
+
+    @torch.no_grad()
+    def feed(self, index: int, inputs: LayerInputs) -> None:
+        """Run decoder layer ``index`` on every batch for the hooks on its modules, keeping no
+        output; a hook ends a batch's pass early by raising ``StopForward``."""
+        layer = self.adapter.layer(index)
+        with self._autocast():
+            for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+                with suppress(StopForward):
+                    layer(hidden, *args, **kwargs)
 
 
 @contextmanager
@@ -208,7 +215,7 @@ def _input_hooks(
             seen.add(name)
             if len(seen) == len(modules):  # nothing later in the layer is needed
                 seen.clear()
-                raise _StopForward
+                raise StopForward
 
         handles.append(module.register_forward_pre_hook(hook))
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,6 +13,13 @@ from modelsurgery.proto import limits
 if TYPE_CHECKING:
     from modelsurgery.models.adapters import FamilyLayout
 
+Score = Literal["wanda", "magnitude", "activation", "ria"]
+Refit = Literal["none", "sparsegpt"]
+# The unstructured / N:M default, chosen on WikiText-2 validation text (docs/pruning.md): the
+# score's mask chosen block by block while the kept weights are refitted (SparseGPT's OBS update).
+DEFAULT_SPARSE_SCORE: Score = "ria"
+DEFAULT_SPARSE_REFIT: Refit = "sparsegpt"
+
 
 class PruneConfig(MethodConfig):
     """Prune a causal LM from calibration activations.
@@ -21,13 +28,27 @@ class PruneConfig(MethodConfig):
       - ``structured``: physically remove MLP intermediate neurons (gate/up rows + down columns,
         fc_in/fc_out for GPT-2 style) and optionally whole KV head groups; the model gets smaller.
       - ``unstructured``: zero the lowest-scored ``ratio`` of weights in each output row of every
-        decoder-block linear layer (Wanda); the checkpoint stays dense.
+        decoder-block linear layer; the checkpoint stays dense (stored as bitmask + values).
       - ``nm``: N:M semi-structured sparsity, ``n`` zeros in every group of ``m`` consecutive
         inputs of each row (2:4, 4:8).
     score: ``wanda`` (|W| * ||X||_2 per input; for neurons sqrt(E[h^2]) * ||W_down[:, j]||, or
       std(h) * ||W_down[:, j]|| with bias compensation, the error left after the mean is kept),
-      ``magnitude`` (|W|; for neurons the norm of the neuron's rows and column), ``activation``
-      (structured only: E|h| * ||W_down[:, j]||, h = act(gate) * up).
+      ``ria`` (unstructured / N:M: (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) *
+      ||X_j||_2^0.5), ``magnitude`` (|W|; for neurons the norm of the neuron's rows and column),
+      ``activation`` (structured only: E|h| * ||W_down[:, j]||, h = act(gate) * up).
+    refit (unstructured / N:M): ``sparsegpt`` refits the kept weights of each linear layer to
+      reproduce its dense outputs on the calibration inputs (optimal-brain-surgeon updates column
+      by column from the Gram matrix X^T X + ``refit_damping`` * mean(diag) * I, in lazy blocks
+      of 128 columns, the mask chosen by ``score`` block by block on the updated weights), layer
+      after layer and within a layer in forward order, so each sees the pruned ones before it;
+      ``none`` only zeroes. Leaving both ``score`` and ``refit`` unset gives the measured best
+      combination (``ria`` + ``sparsegpt``); naming a ``score`` without ``refit`` means no refit,
+      so ``score: wanda`` is Wanda exactly. The version records both resolved values.
+    per_layer_ratios: a ratio per layer (only those layers are pruned unless ``layers`` is
+      given), or ``owl`` (unstructured): OWL's outlier-weighted ratios (Yin et al., 2024), each
+      layer's sparsity lowered in proportion to its share of Wanda scores above
+      ``owl_threshold`` times the layer's mean, spread over at most +-``owl_lambda`` around
+      ``ratio`` and averaging to it; the version records the ratios it resolved to.
 
     Metrics (gate names): ``parameters_before``, ``parameters_after``, ``parameter_ratio``,
     ``bytes_before``, ``bytes_after`` (parameter bytes, the safetensors file size estimate),
@@ -54,10 +75,15 @@ class PruneConfig(MethodConfig):
     """
 
     method: Literal["prune"] = "prune"
+    text_source_fields: ClassVar[tuple[str, ...]] = ("calibration_data",)
     kind: Literal["structured", "unstructured", "nm"] = "unstructured"
-    score: Literal["wanda", "magnitude", "activation"] = "wanda"
+    score: Score | None = None
+    refit: Refit | None = None
+    refit_damping: float = Field(default=0.01, gt=0.0, le=1.0)
     ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
-    per_layer_ratios: dict[int, float] | None = None
+    per_layer_ratios: dict[int, float] | Literal["owl"] | None = None
+    owl_threshold: float = Field(default=5.0, gt=1.0)
+    owl_lambda: float = Field(default=0.08, gt=0.0, lt=0.5)
     n: int = Field(default=2, ge=1)
     m: int = Field(default=4, ge=2)
     prune_heads: int | float | None = None
@@ -84,8 +110,10 @@ class PruneConfig(MethodConfig):
 
     @field_validator("per_layer_ratios")
     @classmethod
-    def _ratios_in_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
-        for layer, r in (value or {}).items():
+    def _ratios_in_range(
+        cls, value: dict[int, float] | Literal["owl"] | None
+    ) -> dict[int, float] | Literal["owl"] | None:
+        for layer, r in (value if isinstance(value, dict) else {}).items():
             if not 0.0 < r < 1.0:
                 raise ValueError(f"per_layer_ratios[{layer}]: ratio {r} must be in (0, 1)")
         return value
@@ -96,6 +124,18 @@ class PruneConfig(MethodConfig):
             raise ValueError(f"n: N ({self.n}) must be smaller than M ({self.m})")
         if self.kind == "nm" and self.per_layer_ratios is not None:
             raise ValueError("per_layer_ratios: not used by kind 'nm' (sparsity is n/m)")
+        if self.per_layer_ratios == "owl":
+            if self.kind != "unstructured":
+                raise ValueError("per_layer_ratios: 'owl' is for kind 'unstructured'")
+            if not 0.0 < self.ratio - self.owl_lambda < self.ratio + self.owl_lambda < 1.0:
+                raise ValueError(
+                    f"owl_lambda: ratio {self.ratio} +- {self.owl_lambda} must stay in (0, 1)"
+                )
+        if self.kind == "structured":
+            if self.score == "ria":
+                raise ValueError("score: 'ria' is for kinds 'unstructured' and 'nm'")
+            if self.refit not in (None, "none"):
+                raise ValueError("refit: only for kinds 'unstructured' and 'nm'")
         if self.kind != "structured":
             if self.prune_heads is not None:
                 raise ValueError("prune_heads: head pruning needs kind 'structured'")
@@ -108,7 +148,7 @@ class PruneConfig(MethodConfig):
         if isinstance(self.prune_heads, int) and self.prune_heads < 0:
             raise ValueError(f"prune_heads: {self.prune_heads} must be >= 0")
         if self.kind == "structured" and self.uniform_widths:
-            ratios = set((self.per_layer_ratios or {}).values())
+            ratios = set(self.ratio_table().values())
             if len(ratios) > 1:
                 raise ValueError(
                     "per_layer_ratios: different ratios give non-uniform widths; "
@@ -117,13 +157,28 @@ class PruneConfig(MethodConfig):
         return self
 
     # --- resolved values ---------------------------------------------------------------------
+    def ratio_table(self) -> dict[int, float]:
+        """The explicit per-layer ratios (none before ``owl`` is resolved on the model)."""
+        return self.per_layer_ratios if isinstance(self.per_layer_ratios, dict) else {}
+
     def layer_ratio(self, layer: int) -> float:
-        return (self.per_layer_ratios or {}).get(layer, self.ratio)
+        return self.ratio_table().get(layer, self.ratio)
 
     def selected_layers(self, num_layers: int) -> list[int]:
-        if self.per_layer_ratios is not None and self.layers is None:
+        if isinstance(self.per_layer_ratios, dict) and self.layers is None:
             return sorted(self.per_layer_ratios)
         return sorted(set(self.layers)) if self.layers is not None else list(range(num_layers))
+
+    def with_defaults(self) -> PruneConfig:
+        """``score`` and ``refit`` filled: the measured best pair when neither is given, no
+        refit when only a score is."""
+        structured = self.kind == "structured"
+        score = self.score or ("wanda" if structured else DEFAULT_SPARSE_SCORE)
+        default_refit = "none" if structured or self.score is not None else DEFAULT_SPARSE_REFIT
+        refit = self.refit or default_refit
+        if (score, refit) == (self.score, self.refit):
+            return self
+        return self.model_copy(update={"score": score, "refit": refit})
 
     def kv_groups_to_remove(self, num_kv_heads: int) -> int:
         if self.prune_heads is None:
@@ -133,17 +188,20 @@ class PruneConfig(MethodConfig):
         return self.prune_heads
 
     def resolved(self, model_config: Any) -> PruneConfig:
-        """The pruned layers as ``run`` selects them."""
-        if self.layers is not None:
-            return self
-        return self.model_copy(update={"layers": self.selected_layers(layer_count(model_config))})
+        """The pruned layers, score and refit as ``run`` selects them."""
+        config = self.with_defaults()
+        if config.layers is not None:
+            return config
+        return config.model_copy(
+            update={"layers": config.selected_layers(layer_count(model_config))}
+        )
 
     # --- validation against the base model ---------------------------------------------------
     def check_against(self, model_config: Any) -> None:
         dims = ModelDims.from_config(model_config)
         for field, indices in (
             ("layers", self.layers or []),
-            ("per_layer_ratios", sorted(self.per_layer_ratios or {})),
+            ("per_layer_ratios", sorted(self.ratio_table())),
         ):
             for pos, layer in enumerate(indices):
                 if not 0 <= layer < dims.num_layers:

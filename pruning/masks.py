@@ -9,23 +9,18 @@ from __future__ import annotations
 import torch
 
 
-def wanda_scores(weight: torch.Tensor, input_l2: torch.Tensor) -> torch.Tensor:
-    """|W_ij| * ||X_j||_2 for a weight seen as [out, in]."""
-    return weight.detach().abs().float() * input_l2.to(weight.device).float().unsqueeze(0)
-
-
-def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().abs().float()
-
-
-def row_prune_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """True where a weight is removed: the ``round(ratio * in)`` lowest scores of each row."""
-    k = round(ratio * scores.shape[1])
+def row_prune_mask_count(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True where a weight is removed: the ``k`` lowest scores of each row."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k == 0:
         return mask
     lowest = torch.topk(scores, k, dim=1, largest=False).indices
     return mask.scatter_(1, lowest, True)
+
+
+def row_prune_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """True where a weight is removed: the ``round(ratio * in)`` lowest scores of each row."""
+    return row_prune_mask_count(scores, round(ratio * scores.shape[1]))
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

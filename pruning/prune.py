@@ -1,4 +1,5 @@
-"""The `prune` surgery method: structured (neurons, KV head groups), unstructured and N:M.
+"""The `prune` surgery method: structured (neurons, KV head groups), unstructured and N:M
+(optionally refitted, ``pruning.sequential``; optionally with OWL's per-layer ratios).
 
 ``prune_model`` does the work on given calibration token ids (what tests call); ``run`` is the
 registered entry point: it builds the calibration windows.
@@ -18,16 +19,12 @@ from modelsurgery.models.adapters import ArchitectureAdapter, Projection, get_ad
 from modelsurgery.models.hardware import resolve_dtype
 from modelsurgery.pruning.calibration import (
     InputStats,
+    LayerInputs,
     LayerwiseCalibration,
     calibration_ids,
 )
 from modelsurgery.pruning.config import PruneConfig
-from modelsurgery.pruning.masks import (
-    magnitude_scores,
-    nm_prune_mask,
-    row_prune_mask,
-    wanda_scores,
-)
+from modelsurgery.pruning.masks import nm_prune_mask, row_prune_mask
 from modelsurgery.pruning.metrics import (
     block_projections,
     forward_latency,
@@ -35,6 +32,8 @@ from modelsurgery.pruning.metrics import (
     sparsity_table,
     weight_shapes,
 )
+from modelsurgery.pruning.owl import measure_outliers, owl_ratios
+from modelsurgery.pruning.refit import Sparsity
 from modelsurgery.pruning.resize import (
     KV_HEADS_KEY,
     MLP_WIDTHS_KEY,
@@ -44,6 +43,8 @@ from modelsurgery.pruning.resize import (
     replace,
     with_bias,
 )
+from modelsurgery.pruning.scores import magnitude_scores, ria_scores, wanda_scores
+from modelsurgery.pruning.sequential import refit_layer
 from modelsurgery.pruning.structured import (
     compensation_bias,
     kv_group_scores,
@@ -58,6 +59,7 @@ class _Pruner:
     def __init__(self, adapter: ArchitectureAdapter, config: PruneConfig, context: MethodContext):
         self.adapter = adapter
         self.config = config
+        self.refit = config.kind != "structured" and config.refit == "sparsegpt"
         self.context = context
         self.changed: dict[str, torch.Tensor] = {}
         self.mlp_widths = [adapter.intermediate_size] * adapter.num_layers
@@ -70,7 +72,7 @@ class _Pruner:
     def stat_targets(self, index: int) -> dict[str, nn.Module]:
         cfg, adapter = self.config, self.adapter
         if cfg.kind != "structured":
-            if cfg.score == "magnitude":
+            if cfg.score == "magnitude" or self.refit:
                 return {}
             return block_projections(adapter, [index])
         targets: dict[str, nn.Module] = {}
@@ -91,6 +93,8 @@ class _Pruner:
             weight = Projection(module, self.adapter.layout.conv1d).weight
             if cfg.score == "magnitude":
                 scores = magnitude_scores(weight)
+            elif cfg.score == "ria":
+                scores = ria_scores(weight, stats[name].l2())
             else:
                 scores = wanda_scores(weight, stats[name].l2())
             if cfg.kind == "nm":
@@ -99,6 +103,27 @@ class _Pruner:
                 mask = row_prune_mask(scores, cfg.layer_ratio(index))
             with torch.no_grad():
                 weight[mask] = 0
+            self.changed[f"{name}.weight"] = module.weight.detach()
+
+    def refit_layer(
+        self, index: int, calibration: LayerwiseCalibration, inputs: LayerInputs
+    ) -> None:
+        cfg = self.config
+        sparsity = (
+            Sparsity(n=cfg.n, m=cfg.m) if cfg.kind == "nm" else Sparsity(cfg.layer_ratio(index))
+        )
+        modules = block_projections(self.adapter, [index])
+        refit_layer(
+            calibration,
+            index,
+            inputs,
+            modules,
+            sparsity=sparsity,
+            score=cfg.score or "wanda",
+            damping=cfg.refit_damping,
+            check_cancelled=self.context.check_cancelled,
+        )
+        for name, module in modules.items():
             self.changed[f"{name}.weight"] = module.weight.detach()
 
     # --- structured ------------------------------------------------------------------------
@@ -177,6 +202,7 @@ def prune_model(
     model: nn.Module, config: PruneConfig, ids: torch.Tensor, context: MethodContext
 ) -> SurgeryResult:
     """Prune ``model`` in place from calibration windows ``ids`` ([n, seqlen] token ids)."""
+    config = config.with_defaults()
     adapter = get_adapter(model)
     selected = config.selected_layers(adapter.num_layers)
     params_before, bytes_before = parameter_counts(model)
@@ -187,8 +213,6 @@ def prune_model(
 
     start = time.perf_counter()
     calibration_dtype = resolve_dtype(config.calibration_dtype, next(model.parameters()).device)
-    pruner = _Pruner(adapter, config, context)
-    pruner.ensure_mlp_biases()
     calibration = LayerwiseCalibration(
         model,
         adapter,
@@ -196,7 +220,21 @@ def prune_model(
         batch_size=config.calibration_batch_size,
         dtype=calibration_dtype,
     )
-    needs_data = any(pruner.stat_targets(i) for i in selected)
+    resolved: dict[str, Any] = {"score": config.score, "refit": config.refit}
+    artifacts: dict[str, bytes] = {}
+    if config.per_layer_ratios == "owl":
+        context.progress("measuring outlier ratios (OWL)")
+        outliers = measure_outliers(
+            calibration, selected, config.owl_threshold, context.check_cancelled
+        )
+        ratios = owl_ratios(outliers, config.ratio, config.owl_lambda)
+        config = config.model_copy(update={"per_layer_ratios": ratios, "layers": selected})
+        resolved["per_layer_ratios"] = ratios
+        owl = {"rule": "owl", "outlier_ratio": outliers, "ratio": ratios}
+        artifacts["layer_ratios.json"] = json.dumps(owl, indent=1).encode()
+    pruner = _Pruner(adapter, config, context)
+    pruner.ensure_mlp_biases()
+    needs_data = pruner.refit or any(pruner.stat_targets(i) for i in selected)
     inputs = calibration.capture() if needs_data else None
     for index in range(max(selected) + 1):
         context.check_cancelled()
@@ -210,6 +248,8 @@ def prune_model(
             )
             if structured:
                 pruner.shrink(index, stats)
+            elif pruner.refit and inputs is not None:
+                pruner.refit_layer(index, calibration, inputs)
             else:
                 pruner.sparsify(index, stats)
             context.progress(f"pruned layer {index}", step=index + 1, total=max(selected) + 1)
@@ -239,7 +279,7 @@ def prune_model(
         metrics["latency_before_s"] = latency_before
         metrics["latency_after_s"] = latency_after
         metrics["latency_ratio"] = latency_after / latency_before
-    artifacts = {"layer_sparsity.json": json.dumps(table, indent=1).encode()}
+    artifacts["layer_sparsity.json"] = json.dumps(table, indent=1).encode()
     if pruner.kept:
         artifacts["kept_structure.json"] = json.dumps(pruner.kept).encode()
     return SurgeryResult(
@@ -247,7 +287,7 @@ def prune_model(
         config_overrides=overrides,
         metrics=metrics,
         artifacts=artifacts,
-        resolved={"calibration_dtype": str(calibration_dtype).removeprefix("torch.")},
+        resolved={**resolved, "calibration_dtype": str(calibration_dtype).removeprefix("torch.")},
     )
 
 

@@ -210,7 +210,7 @@ def test_wanda_removes_lowest_weight_times_input_norm(context) -> None:
     x = seen[0].reshape(-1, seen[0].shape[-1])
     score = q_proj.weight.detach().abs() * x.norm(dim=0)
     expected = score <= score.kthvalue(32, dim=1, keepdim=True).values
-    prune_model(model, config(kind="unstructured", ratio=0.5), ids, context)
+    prune_model(model, config(kind="unstructured", ratio=0.5, score="wanda"), ids, context)
     assert torch.equal(q_proj.weight == 0, expected)
 
 

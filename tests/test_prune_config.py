@@ -53,6 +53,14 @@ def check(fields: dict[str, object], model_config: object = LLAMA) -> str:
         ({"kind": "unstructured", "bias_compensation": True}, "bias_compensation: only for"),
         ({"kind": "nm", "score": "activation"}, "score: 'activation' is for kind"),
         ({"kund": "nm"}, "kund: Extra inputs are not permitted"),
+        ({"kind": "structured", "refit": "sparsegpt"}, "refit: only for kinds"),
+        ({"kind": "structured", "score": "ria"}, "score: 'ria' is for kinds"),
+        ({"refit": "admm"}, "refit: Input should be 'none' or 'sparsegpt'"),
+        ({"refit_damping": 0.0}, "refit_damping: Input should be greater than 0"),
+        ({"kind": "structured", "per_layer_ratios": "owl"}, "per_layer_ratios: 'owl' is for"),
+        ({"per_layer_ratios": "owls"}, "per_layer_ratios"),
+        ({"per_layer_ratios": "owl", "ratio": 0.95}, "owl_lambda: ratio 0.95 +- 0.08"),
+        ({"owl_lambda": 0.6}, "owl_lambda: Input should be less than 0.5"),
     ],
 )
 def test_config_errors_name_the_field(fields: dict[str, object], prefix: str) -> None:
@@ -66,6 +74,27 @@ def test_valid_configs_pass() -> None:
     assert check({"kind": "nm", "n": 4, "m": 8}) == ""
     assert check({"kind": "structured", "ratio": 0.2, "prune_heads": 1}) == ""
     assert check({"kind": "structured", "layers": [1], "uniform_widths": False}) == ""
+
+
+def test_defaults_resolve_score_and_refit() -> None:
+    """Nothing named: the measured best pair; a score alone: that score, no refit."""
+    default = PruneConfig().resolved(LLAMA)
+    assert (default.score, default.refit) == ("ria", "sparsegpt")
+    assert (PruneConfig(kind="nm").with_defaults().refit) == "sparsegpt"
+    wanda = PruneConfig(score="wanda").resolved(LLAMA)
+    assert (wanda.score, wanda.refit) == ("wanda", "none")
+    refit_only = PruneConfig(refit="sparsegpt").with_defaults()
+    assert (refit_only.score, refit_only.refit) == ("ria", "sparsegpt")
+    structured = PruneConfig(kind="structured").with_defaults()
+    assert (structured.score, structured.refit) == ("wanda", "none")
+
+
+def test_owl_and_explicit_ratios_select_layers() -> None:
+    owl = PruneConfig(per_layer_ratios="owl", ratio=0.7)
+    assert owl.selected_layers(3) == [0, 1, 2] and owl.layer_ratio(1) == 0.7
+    assert check({"per_layer_ratios": "owl", "ratio": 0.7}) == ""
+    explicit = PruneConfig(per_layer_ratios={"1": 0.4})
+    assert explicit.selected_layers(3) == [1] and explicit.layer_ratio(1) == 0.4
 
 
 def test_head_pruning_rejected_for_fused_qkv() -> None:

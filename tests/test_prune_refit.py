@@ -1,0 +1,198 @@
+"""Refit after the mask (SparseGPT's OBS update), RIA scores and OWL ratios on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+
+from modelsurgery.editing.registry import JobCancelled, MethodContext
+from modelsurgery.models.adapters import Projection, get_adapter
+from modelsurgery.pruning.config import PruneConfig
+from modelsurgery.pruning.metrics import block_projections
+from modelsurgery.pruning.owl import outlier_ratio, owl_ratios
+from modelsurgery.pruning.prune import prune_model
+from modelsurgery.pruning.refit import (
+    Sparsity,
+    importance,
+    inverse_hessian_factor,
+    refit_weight,
+)
+from modelsurgery.pruning.scores import ria_scores
+
+VOCAB = 128
+
+
+def tiny(family: str = "llama", **overrides: object) -> nn.Module:
+    pad = 1 if family == "opt" else None
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": pad}
+    return tiny_model(family, max_position_embeddings=64, **ids, **overrides)
+
+
+def calib_ids(n: int = 6, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def config(**fields: object) -> PruneConfig:
+    return PruneConfig(**{"calibration_batch_size": 4, "calibration_dtype": "float32", **fields})
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> MethodContext:
+    return MethodContext(model_digest="test", cache_dir=tmp_path)
+
+
+def correlated_inputs(tokens: int = 512, size: int = 32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(size, size, generator=generator)
+    return torch.randn(tokens, size, generator=generator) @ mixing
+
+
+@pytest.mark.parametrize("sparsity", [Sparsity(ratio=0.5), Sparsity(n=2, m=4)])
+def test_refit_beats_zeroing_the_same_mask(sparsity: Sparsity) -> None:
+    x = correlated_inputs()
+    dense = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    refitted = dense.clone()
+    gram = (x.T @ x).double()
+    weight_importance = importance("wanda", dense, gram.diagonal().sqrt().float())
+    mask = refit_weight(refitted, inverse_hessian_factor(gram, 0.01), sparsity, weight_importance)
+    zeroed = dense.masked_fill(mask, 0.0)
+    assert torch.equal(refitted == 0, mask)
+    assert mask.float().mean() == 0.5
+    refit_error = (x @ (refitted - dense).T).norm()
+    zero_error = (x @ (zeroed - dense).T).norm()
+    assert refit_error < 0.95 * zero_error
+
+
+def _input_of(model: nn.Module, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "nm"])
+def test_refit_reduces_layer_output_error(kind: str, context) -> None:
+    """Layer 0's attention inputs are the same with and without pruning: its q/k/v outputs
+    on the calibration tokens stay closer to the dense ones after the refit."""
+    dense = tiny()
+    ids = calib_ids()
+    errors = {}
+    for refit in ("none", "sparsegpt"):
+        model = copy.deepcopy(dense)
+        prune_model(model, config(kind=kind, score="wanda", refit=refit), ids, context)
+        total = 0.0
+        for role, module in get_adapter(model).attn_qkv(0).items():
+            reference = get_adapter(dense).attn_qkv(0)[role]
+            x = _input_of(dense, reference, ids)
+            total += float((x @ (module.weight - reference.weight).T.detach()).norm() ** 2)
+        errors[refit] = total
+    assert errors["sparsegpt"] < 0.95 * errors["none"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8)])
+def test_nm_pattern_holds_after_refit(family: str, n: int, m: int, context) -> None:
+    model = tiny(family)
+    adapter = get_adapter(model)
+    result = prune_model(
+        model, config(kind="nm", n=n, m=m, refit="sparsegpt"), calib_ids(), context
+    )
+    modules = block_projections(adapter, list(range(adapter.num_layers)))
+    for name, module in modules.items():
+        weight = Projection(module, adapter.layout.conv1d).weight
+        zeros = (weight == 0).reshape(weight.shape[0], -1, m).sum(-1)
+        assert torch.all(zeros == n), name
+        assert torch.equal(result.changed[f"{name}.weight"], module.weight)
+
+
+def test_unstructured_refit_keeps_exact_row_sparsity(context) -> None:
+    model = tiny("gpt2")
+    adapter = get_adapter(model)
+    prune_model(
+        model,
+        config(kind="unstructured", ratio=0.3, score="ria", refit="sparsegpt"),
+        calib_ids(),
+        context,
+    )
+    for name, module in block_projections(adapter, [0, 1]).items():
+        weight = Projection(module, adapter.layout.conv1d).weight
+        assert torch.all((weight == 0).sum(1) == round(0.3 * weight.shape[1])), name
+
+
+def test_ria_score_by_hand() -> None:
+    weight = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    input_l2 = torch.tensor([4.0, 9.0])
+    # column sums |W|: 4, 6; row sums: 3, 7; sqrt(||X||): 2, 3
+    expected = torch.tensor(
+        [
+            [(1 / 4 + 1 / 3) * 2, (2 / 6 + 2 / 3) * 3],
+            [(3 / 4 + 3 / 7) * 2, (4 / 6 + 4 / 7) * 3],
+        ]
+    )
+    torch.testing.assert_close(ria_scores(weight, input_l2), expected)
+    block = ria_scores(
+        weight[:, 1:],
+        input_l2[1:],
+        row_sums=torch.tensor([3.0, 7.0]),
+        column_sums=torch.tensor([6.0]),
+    )
+    torch.testing.assert_close(block, expected[:, 1:])
+
+
+def test_owl_ratios_average_to_the_target_and_follow_outliers() -> None:
+    ratios = owl_ratios({0: 0.01, 1: 0.05, 2: 0.03, 3: 0.02}, target=0.7, spread=0.08)
+    assert sum(ratios.values()) / 4 == pytest.approx(0.7, abs=1e-6)
+    assert ratios[1] < ratios[2] < ratios[3] < ratios[0]
+    assert max(ratios.values()) - min(ratios.values()) == pytest.approx(0.16, abs=1e-6)
+    assert owl_ratios({0: 0.02, 1: 0.02}, 0.5, 0.08) == {0: 0.5, 1: 0.5}
+    scores = [torch.ones(10, 10), torch.tensor([[100.0, 1.0]])]
+    assert outlier_ratio(scores, threshold=5.0) == pytest.approx(1 / 102)
+
+
+def test_owl_prunes_the_layer_with_outliers_less(context) -> None:
+    model = tiny()
+    with torch.no_grad():
+        for module in block_projections(get_adapter(model), [1]).values():
+            module.weight[:, :2] *= 50.0  # a few huge weights: outliers of Wanda's score
+    result = prune_model(
+        model, config(kind="unstructured", ratio=0.6, per_layer_ratios="owl"), calib_ids(), context
+    )
+    ratios = result.resolved["per_layer_ratios"]
+    assert ratios[1] < 0.6 < ratios[0]
+    assert sum(ratios.values()) / 2 == pytest.approx(0.6, abs=1e-6)
+    table = json.loads(result.artifacts["layer_ratios.json"])
+    assert table["rule"] == "owl" and table["ratio"] == {"0": ratios[0], "1": ratios[1]}
+    sparsity = {
+        r["module"]: r["sparsity"] for r in json.loads(result.artifacts["layer_sparsity.json"])
+    }
+    assert sparsity["model.layers.1.mlp.down_proj"] < sparsity["model.layers.0.mlp.down_proj"]
+
+
+def test_the_version_records_what_ran(context) -> None:
+    default = prune_model(tiny(), config(), calib_ids(), context)
+    assert (default.resolved["score"], default.resolved["refit"]) == ("ria", "sparsegpt")
+    wanda = prune_model(tiny(), config(score="wanda"), calib_ids(), context)
+    assert (wanda.resolved["score"], wanda.resolved["refit"]) == ("wanda", "none")
+    assert "per_layer_ratios" not in wanda.resolved
+
+
+def test_cancel_between_layers_leaves_later_layers_untouched(context) -> None:
+    model = tiny()
+    dense = copy.deepcopy(model)
+    events: list[dict[str, object]] = []
+    context.report = events.append
+    context.is_cancelled = lambda: any(e.get("step") == 1 for e in events)
+    with pytest.raises(JobCancelled):
+        prune_model(model, config(kind="nm"), calib_ids(), context)
+    adapter, dense_adapter = get_adapter(model), get_adapter(dense)
+    assert not torch.equal(adapter.mlp_out(0).weight, dense_adapter.mlp_out(0).weight)
+    for name, module in block_projections(adapter, [1]).items():
+        assert torch.equal(module.weight, dense.get_submodule(name).weight), name
