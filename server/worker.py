@@ -33,7 +33,7 @@ from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.disk import is_disk_full
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
-from modelsurgery.server.logs import quiet_progress_bars
+from modelsurgery.server.logs import configure_logging, quiet_progress_bars
 from modelsurgery.server.model_cache import ModelCache
 from modelsurgery.server.outcome import JobOutcome
 from modelsurgery.server.redact import caller_message
@@ -54,6 +54,12 @@ def _task_cancelled() -> bool:
         return False
 
 
+def _in_ray_actor() -> bool:
+    """Whether this process is a Ray actor (a worker the server started), not the driver or a
+    test building a worker in its own process, whose logging is not ours to set."""
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 class EvaluationStopped(RuntimeError):
     """An evaluation stopped because the server cancelled its task (its caller went away)."""
 
@@ -61,10 +67,16 @@ class EvaluationStopped(RuntimeError):
 class SurgeryWorker:
     def __init__(self, settings: WorkerSettings, num_threads: int) -> None:
         torch.set_num_threads(max(1, num_threads))
-        quiet_progress_bars()  # tqdm frames would reach the JSON log as records
+        if _in_ray_actor():
+            # JSON records on stderr, which Ray forwards to the server's log (its relay); no
+            # progress bars there (tqdm frames would become records).
+            configure_logging()
+        else:
+            quiet_progress_bars()
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         if gpu_ids and torch.cuda.is_available():
             settings.device = "cuda"
+        log.info("worker started", extra={"device": settings.device, "threads": num_threads})
         self.settings = settings
         self.store = CheckpointStore(settings.store_root)
         self.cache = ModelCache(settings.max_cache_bytes)
