@@ -6,7 +6,7 @@ Concurrent writers of the same blob are harmless: same address, same bytes, atom
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ class BlobStore:
     def __init__(self, layout: StoreLayout) -> None:
         self.layout = layout
 
-    def _put(self, path: Path, data: bytes) -> None:
+    def _put(self, path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
         if not path.exists():
             atomic_write(path, data, self.layout.tmp)
 
@@ -50,8 +50,7 @@ class BlobStore:
             digest = hashlib.sha256(header)
             digest.update(view)
             sha = digest.hexdigest()
-            if not self.layout.tensor_blob(sha).exists():
-                atomic_write(self.layout.tensor_blob(sha), [header, view], self.layout.tmp)
+            self._put(self.layout.tensor_blob(sha), [header, view])
         else:
             data = get_codec(encoding).encode(tensor)
             sha = hashlib.sha256(data).hexdigest()
