@@ -1,9 +1,12 @@
 """GGUF files through transformers: dequantised float weights, the tokenizer from the same file.
 
-Dequantising takes seconds to minutes, so the dequantised model is kept once per file (path,
-size, mtime) as a plain safetensors folder under ``$MODELSURGERY_CACHE`` (default
+Dequantising takes seconds to minutes, so the dequantised model is kept once per file content
+(its SHA-256) as a plain safetensors folder under ``$MODELSURGERY_CACHE`` (default
 ``$MODELSURGERY_HOME/cache/models``, beside the store, so a scratch home keeps it too); later
-loads read that folder instead (about 20x faster).
+loads read that folder instead (about 20x faster). Keying by content, not path, means the same
+file installed in a new virtual environment reuses the folder instead of adding another copy
+(CI's fresh clones had left fifteen 517 MB copies of SmolLM2). The file is hashed once per (path,
+size, mtime); a small index file remembers the digest.
 
 The config is read from the GGUF metadata alone (transformers' gguf config reader, no tensors
 dequantised) and cached per file (path, size, mtime), because a server validates many specs
@@ -51,6 +54,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from modelsurgery.checkpoints.atomic import atomic_write
 from modelsurgery.models.aliases import models_cache_dir
 from modelsurgery.models.errors import ModelReferenceError
 from modelsurgery.proto.limits import (
@@ -462,10 +466,21 @@ def cache_root() -> Path:
 
 
 def dequantized_folder(path: Path) -> Path:
-    """Where the dequantised copy of this exact file lives (it may not exist yet)."""
+    """Where the dequantised copy of this file's content lives (it may not exist yet)."""
+    return cache_root() / "gguf" / content_digest(path)[:32]
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of the file, read from the index while the file's path, size and mtime stand."""
     stat = path.stat()
     key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    return cache_root() / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:32]
+    index = cache_root() / "gguf" / "index" / hashlib.sha256(key.encode()).hexdigest()[:32]
+    if index.is_file():
+        return index.read_text().strip()
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    atomic_write(index, digest.encode(), tmp_dir=index.parent)
+    return digest
 
 
 def load_gguf(

@@ -4,6 +4,7 @@ environment for ``execute_job`` (``job_env``, ``run_job``) and a default server.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -257,6 +258,22 @@ def run_job(
         emit=emit,
         is_cancelled=lambda: False,
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_scratch_removed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Folders a module made with ``mktemp`` go when the module ends, unless one of its tests
+    failed: a server home holds SmolLM2 versions (0.5-3 GB), and a suite that kept them all used
+    12 GB of disk per run. (Each test's own ``tmp_path`` goes when it passes; see pyproject.)"""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failures_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failures_before:
+        for entry in set(base.iterdir()) - before:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

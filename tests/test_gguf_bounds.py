@@ -153,6 +153,25 @@ def test_a_tiny_valid_gguf_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sum(p.numel() for p in loaded.model.parameters()) == 1_384
 
 
+def test_the_same_file_in_another_place_reuses_its_dequantised_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(gguf_module.CACHE_ENV, str(tmp_path / "cache"))
+    first = tiny_llama_gguf(tmp_path / "venv-a" / "tiny.gguf")
+    load(str(first), allowed_roots=[first.parent])
+    second = tmp_path / "venv-b" / "tiny.gguf"
+    second.parent.mkdir()
+    second.write_bytes(first.read_bytes())
+    assert gguf_module.dequantized_folder(second) == gguf_module.dequantized_folder(first)
+    assert gguf_module.dequantized_folder(second).is_dir()
+    second.write_bytes(first.read_bytes() + b"\0")
+    assert gguf_module.dequantized_folder(second) != gguf_module.dequantized_folder(first)
+    folders = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folders) == sorted(
+        ["index", gguf_module.dequantized_folder(first).name]
+    )
+
+
 NO_SHAPE = (
     "its metadata lacks llama.block_count, llama.embedding_length, llama.feed_forward_length, "
     "llama.attention.head_count, llama.vocab_size (or tokenizer.ggml.tokens)"
