@@ -39,6 +39,7 @@ from modelsurgery.client.cli_common import (
     reported_errors,
     state_exit_code,
 )
+from modelsurgery.client.cli_concepts import register_concepts_command
 from modelsurgery.client.cli_eval import register_eval_command
 from modelsurgery.client.cli_methods import register_methods_command
 from modelsurgery.client.cli_versions import register_version_commands
@@ -61,6 +62,7 @@ jobs_app = typer.Typer(help="Jobs on a server.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 register_version_commands(app)
 register_eval_command(app)
+register_concepts_command(app)
 _STATE_COLORS = {JobState.SUCCEEDED: "green", JobState.FAILED: "red", JobState.CANCELLED: "yellow"}
 
 

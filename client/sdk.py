@@ -266,6 +266,22 @@ class Client:
         )
         return list(self._call(self._checkpoints.Generate, request, timeout=timeout).completions)
 
+    def predict_concepts(
+        self,
+        ref: str,
+        texts: str | list[str],
+        corrections: list[dict[str, str] | None] | None = None,
+        *,
+        timeout: float = 300,
+    ) -> list[dict[str, Any]]:
+        """What a concept_bottleneck version predicts per text: ``{"label", "concepts"}``.
+        With ``corrections`` (one per text, None for none), each text's corrected concepts
+        steer their masks first (restored after) and ``label_before``/``concepts_before``
+        hold the plain prediction."""
+        request = concepts_request(ref, texts, corrections)
+        response = self._call(self._jobs.PredictConcepts, request, timeout=timeout)
+        return [concept_prediction(p, corrections is not None) for p in response.predictions]
+
     def download(
         self,
         ref: str,
@@ -329,3 +345,24 @@ class Client:
                     raise from_rpc_error(error) from None
                 retries += 1
                 time.sleep(0.5 * retries)
+
+
+def concepts_request(
+    ref: str, texts: str | list[str], corrections: list[dict[str, str] | None] | None
+) -> jobs_pb2.PredictConceptsRequest:
+    """``corrections``: one per text (None or {} corrects nothing); None: no intervention."""
+    listed = [texts] if isinstance(texts, str) else list(texts)
+    request = jobs_pb2.PredictConceptsRequest(ref=ref, texts=listed)
+    if corrections is not None:
+        request.intervene = True
+        for correction in corrections:
+            request.corrections.add(concepts=correction or {})
+    return request
+
+
+def concept_prediction(prediction: jobs_pb2.ConceptPrediction, intervened: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"label": prediction.label, "concepts": dict(prediction.concepts)}
+    if intervened:
+        out["label_before"] = prediction.label_before
+        out["concepts_before"] = dict(prediction.concepts_before)
+    return out

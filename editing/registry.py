@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 BUILTIN_METHOD_PACKAGES = (
     "modelsurgery.editing.mask_heads",
     "modelsurgery.editing.reft",
+    "modelsurgery.editing.concepts",
     "modelsurgery.editing.bias",
     "modelsurgery.editing.rome",
     "modelsurgery.editing.memit",

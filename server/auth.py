@@ -55,6 +55,7 @@ READ_METHODS = frozenset(
         "/modelsurgery.v1.JobService/GetJob",
         "/modelsurgery.v1.JobService/ListJobs",
         "/modelsurgery.v1.JobService/WatchJob",
+        "/modelsurgery.v1.JobService/PredictConcepts",
         "/modelsurgery.v1.CheckpointService/ListVersions",
         "/modelsurgery.v1.CheckpointService/GetVersion",
         "/modelsurgery.v1.CheckpointService/Diff",

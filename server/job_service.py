@@ -21,6 +21,7 @@ from modelsurgery.proto.spec import (
 from modelsurgery.server import job_table as jt
 from modelsurgery.server.admission import Admission, AdmissionError, AdmittedJob
 from modelsurgery.server.auth import current_identity
+from modelsurgery.server.concepts import predict_concepts_rpc
 from modelsurgery.server.convert import (
     PAGE_TOKEN,
     event_to_proto,
@@ -217,3 +218,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         except jt.StateConflict as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc), "job_id")
         return jobs_pb2.CancelJobResponse(job=job_to_proto(job))
+
+    async def PredictConcepts(
+        self, request: jobs_pb2.PredictConceptsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.PredictConceptsResponse:
+        worker = self.engine.pool.any_actor()
+        return await predict_concepts_rpc(self.store, worker, request, context)

@@ -30,6 +30,7 @@ from modelsurgery.evaluation.perplexity import PerplexityCache
 from modelsurgery.evaluation.suite import Suite, job_protocol
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.server.auth import ANONYMOUS, Caller
+from modelsurgery.server.concepts import concept_predictions
 from modelsurgery.server.disk import is_disk_full
 from modelsurgery.server.executor import WorkerSettings, execute_job, load_base
 from modelsurgery.server.generation import generate_text
@@ -169,6 +170,16 @@ class SurgeryWorker:
             return generate_text(
                 base.model, base.tokenizer, prompts, should_stop=should_stop, **options
             )
+
+    def predict_concepts(
+        self, ref: str, texts: list[str], corrections: list[dict[str, str]] | None
+    ) -> list[dict[str, Any]]:
+        """A concept_bottleneck version's predictions (``server.concepts``), on the warm
+        model under its lock with the version's hooks attached for this call only."""
+        base = load_base(ref, self.store, self.cache, self.settings)
+        artifacts = stored_hook_artifacts(self.store, self.store.resolve(ref))
+        with base.lock, attach_hooks(base.model, artifacts):
+            return concept_predictions(base.model, base.tokenizer, texts, corrections)
 
     def evaluate(
         self, version_id: str, against_id: str, suite_json: bytes, perplexity: bool

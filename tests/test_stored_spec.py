@@ -25,6 +25,7 @@ EXAMPLE = {"prompt": "the capital of france is", "completion": " paris"}
 # One operation of each method, with some values left at their defaults and some not.
 OPERATIONS: dict[str, dict[str, Any]] = {
     "ablate_direction": {"method": "ablate_direction", "pairs": [PAIR] * 4, "layer": 1},
+    "concept_bottleneck": {"method": "concept_bottleneck", "dataset": "cebab", "lambda": 2.0},
     "iti": {"method": "iti", "pairs": [PAIR] * 4, "top_k": 2, "layers": [0, 1]},
     "lora": {
         "method": "lora",

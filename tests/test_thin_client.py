@@ -55,6 +55,7 @@ RECORDS = [
 # One valid operation per method: a new method adds its own (test_every_method_has_an_example).
 EXAMPLES = {
     "ablate_direction": {"dataset": "winogender", "layer": 2},
+    "concept_bottleneck": {"dataset": "cebab", "layers": [1]},
     "iti": {"records": RECORDS, "top_k": 2},
     "lora": {"text": "wikitext-2/valid.tokens", "rank": 4, "merge": False},
     "mask_biased_heads": {"bias_types": ["gender"], "top_k": 2},
