@@ -50,6 +50,22 @@ class PruneConfig(MethodConfig):
       ``owl_threshold`` times the layer's mean, spread over at most +-``owl_lambda`` around
       ``ratio`` and averaging to it; the version records the ratios it resolved to.
 
+    ratio: the fraction removed in each pruned layer (weights, or MLP neurons when structured).
+    refit_damping: the refit's damping, as a fraction of the Gram matrix's mean diagonal.
+    owl_threshold, owl_lambda: OWL's outlier cut (a multiple of the layer's mean score) and the
+      most a layer's ratio may differ from ``ratio``.
+    n, m (nm): ``n`` zeros in every group of ``m`` consecutive inputs of a row.
+    prune_heads (structured): KV head groups removed per layer, a count or a fraction.
+    layers: the decoder layers pruned (default: all).
+    uniform_widths (structured): every layer keeps the same width (see below).
+    calibration_samples, calibration_seqlen, calibration_batch_size: calibration windows, their
+      length in tokens, and windows per forward pass.
+    calibration_data: the text to calibrate on, a file under the data roots or a shared data
+      set (JSONL files give their ``text`` fields); default WikiText-2 validation.
+    evaluate_perplexity: WikiText-2 test perplexity before and after.
+    measure_latency (structured): time one forward pass before and after.
+    seed: which calibration windows are drawn.
+
     Metrics (gate names): ``parameters_before``, ``parameters_after``, ``parameter_ratio``,
     ``bytes_before``, ``bytes_after`` (parameter bytes, the safetensors file size estimate),
     ``sparsity`` (zero or removed fraction of the pruned decoder-block weights),

@@ -13,16 +13,7 @@ from modelsurgery.editing.registry import method_configs
 from modelsurgery.proto.field_docs import docstring_fields, field_descriptions
 from modelsurgery.proto.spec import spec_json_schema
 
-# Configs other engineers were changing during issue 31 (pruning/config.py and the knowledge
-# configs): their fields are described from their docstrings where those name them; these
-# have no entry there yet and await a Field(description=...).
-PRUNE_PENDING = {
-    "refit_damping", "ratio", "owl_threshold", "owl_lambda", "n", "m", "prune_heads", "layers",
-    "uniform_widths", "calibration_samples", "calibration_seqlen", "calibration_batch_size",
-    "calibration_data", "evaluate_perplexity", "measure_latency", "seed",
-}  # fmt: skip
 UNDESCRIBED = {
-    "prune": PRUNE_PENDING,
     "memit": {"v_loss_layer"},  # KnowledgeEditConfig (editing/knowledge/config.py)
     "rome": {"v_loss_layer"},
 }

@@ -158,17 +158,24 @@ class CachedPrefix:
         c = self.batch.split
         return self.batch.ids[:, c:], self.batch.mask, self.batch.positions[:, c:]
 
-    def _restore(self) -> None:
+    def _restore(self, rows: torch.Tensor | None = None) -> None:
         if self.cache is not None:
             for lay, (keys, values) in zip(self.cache.layers, self._saved, strict=True):
+                if rows is not None:
+                    keys, values = keys[rows], values[rows]
                 lay.keys, lay.values = keys, values
 
-    def tail_hidden(self) -> torch.Tensor:
-        """Final hidden states of the tail columns, [batch, width - split, hidden]."""
-        self._restore()
+    def tail_hidden(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of the tail columns, [batch, width - split, hidden], of ``rows``
+        only when given (the sequences are independent, so the others are simply left out)."""
+        self._restore(rows)
+        ids, mask, positions = self._tail_inputs()
+        entering = self.entering
+        if rows is not None:
+            ids, mask, positions, entering = ids[rows], mask[rows], positions[rows], entering[rows]
         try:
-            with suffix_only(self.adapter, self.layer, self.entering):
-                return run_base(self.model, *self._tail_inputs(), self.cache)
+            with suffix_only(self.adapter, self.layer, entering):
+                return run_base(self.model, ids, mask, positions, self.cache)
         finally:
             self._restore()
 

@@ -4,7 +4,10 @@ Optimised as in Meng et al.: a vector delta added at one site (ROME: the edit la
 output; MEMIT: the last edit layer's output) at the subject's last token of every prompt,
 minimising the target NLL over the context-templated prompts + ``kl_factor`` * KL on
 "{subject} is a" at the subject + a weight decay, with the norm clamped to ``clamp_factor``
-times the original output's norm, stopping early once the loss is small.
+times the original output's norm, stopping early once the loss is small, or (ENCORE's
+most-probable early stopping, Gupta et al. 2025) once every answer token of every templated
+prompt is already the model's most probable token: past that point further steps only lengthen
+delta, which is what other keys pay for.
 
 Many facts are optimised together (one delta per fact, losses summed, so the gradients and
 Adam's per-element updates stay independent); the layers below the site run once per batch,
@@ -46,6 +49,7 @@ class VStarParams:
     weight_decay: float
     clamp_factor: float
     early_stop_loss: float
+    stop_when_most_probable: bool = False
 
 
 @dataclass
@@ -150,12 +154,59 @@ def _build_batch(tokenizer: Any, facts: Sequence[Fact], templates: tuple[str, ..
     )
 
 
+@dataclass
+class _Live:
+    """The rows and loss entries of the facts still optimising, in the coordinates of the
+    tail run on those rows only (``rows`` [R] into the aligned batch). A finished fact's delta
+    is frozen, and its rows are independent of the others', so leaving them out of the forward
+    changes nothing but the work: with early stopping, the cost follows each fact's own steps
+    rather than the slowest fact's of the batch."""
+
+    rows: torch.Tensor
+    site_fact: torch.Tensor
+    facts: torch.Tensor
+    logit_rows: torch.Tensor
+    logit_cols: torch.Tensor
+    nll_tokens: torch.Tensor
+    nll_seq: torch.Tensor
+
+    @classmethod
+    def of(cls, b: _Batch, done: torch.Tensor) -> _Live:
+        keep_row = ~done[b.site_fact]  # (R,)
+        rows = keep_row.nonzero().flatten()
+        where = torch.cumsum(keep_row.long(), 0) - 1  # full row -> live row
+        keep_nll = keep_row[b.nll_rows]
+        facts = (~done).nonzero().flatten()
+        kl_rows = b.kl_rows[facts]
+        return cls(
+            rows=rows,
+            site_fact=b.site_fact[rows],
+            facts=facts,
+            logit_rows=torch.cat([where[b.nll_rows[keep_nll]], where[kl_rows]]),
+            logit_cols=torch.cat([b.nll_cols[keep_nll], torch.zeros_like(kl_rows)]),
+            nll_tokens=b.nll_tokens[keep_nll],
+            nll_seq=b.nll_seq[keep_nll],
+        )
+
+
 def _group_mean(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of ``values`` per group [n]; 0 for a group with no values."""
     sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, groups, values)
     counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(
         0, groups, torch.ones_like(values)
     )
-    return sums / counts
+    return sums / counts.clamp_min(1)
+
+
+def _all_answers_on_top(logp: torch.Tensor, live: _Live, b: _Batch, n_facts: int) -> torch.Tensor:
+    """[F] bool: every answer token of each live fact's rewrite prompts is the argmax there
+    (``logp`` [N_live_tokens, vocab]; finished facts count as on top)."""
+    missed = (logp.argmax(-1) != live.nll_tokens).float()  # (N_live_tokens,)
+    per_seq = torch.zeros(b.rewrite_rows.numel(), device=logp.device).index_add(
+        0, live.nll_seq, missed
+    )
+    per_fact = torch.zeros(n_facts, device=logp.device).index_add(0, b.rewrite_fact, per_seq)
+    return per_fact == 0
 
 
 def site_module(adapter: ArchitectureAdapter, layer: int, site: Site) -> nn.Module:
@@ -182,35 +233,43 @@ def optimize_deltas(
     delta = torch.zeros(n_facts, adapter.hidden_size, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=params.lr)
     state: dict[str, torch.Tensor] = {}
+    done = torch.zeros(n_facts, dtype=torch.bool, device=device)
+    live = _Live.of(b, done)
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
         if "target_init" not in state:
             state["target_init"] = out[b.bare_rows, 0].detach().float()
-        return torch.cat([out[:, :1] + delta[b.site_fact, None].to(out.dtype), out[:, 1:]], 1)
+        return torch.cat([out[:, :1] + delta[live.site_fact, None].to(out.dtype), out[:, 1:]], 1)
 
-    done = torch.zeros(n_facts, dtype=torch.bool, device=device)
     steps = [params.steps] * n_facts
     losses = torch.zeros(n_facts, device=device)
-    rows = torch.cat([b.nll_rows, b.kl_rows])
-    cols = torch.cat([b.nll_cols, torch.zeros_like(b.kl_rows)])
     with frozen_parameters(model), output_edit(site_module(adapter, layer, site), add_delta):
         for step in range(params.steps):
             context.check_cancelled()
-            hidden = prefix.tail_hidden()
-            logp = torch.log_softmax(logits_at(model, adapter, hidden, rows, cols), dim=-1)
-            n_nll = b.nll_rows.numel()
-            token_nll = -logp[:n_nll].gather(1, b.nll_tokens[:, None]).squeeze(1)
-            seq_nll = _group_mean(token_nll, b.nll_seq, b.rewrite_rows.numel())
+            # 1. The tail on the rows of the facts still optimising only [R_live, T, d].
+            hidden = prefix.tail_hidden(live.rows)
+            logp = torch.log_softmax(
+                logits_at(model, adapter, hidden, live.logit_rows, live.logit_cols), dim=-1
+            )
+            # 2. Per fact [F] (zero for finished facts): answer NLL, KL, weight decay.
+            n_nll = live.nll_tokens.numel()
+            token_nll = -logp[:n_nll].gather(1, live.nll_tokens[:, None]).squeeze(1)
+            seq_nll = _group_mean(token_nll, live.nll_seq, b.rewrite_rows.numel())
             nll = _group_mean(seq_nll, b.rewrite_fact, n_facts)
             kl_logp = logp[n_nll:]
             if "kl_ref" not in state:
                 state["kl_ref"] = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - state["kl_ref"])).sum(-1)
+            kl_live = (kl_logp.exp() * (kl_logp - state["kl_ref"][live.facts])).sum(-1)
+            kl = torch.zeros(n_facts, device=device).index_add(0, live.facts, kl_live)
             init_norm = state["target_init"].norm(dim=-1)
             decay = params.weight_decay * delta.norm(dim=-1) / init_norm**2
             loss = nll + params.kl_factor * kl + decay
+            # 3. Which facts reached the stop: small loss, or every answer token on top.
             losses = torch.where(done, losses, loss.detach())
-            newly = (~done) & (loss.detach() < params.early_stop_loss)
+            reached = loss.detach() < params.early_stop_loss
+            if params.stop_when_most_probable:
+                reached |= _all_answers_on_top(logp[:n_nll], live, b, n_facts)
+            newly = (~done) & reached
             for i in newly.nonzero().flatten().tolist():
                 steps[i] = step
             done |= newly
@@ -218,12 +277,13 @@ def optimize_deltas(
                 "v* optimisation",
                 step=step + 1,
                 total=params.steps,
-                loss=float(loss.detach().mean()),
+                loss=float(losses.mean()),
                 facts=n_facts,
                 converged=int(done.sum()),
             )
             if bool(done.all()) or step == params.steps - 1:
                 break
+            # 4. One Adam step on the unfinished facts' deltas, then the clamp.
             optimizer.zero_grad(set_to_none=True)
             loss[~done].sum().backward()
             before = delta.detach().clone()
@@ -233,4 +293,6 @@ def optimize_deltas(
                 max_norm = params.clamp_factor * init_norm
                 norm = delta.norm(dim=-1).clamp_min(1e-12)
                 delta.mul_(torch.where(norm > max_norm, max_norm / norm, 1.0)[:, None])
+            if bool(newly.any()):
+                live = _Live.of(b, done)
     return VStarResult(deltas=delta.detach().float(), losses=losses.tolist(), steps=steps)
