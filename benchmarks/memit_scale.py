@@ -5,11 +5,13 @@ in one run), and sequential editing (a chain of jobs, each on the previous versi
     python benchmarks/memit_scale.py --memit-n 1000 --offset 2000
     python benchmarks/memit_scale.py --memit-n 10000 --offset 0 --settings memit ultraedit
     python benchmarks/memit_scale.py --memit-n 200 --offset 1000 --set target_anchor=2
+    python benchmarks/memit_scale.py --memit-n 100 --offset 2000 --settings memit \\
+        --variant '{"stop_when_most_probable": true}'
     python benchmarks/memit_scale.py --sequential 100 --per-job 10 --projection auto
     python benchmarks/memit_scale.py --sequential 100 --per-job 1 --method rome
 
 Reported facts are CounterFact dev cases from ``--offset`` (default 0); the defaults were chosen on
-cases 1000-1199, 8000-8299 and 9000-9099 (``benchmarks/memit_sweep.py``, this script with
+cases 1000-1199, 2000-2099, 8000-8299 and 9000-9099 (``benchmarks/memit_sweep.py``, this script with
 ``--set``), and the run says when the reported cases overlap them. One job: efficacy /
 paraphrase / locality / neighbourhood score against the unedited model, WikiText-2 perplexity
 ratio, job seconds (``job_seconds``: the operation's ``run``, statistics cached before timing),
@@ -52,7 +54,7 @@ from modelsurgery.models.hardware import describe
 from modelsurgery.server.executor import WorkerSettings, execute_job
 from modelsurgery.server.model_cache import ModelCache
 
-DEV_CASES = (range(1000, 1200), range(8000, 8300), range(9000, 9100))
+DEV_CASES = (range(1000, 1200), range(2000, 2100), range(8000, 8300), range(9000, 9100))
 QUIET = {"evaluate": False, "evaluate_perplexity": False}
 
 
@@ -100,6 +102,8 @@ def setting_config(name: str, facts: list[Fact], model_config, overrides: dict[s
     if name == "ultraedit":
         return UltraEditConfig(facts=facts, **QUIET).resolved(model_config)
     extra = {"targets": "optimised"} if name == "optimised" else {}
+    if name.startswith("memit:"):
+        extra = json.loads(name.removeprefix("memit:"))
     return MemitConfig(facts=facts, **QUIET, **extra, **overrides).resolved(model_config)
 
 
@@ -220,6 +224,13 @@ def main() -> None:
         "--set", nargs="*", default=[], help="one job: FIELD=VALUE memit overrides (JSON values)"
     )
     parser.add_argument(
+        "--variant",
+        nargs="*",
+        default=[],
+        help="one job: more memit settings side by side, each a JSON object of fields "
+        "('{\"stop_when_most_probable\": true}')",
+    )
+    parser.add_argument(
         "--projection",
         nargs="+",
         choices=["none", "null_space", "auto"],
@@ -234,6 +245,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
     args = parser.parse_args()
     args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    args.settings += [f"memit:{json.dumps(json.loads(v))}" for v in args.variant]
     if not (args.memit_n or args.sequential):
         parser.error("give --memit-n N and/or --sequential N")
     torch.set_num_threads(args.threads)
