@@ -1,0 +1,76 @@
+"""Concept subnetworks through a real server: a ``concept_bottleneck`` job on a tiny Llama
+from a JSONL file under the server's data root, then predictions and an intervention from the
+SDK and the CLI, and a bad request answered with the field it names."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_concepts import NEGATIVE, POSITIVE, write_examples
+from typer.testing import CliRunner
+
+from modelsurgery.client import Client
+from modelsurgery.client.cli import app
+from modelsurgery.client.errors import InvalidArgument
+from modelsurgery.server.process import ServerProcess, start_server
+from modelsurgery.v1 import jobs_pb2
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def concepts_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[ServerProcess]:
+    data = tmp_path_factory.mktemp("concepts-data")
+    write_examples(data)
+    home = tmp_path_factory.mktemp("concepts-home")
+    process = start_server(home, "--data-root", str(data), model_roots=(tiny_model_dir,))
+    yield process
+    process.stop()
+
+
+def test_a_concept_job_predicts_and_intervenes_over_grpc(
+    concepts_server: ServerProcess, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    operation = {
+        "method": "concept_bottleneck",
+        "examples_file": "reviews.jsonl",
+        "concepts": ["food"],
+        "layers": [1],
+        "epochs": 6,
+        "lr": 0.05,
+        "backbone_lr": 0.0,
+        "batch_size": 6,
+        "max_tokens": 16,
+        "sparsity": 0.5,
+    }
+    with Client(concepts_server.address, timeout=120) as client:
+        job = client.wait(
+            client.submit({"base": str(tiny_model_dir), "operations": [operation]}).id,
+            timeout=300,
+        )
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        assert 0.0 <= job.metrics["op0.concept_accuracy_food"] <= 1.0
+        plain = client.predict_concepts(job.version_id, [POSITIVE[0], NEGATIVE[0]])
+        assert [set(p["concepts"]) for p in plain] == [{"food"}, {"food"}]
+        assert all("label_before" not in p for p in plain)
+        flipped = "Negative" if plain[0]["concepts"]["food"] == "Positive" else "Positive"
+        steered = client.predict_concepts(job.version_id, [POSITIVE[0]], [{"food": flipped}])
+        assert steered[0]["concepts_before"] == plain[0]["concepts"]
+        assert steered[0]["concepts"]["food"] == flipped
+        # The intervention is not kept: the next plain call predicts as before.
+        assert client.predict_concepts(job.version_id, [POSITIVE[0]]) == plain[:1]
+        with pytest.raises(InvalidArgument, match=r"corrections\[0\] unknown concept 'taste'"):
+            client.predict_concepts(job.version_id, [POSITIVE[0]], [{"taste": "Positive"}])
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": POSITIVE[1], "concepts": {"food": flipped}}) + "\n")
+    args = ["concepts", "predict", job.version_id, "--texts-file", str(texts), "--intervene"]
+    result = CliRunner().invoke(app, [*args, "--json", "--server", concepts_server.address])
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.strip()]
+    assert set(line) >= {"label", "concepts", "label_before", "concepts_before"}
