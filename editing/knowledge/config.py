@@ -201,7 +201,7 @@ class KnowledgeEditConfig(MethodConfig):
     weight_decay: float | None = Field(default=None, ge=0)
     clamp_factor: float | None = Field(default=None, gt=0)
     early_stop_loss: float = Field(default=0.05, ge=0)
-    stop_when_most_probable: bool | None = None
+    stop_when_most_probable: bool = False
     context_templates: list[str] | None = Field(
         default=None, min_length=1, max_length=limits.MAX_CONTEXT_TEMPLATES
     )
@@ -278,16 +278,11 @@ class KnowledgeEditConfig(MethodConfig):
             "kl_factor": defaults.kl_factor,
             "weight_decay": defaults.weight_decay,
             "clamp_factor": clamp,
-            "stop_when_most_probable": self.default_stop_when_most_probable(),
         }
         return {
             name: default if getattr(self, name) is None else getattr(self, name)
             for name, default in chosen.items()
         }
-
-    def default_stop_when_most_probable(self) -> bool:
-        """The method's default for ``stop_when_most_probable`` (off unless it says)."""
-        return False
 
     def vstar_params(self, defaults: FamilyDefaults, clamp: float) -> VStarParams:
         from .vstar import VStarParams
@@ -300,7 +295,7 @@ class KnowledgeEditConfig(MethodConfig):
             weight_decay=settings["weight_decay"],
             clamp_factor=settings["clamp_factor"],
             early_stop_loss=self.early_stop_loss,
-            stop_when_most_probable=settings["stop_when_most_probable"],
+            stop_when_most_probable=self.stop_when_most_probable,
         )
 
     def shared_settings(self, defaults: FamilyDefaults, clamp: float) -> dict[str, Any]:

@@ -27,7 +27,6 @@ class ScaleDefaults(BaseModel):
     chunk_size: int
     target_anchor: float
     mom2_weight: float | None = None
-    stop_when_most_probable: bool = False
     # The first n of the default context templates (bare prompt first); None = all.
     templates: int | None = None
 
@@ -137,9 +136,6 @@ class MemitConfig(KnowledgeEditConfig):
 
     def target_kind(self) -> Literal["fast", "optimised"]:
         return self.scale().targets if self.targets == "auto" else self.targets
-
-    def default_stop_when_most_probable(self) -> bool:
-        return self.scale().stop_when_most_probable
 
     def chunk_facts(self) -> int:
         return self.chunk_size or self.scale().chunk_size
