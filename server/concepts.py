@@ -16,7 +16,7 @@ from modelsurgery.checkpoints.store import VersionNotFoundError
 from modelsurgery.models.stored import stored_artifact_names
 from modelsurgery.proto import limits
 from modelsurgery.server.errors import abort
-from modelsurgery.server.generation import EmptyPromptError, PromptError, PromptTooLongError
+from modelsurgery.server.generation import PromptError
 from modelsurgery.v1 import jobs_pb2
 
 MAX_CONCEPT_TEXTS = 64
@@ -96,17 +96,11 @@ def concept_predictions(
     """The worker half: each text checked (tokens, the model's positions), then predicted
     with the bottleneck attached to ``model``; bad input raises ``PromptError`` naming it."""
     from modelsurgery.editing.concepts import attached_bottleneck, predict_concepts
-    from modelsurgery.server.generation import prompt_token_limit
+    from modelsurgery.server.generation import check_token_count, prompt_token_limit
 
     limit = prompt_token_limit(model.config)
     for index, text in enumerate(texts):
-        count = len(tokenizer(text).input_ids)
-        if count == 0:
-            raise EmptyPromptError(f"texts[{index}]", "has no tokens")
-        if count > limit:
-            raise PromptTooLongError(
-                f"texts[{index}]", f"has {count} tokens; this model takes at most {limit}"
-            )
+        check_token_count(len(tokenizer(text).input_ids), limit, f"texts[{index}]")
     try:
         bottleneck = attached_bottleneck(model)
         out = predict_concepts(model, tokenizer, bottleneck, texts, corrections)

@@ -51,6 +51,14 @@ class GenerationStopped(RuntimeError):
     """Generation was stopped: its caller went away or its deadline passed."""
 
 
+def check_token_count(count: int, limit: int, field: str) -> None:
+    """Refuse a prompt of no tokens or more than ``limit`` (``PromptError`` naming ``field``)."""
+    if count == 0:
+        raise EmptyPromptError(field, "has no tokens")
+    if count > limit:
+        raise PromptTooLongError(field, f"has {count} tokens; this model takes at most {limit}")
+
+
 def prompt_token_limit(model_config: Any) -> int:
     """``MAX_PROMPT_TOKENS``, or the model's positions when it has fewer."""
     for key in POSITION_KEYS:
@@ -142,13 +150,7 @@ def generate_text(
     for index, prompt in enumerate(prompts):
         text = _prompt_text(tokenizer, prompt, chat, should_stop)
         inputs = tokenizer(text, return_tensors="pt")
-        count = inputs["input_ids"].shape[1]
-        if count == 0:
-            raise EmptyPromptError(f"prompts[{index}]", "has no tokens")
-        if count > limit:
-            raise PromptTooLongError(
-                f"prompts[{index}]", f"has {count} tokens; this model takes at most {limit}"
-            )
+        check_token_count(inputs["input_ids"].shape[1], limit, f"prompts[{index}]")
         encoded.append(inputs)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
