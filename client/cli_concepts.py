@@ -1,5 +1,6 @@
 """``modelsurgery concepts predict``: the concepts and label a concept_bottleneck version
-predicts for texts, and with ``--intervene`` after the user's corrections steer it."""
+predicts for texts, with ``--intervene`` after the user's corrections steer it, and with
+``--explain`` the tokens that drive each concept."""
 
 from __future__ import annotations
 
@@ -53,8 +54,24 @@ def read_texts_file(path: Path) -> tuple[list[str], list[dict[str, str] | None]]
     return texts, corrections
 
 
+TOP_TOKENS = 3
+
+
 def _shown(concepts: dict[str, str]) -> str:
     return " ".join(f"{name}={value}" for name, value in concepts.items())
+
+
+def _top_tokens(explain: dict[str, list[list[Any]]]) -> str:
+    """Per concept, its ``TOP_TOKENS`` strongest tokens with signed scores (the table view;
+    ``--json`` has every token)."""
+    lines = []
+    for name, scores in explain.items():
+        strongest = sorted(scores, key=lambda pair: -abs(pair[1]))[:TOP_TOKENS]
+        shown = ", ".join(
+            f"{token.strip() or repr(token)} {score:+.2f}" for token, score in strongest
+        )
+        lines.append(f"{name}: {shown}")
+    return "\n".join(lines)
 
 
 @concepts_app.command("predict")
@@ -78,6 +95,15 @@ def predict(
             "plain prediction is shown as label_before / concepts_before.",
         ),
     ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Add token attributions per concept: gradient x input of each token for the "
+            "predicted value through the concept's own subnetwork, scaled to [-1, 1] per "
+            "concept; with --intervene, of the prediction after the intervention.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
     server: ServerOption = None,
     token: TokenOption = None,
@@ -92,7 +118,9 @@ def predict(
                 "texts-file: 'concepts' corrections need --intervene", EXIT_INVALID, as_json=as_json
             )
         with connect(server, token, tls_ca) as client:
-            predictions = client.predict_concepts(ref, texts, corrections if intervene else None)
+            predictions = client.predict_concepts(
+                ref, texts, corrections if intervene else None, explain
+            )
     if as_json:
         for prediction in predictions:
             emit_json_line(prediction)
@@ -100,11 +128,15 @@ def predict(
     columns = ["#", "label", "concepts"]
     if intervene:
         columns += ["label before", "concepts before"]
+    if explain:
+        columns.append("top tokens")
     table = Table(*columns)
     for index, p in enumerate(predictions):
         row: list[Any] = [str(index), p["label"], _shown(p["concepts"])]
         if intervene:
             row += [p["label_before"], _shown(p["concepts_before"])]
+        if explain:
+            row.append(_top_tokens(p["explain"]))
         plain_row(table, *row)
     out.print(table)
 

@@ -271,16 +271,20 @@ class Client:
         ref: str,
         texts: str | list[str],
         corrections: list[dict[str, str] | None] | None = None,
+        explain: bool = False,
         *,
         timeout: float = 300,
     ) -> list[dict[str, Any]]:
         """What a concept_bottleneck version predicts per text: ``{"label", "concepts"}``.
         With ``corrections`` (one per text, None for none), each text's corrected concepts
         steer their masks first (restored after) and ``label_before``/``concepts_before``
-        hold the plain prediction."""
-        request = concepts_request(ref, texts, corrections)
+        hold the plain prediction. With ``explain``, ``explain`` maps each concept to
+        ``[[token, score], ...]``: the text's tokens with their attribution to the value
+        predicted (after the intervention where there is one), scaled to [-1, 1]."""
+        request = concepts_request(ref, texts, corrections, explain)
         response = self._call(self._jobs.PredictConcepts, request, timeout=timeout)
-        return [concept_prediction(p, corrections is not None) for p in response.predictions]
+        intervened = corrections is not None
+        return [concept_prediction(p, intervened, explain) for p in response.predictions]
 
     def download(
         self,
@@ -348,11 +352,14 @@ class Client:
 
 
 def concepts_request(
-    ref: str, texts: str | list[str], corrections: list[dict[str, str] | None] | None
+    ref: str,
+    texts: str | list[str],
+    corrections: list[dict[str, str] | None] | None,
+    explain: bool = False,
 ) -> jobs_pb2.PredictConceptsRequest:
     """``corrections``: one per text (None or {} corrects nothing); None: no intervention."""
     listed = [texts] if isinstance(texts, str) else list(texts)
-    request = jobs_pb2.PredictConceptsRequest(ref=ref, texts=listed)
+    request = jobs_pb2.PredictConceptsRequest(ref=ref, texts=listed, explain=explain)
     if corrections is not None:
         request.intervene = True
         for correction in corrections:
@@ -360,9 +367,16 @@ def concepts_request(
     return request
 
 
-def concept_prediction(prediction: jobs_pb2.ConceptPrediction, intervened: bool) -> dict[str, Any]:
+def concept_prediction(
+    prediction: jobs_pb2.ConceptPrediction, intervened: bool, explained: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {"label": prediction.label, "concepts": dict(prediction.concepts)}
     if intervened:
         out["label_before"] = prediction.label_before
         out["concepts_before"] = dict(prediction.concepts_before)
+    if explained:
+        out["explain"] = {
+            name: [[t.token, t.score] for t in scores.tokens]
+            for name, scores in prediction.explain.items()
+        }
     return out

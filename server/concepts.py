@@ -1,7 +1,7 @@
 """PredictConcepts: concepts and the label a concept_bottleneck version predicts for texts,
-optionally after intervening on a user's corrections. The servicer half checks the request's
-bounds and the version; the worker half runs on the warm model with the version's hooks
-attached for this call only (as Generate does)."""
+optionally after intervening on a user's corrections and with token attributions per concept.
+The servicer half checks the request's bounds and the version; the worker half runs on the
+warm model with the version's hooks attached for this call only (as Generate does)."""
 
 from __future__ import annotations
 
@@ -76,15 +76,28 @@ async def predict_concepts_rpc(
     corrections = [dict(c.concepts) for c in request.corrections] if request.intervene else None
     try:
         predictions = await cancelled_with_caller(
-            worker.predict_concepts.remote(manifest.id, list(request.texts), corrections)
+            worker.predict_concepts.remote(
+                manifest.id, list(request.texts), corrections, request.explain
+            )
         )
     except PromptError as exc:
         cause = getattr(exc, "cause", exc)
         await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(cause), cause.field)
     return jobs_pb2.PredictConceptsResponse(
-        predictions=[jobs_pb2.ConceptPrediction(**p) for p in predictions],
-        version_id=manifest.id,
+        predictions=[prediction_message(p) for p in predictions], version_id=manifest.id
     )
+
+
+def prediction_message(prediction: Mapping[str, Any]) -> jobs_pb2.ConceptPrediction:
+    """The worker's dict as the message; ``explain``'s (token, score) pairs as TokenScores."""
+    fields = dict(prediction)
+    explain = fields.pop("explain", None) or {}
+    message = jobs_pb2.ConceptPrediction(**fields)
+    for name, scores in explain.items():
+        message.explain[name].tokens.extend(
+            jobs_pb2.TokenScore(token=token, score=score) for token, score in scores
+        )
+    return message
 
 
 def concept_predictions(
@@ -92,9 +105,12 @@ def concept_predictions(
     tokenizer: Any,
     texts: Sequence[str],
     corrections: Sequence[Mapping[str, str]] | None,
+    explain: bool = False,
 ) -> list[dict[str, Any]]:
     """The worker half: each text checked (tokens, the model's positions), then predicted
-    with the bottleneck attached to ``model``; bad input raises ``PromptError`` naming it."""
+    with the bottleneck attached to ``model`` (with ``explain``, token attributions per
+    concept: one backward pass per concept and text); bad input raises ``PromptError``
+    naming it."""
     from modelsurgery.editing.concepts import attached_bottleneck, predict_concepts
     from modelsurgery.server.generation import check_token_count, prompt_token_limit
 
@@ -103,7 +119,7 @@ def concept_predictions(
         check_token_count(len(tokenizer(text).input_ids), limit, f"texts[{index}]")
     try:
         bottleneck = attached_bottleneck(model)
-        out = predict_concepts(model, tokenizer, bottleneck, texts, corrections)
+        out = predict_concepts(model, tokenizer, bottleneck, texts, corrections, explain)
     except ValueError as exc:
         field, _, detail = str(exc).partition(": ")
         raise PromptError(field if detail else "ref", detail or str(exc)) from None
@@ -113,6 +129,7 @@ def concept_predictions(
             "concepts": p.concepts,
             "label_before": p.label_before or "",
             "concepts_before": p.concepts_before or {},
+            "explain": p.explain or {},
         }
         for p in out
     ]

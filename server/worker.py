@@ -172,14 +172,18 @@ class SurgeryWorker:
             )
 
     def predict_concepts(
-        self, ref: str, texts: list[str], corrections: list[dict[str, str]] | None
+        self,
+        ref: str,
+        texts: list[str],
+        corrections: list[dict[str, str]] | None,
+        explain: bool = False,
     ) -> list[dict[str, Any]]:
         """A concept_bottleneck version's predictions (``server.concepts``), on the warm
         model under its lock with the version's hooks attached for this call only."""
         base = load_base(ref, self.store, self.cache, self.settings)
         artifacts = stored_hook_artifacts(self.store, self.store.resolve(ref))
         with base.lock, attach_hooks(base.model, artifacts):
-            return concept_predictions(base.model, base.tokenizer, texts, corrections)
+            return concept_predictions(base.model, base.tokenizer, texts, corrections, explain)
 
     def evaluate(
         self, version_id: str, against_id: str, suite_json: bytes, perplexity: bool

@@ -35,14 +35,20 @@ def test_swap_only_pairs_that_lower_the_loss() -> None:
     assert swap_entries(torch.ones(3, dtype=torch.bool), torch.ones(3), 2) == 0
 
 
-@pytest.fixture
-def sparse_setup() -> tuple:
+def sparse_bottleneck() -> tuple:
+    """A tiny Llama (frozen), its tokenizer and a sparse bottleneck for "food" and "service"
+    on layer 1 with magnitude masks at half density (one mask for both concepts)."""
     model, tokenizer = tiny_model("llama"), build_tiny_tokenizer()
     model.requires_grad_(False)
     spec = new_spec(model, ["food", "service"], CONCEPT_VALUES, ["1", "5"], [1], 16, True)
     bottleneck = new_bottleneck(spec, model, seed=0)
     update_masks(bottleneck, magnitude_saliency(bottleneck), 0.5)
     return model, tokenizer, bottleneck
+
+
+@pytest.fixture
+def sparse_setup() -> tuple:
+    return sparse_bottleneck()
 
 
 def _target_other_than_predicted(bottleneck, inputs, concept: int) -> int:

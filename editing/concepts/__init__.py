@@ -48,6 +48,7 @@ __getattr__, __dir__ = lazy_exports(
             "attach_bottleneck",
             "attached_bottleneck",
         ),
+        ".explain": ("token_attributions",),
         ".predict": ("ConceptPrediction", "predict_concepts"),
     },
 )
@@ -61,4 +62,5 @@ __all__ = [
     "attach_bottleneck",
     "attached_bottleneck",
     "predict_concepts",
+    "token_attributions",
 ]

@@ -62,16 +62,19 @@ def _detached(value: Any) -> Any:
     return value
 
 
-@torch.no_grad()
-def layer_inputs(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], first: int, max_tokens: int
-) -> LayerInputs:
-    """Run the frozen layers below ``first`` on ``texts`` (right-padded, cut to
-    ``max_tokens``) and keep the input of layer ``first``."""
-    device = next(model.parameters()).device
-    encoded = tokenizer(
+def encode(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> Any:
+    """The tokenizer's batch for ``texts``: right-padded, cut to ``max_tokens``."""
+    return tokenizer(
         list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
     )
+
+
+def first_layer_input(
+    model: nn.Module, first: int, **model_inputs: Any
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What layer ``first`` receives (hidden states, keyword arguments) when the model runs
+    on ``model_inputs``; the layers from ``first`` on are never run. Autograd records it
+    unless the caller turns it off (token attribution differentiates through it)."""
     captured: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -80,19 +83,33 @@ def layer_inputs(
 
     handle = get_adapter(model).layer(first).register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(
-            input_ids=encoded.input_ids.to(device),
-            attention_mask=encoded.attention_mask.to(device),
-            use_cache=False,
-        )
+        model(**model_inputs, use_cache=False)
     except _Captured:
         pass
     finally:
         handle.remove()
-    kwargs = {k: _detached(v) for k, v in captured["kwargs"].items()}
+    kwargs = dict(captured["kwargs"])
     hidden = captured["hidden"]
     if hidden is None:
         hidden = kwargs.pop("hidden_states")
+    return hidden, kwargs
+
+
+@torch.no_grad()
+def layer_inputs(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], first: int, max_tokens: int
+) -> LayerInputs:
+    """Run the frozen layers below ``first`` on ``texts`` (right-padded, cut to
+    ``max_tokens``) and keep the input of layer ``first``."""
+    device = next(model.parameters()).device
+    encoded = encode(tokenizer, texts, max_tokens)
+    hidden, kwargs = first_layer_input(
+        model,
+        first,
+        input_ids=encoded.input_ids.to(device),
+        attention_mask=encoded.attention_mask.to(device),
+    )
+    kwargs = {k: _detached(v) for k, v in kwargs.items()}
     return LayerInputs(hidden.detach(), kwargs, encoded.attention_mask.to(device))
 
 

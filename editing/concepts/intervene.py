@@ -6,7 +6,8 @@ most; sparsity unchanged), the input is re-run, and the masks are restored."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,35 @@ def steer_mask(
     return total
 
 
+@contextmanager
+def steered(
+    bottleneck: ConceptBottleneck,
+    inputs: LayerInputs,
+    corrections: Mapping[int, int],
+    fraction: float = SWAP_FRACTION,
+    steps: int = SWAP_STEPS,
+) -> Iterator[dict[int, int]]:
+    """Each corrected concept's mask steered towards the given value while the block runs
+    (concepts already predicted as given are left alone), restored after; yields the entries
+    swapped per concept. A block, not a result: whatever reads the steered bottleneck
+    (the re-run prediction, token attributions) runs inside it."""
+    if bottleneck.masks is None:
+        raise ValueError(
+            "intervention needs a sparse concept bottleneck (a dense one has no masks)"
+        )
+    saved = [m.clone() for m in bottleneck.masks]
+    try:
+        with torch.no_grad():
+            before = bottleneck.concept_logits(inputs)
+        swapped: dict[int, int] = {}
+        for concept, target in corrections.items():
+            if int(before[concept].argmax(-1)) != target:
+                swapped[concept] = steer_mask(bottleneck, inputs, concept, target, fraction, steps)
+        yield swapped
+    finally:
+        bottleneck.masks = saved
+
+
 def intervene(
     bottleneck: ConceptBottleneck,
     inputs: LayerInputs,
@@ -97,21 +127,7 @@ def intervene(
 ) -> Outcome:
     """Re-run one input with each corrected concept's mask steered towards the given value
     (concepts already predicted as given are left alone); the masks are restored after."""
-    if bottleneck.masks is None:
-        raise ValueError(
-            "intervention needs a sparse concept bottleneck (a dense one has no masks)"
-        )
-    saved = [m.clone() for m in bottleneck.masks]
-    swapped: dict[int, int] = {}
-    try:
-        with torch.no_grad():
-            before = bottleneck.concept_logits(inputs)
-        for concept, target in corrections.items():
-            if int(before[concept].argmax(-1)) != target:
-                swapped[concept] = steer_mask(bottleneck, inputs, concept, target, fraction, steps)
-        with torch.no_grad():
-            logits = bottleneck.concept_logits(inputs)
-            label = bottleneck.label_logits(logits)
-    finally:
-        bottleneck.masks = saved
+    with steered(bottleneck, inputs, corrections, fraction, steps) as swapped, torch.no_grad():
+        logits = bottleneck.concept_logits(inputs)
+        label = bottleneck.label_logits(logits)
     return Outcome(logits, label, swapped)

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelsurgery.editing.concepts.bottleneck import ConceptBottleneck, layer_inputs
-from modelsurgery.editing.concepts.intervene import intervene
+from modelsurgery.editing.concepts.bottleneck import ConceptBottleneck, LayerInputs, layer_inputs
+from modelsurgery.editing.concepts.explain import TokenScores, token_attributions
+from modelsurgery.editing.concepts.intervene import steered
 
 
 @dataclass
@@ -20,6 +21,8 @@ class ConceptPrediction:
     concepts: dict[str, str]
     label_before: str | None = None  # with corrections: before the intervention
     concepts_before: dict[str, str] | None = None
+    # With explain: per concept, (token, normalised score) for the prediction given above.
+    explain: dict[str, TokenScores] | None = None
 
 
 def _coded(
@@ -48,40 +51,54 @@ def _named(bottleneck: ConceptBottleneck, logits: Sequence[torch.Tensor]) -> dic
     }
 
 
+def _predicted(bottleneck: ConceptBottleneck, inputs: LayerInputs) -> tuple[str, dict[str, str]]:
+    with torch.no_grad():
+        logits = bottleneck.concept_logits(inputs)
+        label = bottleneck.spec.labels[int(bottleneck.label_logits(logits).argmax(-1))]
+    return label, _named(bottleneck, logits)
+
+
 def predict_concepts(
     model: nn.Module,
     tokenizer: Any,
     bottleneck: ConceptBottleneck,
     texts: Sequence[str],
     corrections: Sequence[Mapping[str, str] | None] | None = None,
+    explain: bool = False,
 ) -> list[ConceptPrediction]:
     """One prediction per text; where ``corrections[i]`` is given, the intervened one with
-    the plain prediction in the ``_before`` fields."""
+    the plain prediction in the ``_before`` fields. ``explain`` adds token attributions per
+    concept (``explain.token_attributions``) of the prediction returned: after the
+    intervention where there is one."""
     if corrections is not None and len(corrections) != len(texts):
         raise ValueError(
             f"corrections: {len(corrections)} entries for {len(texts)} texts (one per text)"
         )
     coded = [_coded(bottleneck, c or {}, i) for i, c in enumerate(corrections or [])]
-    labels = bottleneck.spec.labels
     out = []
     for i, text in enumerate(texts):
         inputs = layer_inputs(
             model, tokenizer, [text], bottleneck.first, bottleneck.spec.max_tokens
         )
-        with torch.no_grad():
-            logits = bottleneck.concept_logits(inputs)
-            label = labels[int(bottleneck.label_logits(logits).argmax(-1))]
-        plain = ConceptPrediction(label, _named(bottleneck, logits))
+        label, concepts = _predicted(bottleneck, inputs)
         if corrections is None:
-            out.append(plain)
+            attributions = (
+                token_attributions(model, tokenizer, bottleneck, text) if explain else None
+            )
+            out.append(ConceptPrediction(label, concepts, explain=attributions))
             continue
-        outcome = intervene(bottleneck, inputs, coded[i])
+        with steered(bottleneck, inputs, coded[i]):
+            steered_label, steered_concepts = _predicted(bottleneck, inputs)
+            attributions = (
+                token_attributions(model, tokenizer, bottleneck, text) if explain else None
+            )
         out.append(
             ConceptPrediction(
-                label=labels[int(outcome.label_logits.argmax(-1))],
-                concepts=_named(bottleneck, outcome.concept_logits),
-                label_before=plain.label,
-                concepts_before=plain.concepts,
+                label=steered_label,
+                concepts=steered_concepts,
+                label_before=label,
+                concepts_before=concepts,
+                explain=attributions,
             )
         )
     return out

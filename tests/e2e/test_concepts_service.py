@@ -1,6 +1,7 @@
 """Concept subnetworks through a real server: a ``concept_bottleneck`` job on a tiny Llama
 from a JSONL file under the server's data root, then predictions and an intervention from the
-SDK and the CLI, and a bad request answered with the field it names."""
+SDK and the CLI (token attributions with --explain), and a bad request answered with the
+field it names."""
 
 from __future__ import annotations
 
@@ -74,3 +75,14 @@ def test_a_concept_job_predicts_and_intervenes_over_grpc(
     assert result.exit_code == 0, result.output
     (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.strip()]
     assert set(line) >= {"label", "concepts", "label_before", "concepts_before"}
+
+    explained = CliRunner().invoke(
+        app, [*args, "--explain", "--json", "--server", concepts_server.address]
+    )
+    assert explained.exit_code == 0, explained.output
+    (line,) = [json.loads(x) for x in explained.stdout.splitlines() if x.strip()]
+    assert set(line["explain"]) == {"food"}
+    scores = line["explain"]["food"]
+    assert len(scores) == len(POSITIVE[1].split())  # the tiny tokenizer: one token a word
+    assert all(isinstance(token, str) and -1.0 <= score <= 1.0 for token, score in scores)
+    assert max(abs(score) for _, score in scores) == 1.0
