@@ -7,19 +7,22 @@ handled here, nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from modelsurgery.editing.registry import PutBack, keep_aside
 from modelsurgery.models.adapters import ArchitectureAdapter
 
 Side = Literal["out", "in"]
 
 MLP_WIDTHS_KEY = "modelsurgery_mlp_widths"
 KV_HEADS_KEY = "modelsurgery_kv_heads"
+
+SetAside = Callable[[nn.Parameter], PutBack]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -69,9 +72,18 @@ def with_bias(module: nn.Module, bias: torch.Tensor) -> nn.Module:
     return new
 
 
-def replace(model: nn.Module, path: str, module: nn.Module) -> None:
+def replace(
+    model: nn.Module, path: str, module: nn.Module, set_aside: SetAside = keep_aside
+) -> None:
+    """Put ``module`` at ``path`` and set the replaced one's parameters aside
+    (``MethodContext.set_aside``): on a warm model the job's journal lets go of them at once,
+    so pruning layer by layer never holds the full-size layers beside the smaller ones."""
     parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+    parent = model.get_submodule(parent_path) if parent_path else model
+    replaced = getattr(parent, name)
+    setattr(parent, name, module)
+    for parameter in replaced.parameters():
+        set_aside(parameter)
 
 
 def module_tensors(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,21 +95,25 @@ def module_tensors(path: str, module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def remove_mlp_neurons(
-    adapter: ArchitectureAdapter, index: int, keep: torch.Tensor
+    adapter: ArchitectureAdapter,
+    index: int,
+    keep: torch.Tensor,
+    set_aside: SetAside = keep_aside,
 ) -> dict[str, torch.Tensor]:
     """Keep only neurons ``keep`` of layer ``index``'s MLP (rows of every input projection,
-    columns of the output projection). Returns the new tensors by state-dict name."""
+    columns of the output projection); the full-size projections are set aside (``replace``).
+    Returns the new tensors by state-dict name."""
     model, layout = adapter.model, adapter.layout
     changed: dict[str, torch.Tensor] = {}
     keep = keep.sort().values
     for relative in layout.mlp_in:
         path = adapter.module_path(index, relative)
         new = select(model.get_submodule(path), keep, "out")
-        replace(model, path, new)
+        replace(model, path, new, set_aside)
         changed.update(module_tensors(path, new))
     path = adapter.mlp_out_path(index)
     new = select(model.get_submodule(path), keep, "in")
-    replace(model, path, new)
+    replace(model, path, new, set_aside)
     changed.update(module_tensors(path, new))
     mlp = model.get_submodule(path.rpartition(".")[0])
     if hasattr(mlp, "intermediate_size"):
@@ -112,10 +128,14 @@ def head_rows(heads: Sequence[int], head_dim: int, device: torch.device) -> torc
 
 
 def remove_kv_groups(
-    adapter: ArchitectureAdapter, index: int, keep_groups: Sequence[int]
+    adapter: ArchitectureAdapter,
+    index: int,
+    keep_groups: Sequence[int],
+    set_aside: SetAside = keep_aside,
 ) -> dict[str, torch.Tensor]:
     """Keep only KV heads ``keep_groups`` of layer ``index`` and the query heads that read them
-    (q/k/v rows, output projection columns). head_dim is unchanged."""
+    (q/k/v rows, output projection columns); the full-size projections are set aside
+    (``replace``). head_dim is unchanged."""
     if adapter.layout.fused_qkv is not None:
         raise ValueError("prune_heads: fused qkv projections are not supported")
     model, layout = adapter.model, adapter.layout
@@ -132,7 +152,7 @@ def remove_kv_groups(
         assert relative is not None
         path = adapter.module_path(index, relative)
         new = select(model.get_submodule(path), idx, side)  # type: ignore[arg-type]
-        replace(model, path, new)
+        replace(model, path, new, set_aside)
         changed.update(module_tensors(path, new))
     attn = model.get_submodule(adapter.module_path(index, layout.attn_out).rpartition(".")[0])
     for name, value in (("num_heads", len(q_heads)), ("num_key_value_heads", len(keep_groups))):

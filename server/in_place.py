@@ -15,8 +15,10 @@ flag, each tensor's version counter and storage, each parameter's ``requires_gra
 3. the config, hooks, flags and gradients are set back.
 
 So a job costs the weights once, plus the tensors it changes (and, for shape-changing
-operations, the smaller layers built next to the remembered ones). ``base_view`` puts the base
-back for a while (the judge reading its reference) and the job's edits back after.
+operations, the smaller layers: a replaced layer is let go as soon as the operation sets it
+aside, else once the operation returns, and read back from the store when the model is put
+back). ``base_view`` puts the base back for a while (the judge reading its reference) and the
+job's edits back after.
 """
 
 from __future__ import annotations
@@ -144,22 +146,26 @@ class InPlaceEdit:
         for name, tensor in self._tensors.items():
             gone = isinstance(tensor, nn.Parameter) and id(tensor) not in live
             if gone and id(tensor) not in self._released and self._read_original(name) is not None:
-                self._released[id(tensor)] = tensor.shape
-                tensor.data = tensor.data.new_empty(0)
+                self._let_go(tensor)
+
+    def _let_go(self, tensor: torch.Tensor) -> None:
+        self._released[id(tensor)] = tensor.shape
+        tensor.data = tensor.data.new_empty(0)
 
     def _bring_back_released(self) -> list[torch.Tensor]:
         """The parameters let go, read back from the store; returns them."""
         back = []
         for name, tensor in self._tensors.items():
-            shape = self._released.pop(id(tensor), None)
-            if shape is None:
-                continue
-            names = [name, *self._names_of(tensor)]
-            tensor.data = self._original(names, shape).to(device=tensor.device, dtype=tensor.dtype)
-            self._fingerprints[id(tensor)] = _fingerprint(tensor)
-            self._named.difference_update(names)
-            back.append(tensor)
+            if id(tensor) in self._released:
+                self._bring_back(tensor, [name, *self._names_of(tensor)])
+                back.append(tensor)
         return back
+
+    def _bring_back(self, tensor: torch.Tensor, names: list[str]) -> None:
+        shape = self._released.pop(id(tensor))
+        tensor.data = self._original(names, shape).to(device=tensor.device, dtype=tensor.dtype)
+        self._fingerprints[id(tensor)] = _fingerprint(tensor)
+        self._named.difference_update(names)
 
     def restore(self) -> None:
         """Put the model back as the job found it (module docstring, steps 1-3)."""
@@ -186,11 +192,20 @@ class InPlaceEdit:
     def set_aside(self, parameter: nn.Parameter) -> PutBack:
         """``MethodContext.set_aside``: a parameter the job has not written is let go, and
         put back as the base version's tensor read from the store (memory-mapped, so reading
-        it costs no copy); a written one, or one the journal does not know, is kept."""
+        it costs no copy); a written one, or one the journal does not know, is kept. One an
+        operation has taken out of the model (a structured prune's full-size layer, replaced
+        by its smaller one) is let go here and now, as ``let_go_of_replaced`` would once the
+        operation returns: a layer-by-layer prune holds both sizes of one layer at most."""
         names = self._names_of(parameter)
+        if id(parameter) in self._released:
+            return lambda: self._bring_back(parameter, names)
         written = _fingerprint(parameter) != self._fingerprints.get(id(parameter))
         if not names or written or self._named.intersection(names):
             return keep_aside(parameter)
+        replaced = all(parameter is not p for p in self.model.parameters())
+        if replaced and self._read_original(names[0]) is not None:
+            self._let_go(parameter)
+            return lambda: self._bring_back(parameter, names)
         device, dtype, shape = parameter.device, parameter.dtype, parameter.shape
 
         def put_back() -> None:

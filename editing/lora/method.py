@@ -13,6 +13,7 @@ from modelsurgery.editing.knowledge import tokens as tk
 from modelsurgery.editing.lora.adapter import adapter_artifacts
 from modelsurgery.editing.lora.config import LoraEditConfig
 from modelsurgery.editing.lora.data import training_data
+from modelsurgery.editing.lora.frozen import frozen_in
 from modelsurgery.editing.lora.targets import default_targets, projection_leaves, target_paths
 from modelsurgery.editing.lora.train import TrainSettings, mean_nll, train
 from modelsurgery.editing.registry import MethodContext, SurgeryResult
@@ -65,9 +66,10 @@ def run(
         torch.manual_seed(config.seed)
         peft_model = PeftModel(model, peft_config(model, config, paths))
         try:
-            metrics["initial_loss"] = mean_nll(model, data.items, settings)
-            stats = train(model, data, settings, context)
-            metrics["final_loss"] = mean_nll(model, data.items, settings)
+            with frozen_in(model, settings.autocast, context.set_aside):
+                metrics["initial_loss"] = mean_nll(model, data.items, settings)
+                stats = train(model, data, settings, context)
+                metrics["final_loss"] = mean_nll(model, data.items, settings)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             artifacts: dict[str, bytes] = {}
             if config.merge:
