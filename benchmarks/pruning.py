@@ -4,7 +4,7 @@ without the SparseGPT refit, at 50%, 2:4 and 70%, as ratios to Wanda in the same
 
     .venv/bin/python benchmarks/pruning.py [--models smollm2-135m gemma3-270m]
         [--samples 16] [--seqlen 256] [--settings 50% 2:4 70%] [--rows ...]
-        [--wanda-checkout PATH] [--structured]
+        [--wanda-checkout PATH] [--structured] [--profile N]
 
 Calibration windows come from WikiText-2 validation (``valid.tokens``) less its last 4,096
 tokens; those are the dev text, whose perplexity (column ``dev``) chose the defaults (the
@@ -15,6 +15,7 @@ With ``--wanda-checkout`` (a clone of locuslab/wanda; never vendored here) each 
 runs that repository's own ``prune_wanda`` and ``prune_sparsegpt`` (its copy of the SparseGPT
 reference) on a copy of the same model with the same calibration windows, in the same process.
 ``--structured`` adds the structured rows (20% of MLP neurons) on the first model.
+``--profile N`` prints each row's N most expensive functions in CPU seconds (cProfile).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import cProfile
 import importlib
 import importlib.util
+import pstats
 import statistics
 import sys
 import tempfile
@@ -214,9 +217,10 @@ def run_model(alias: str, args: argparse.Namespace, context: MethodContext) -> l
             if name in OWL_ROWS and spec["kind"] != "unstructured":
                 continue
             pruned = copy.deepcopy(model)
-            result = prune_model(
-                pruned, PruneConfig(**spec, **ROWS[name]), text.calibration, context
-            )
+            with profiled(args.profile, f"{alias} {setting} {name}"):
+                result = prune_model(
+                    pruned, PruneConfig(**spec, **ROWS[name]), text.calibration, context
+                )
             row = Row(
                 setting,
                 name,
@@ -242,6 +246,26 @@ def run_model(alias: str, args: argparse.Namespace, context: MethodContext) -> l
     if args.structured and alias == args.models[0]:
         rows += structured_rows(model, text, args, context)
     return rows
+
+
+@contextlib.contextmanager
+def profiled(top: int, title: str) -> Iterator[None]:
+    """With ``top`` > 0, the ``top`` functions by own CPU seconds (process time, so other work
+    on a shared machine does not count) of the block, and the CPU seconds of its calls into
+    ``pruning``: where the seconds of a pruning job go."""
+    if top <= 0:
+        yield
+        return
+    profile = cProfile.Profile(time.process_time)
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        print(f"--- profile: {title}")
+        stats = pstats.Stats(profile)
+        stats.sort_stats("tottime").print_stats(top)
+        stats.sort_stats("cumulative").print_stats("pruning/", top)
 
 
 def structured_rows(
@@ -350,6 +374,9 @@ def main() -> None:
     parser.add_argument("--wanda-checkout", type=Path, help="locuslab/wanda clone (side by side)")
     parser.add_argument("--structured", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print each row's top N functions"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -148,7 +148,7 @@ class _Pruner:
                 out_features = Projection(module, adapter.layout.conv1d).out_features_of()
                 zeros = module.weight.new_zeros(out_features)
                 new = with_bias(module, zeros)
-                replace(adapter.model, path, new)
+                replace(adapter.model, path, new, self.context.set_aside)
                 self.changed.update(module_tensors(path, new))
         self.compensated = True
 
@@ -162,7 +162,7 @@ class _Pruner:
         bias_delta = None
         if self.compensate and mlp_stats is not None:
             bias_delta = compensation_bias(adapter.mlp_out(index).weight, mlp_stats, keep)
-        self.changed.update(remove_mlp_neurons(adapter, index, keep))
+        self.changed.update(remove_mlp_neurons(adapter, index, keep, self.context.set_aside))
         if bias_delta is not None:
             out = adapter.mlp_out(index).module
             with torch.no_grad():
@@ -172,7 +172,8 @@ class _Pruner:
         if self.remove_groups:
             group_scores = kv_group_scores(adapter, index, stats.get("attn_out"), cfg.score)
             kept_groups = top_indices(group_scores, adapter.num_kv_heads - self.remove_groups)
-            self.changed.update(remove_kv_groups(adapter, index, kept_groups.tolist()))
+            kept = kept_groups.tolist()
+            self.changed.update(remove_kv_groups(adapter, index, kept, self.context.set_aside))
             self.kv_heads[index] = int(kept_groups.numel())
             self.kept[index]["kv_heads"] = kept_groups.tolist()
 

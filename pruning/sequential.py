@@ -21,7 +21,7 @@ from modelsurgery.pruning.refit import (
     Sparsity,
     importance,
     inverse_hessian_factor,
-    refit_weight,
+    refit_weights,
 )
 
 
@@ -95,7 +95,8 @@ def refit_layer(
     damping: float,
     check_cancelled: Callable[[], None],
 ) -> None:
-    """Prune and refit every module of layer ``index`` group by group, in place."""
+    """Prune and refit every module of layer ``index`` group by group, in place; the modules
+    of one group share the Gram matrix, its factor and one sweep."""
     conv1d = calibration.adapter.layout.conv1d
     remaining = dict(modules)
     while remaining:
@@ -104,6 +105,6 @@ def refit_layer(
         factor = inverse_hessian_factor(gram, damping)
         input_l2 = gram.diagonal().sqrt().float()
         del gram
-        for name in names:
-            weight = Projection(remaining.pop(name), conv1d).weight
-            refit_weight(weight, factor, sparsity, importance(score, weight, input_l2))
+        weights = [Projection(remaining.pop(name), conv1d).weight for name in names]
+        importances = [importance(score, weight, input_l2) for weight in weights]
+        refit_weights(weights, factor, sparsity, importances)

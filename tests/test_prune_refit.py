@@ -14,6 +14,7 @@ from torch import nn
 from modelsurgery.editing.registry import JobCancelled, MethodContext
 from modelsurgery.models.adapters import Projection, get_adapter
 from modelsurgery.pruning.config import PruneConfig
+from modelsurgery.pruning.masks import nm_prune_mask, row_prune_mask_count
 from modelsurgery.pruning.metrics import block_projections
 from modelsurgery.pruning.owl import outlier_ratio, owl_ratios
 from modelsurgery.pruning.prune import prune_model
@@ -22,6 +23,7 @@ from modelsurgery.pruning.refit import (
     importance,
     inverse_hessian_factor,
     refit_weight,
+    refit_weights,
 )
 from modelsurgery.pruning.scores import ria_scores
 
@@ -67,6 +69,83 @@ def test_refit_beats_zeroing_the_same_mask(sparsity: Sparsity) -> None:
     refit_error = (x @ (refitted - dense).T).norm()
     zero_error = (x @ (zeroed - dense).T).norm()
     assert refit_error < 0.95 * zero_error
+
+
+def _unblocked_obs(
+    weight: torch.Tensor, gram: torch.Tensor, sparsity: Sparsity, weight_importance: torch.Tensor
+) -> torch.Tensor:
+    """SparseGPT's update written plainly, in float64: column by column over the whole matrix,
+    U from H^-1 by a Cholesky of the inverse, the mask chosen where ``refit_weight`` chooses it
+    (every block for unstructured, every sub-block for N:M) on the weights updated so far."""
+    w = weight.double().clone()
+    h = gram.double() + 0.01 * gram.diagonal().mean() * torch.eye(
+        gram.shape[0], dtype=torch.float64
+    )
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    columns = w.shape[1]
+    every = sparsity.sub_block() if sparsity.m else sparsity.block()
+    for i in range(columns):
+        if i % every == 0:
+            end = min(i + every, columns)
+            scores = w[:, i:end].abs() * weight_importance[:, i:end]
+            if sparsity.m:
+                mask[:, i:end] = nm_prune_mask(scores, sparsity.n, sparsity.m)
+            else:
+                count = sparsity.removed_before(end) - sparsity.removed_before(i)
+                mask[:, i:end] = row_prune_mask_count(scores, count)
+        error = w[:, i] * mask[:, i] / u[i, i]
+        w[:, i:] -= torch.outer(error, u[i, i:])
+    return w.masked_fill(mask, 0.0)
+
+
+@pytest.mark.parametrize("sparsity", [Sparsity(ratio=0.4), Sparsity(n=2, m=4)])
+def test_blocked_sweep_equals_the_unblocked_update(sparsity: Sparsity) -> None:
+    """Two block levels and the transposed layout change only the order of the arithmetic:
+    200 columns span a full block of 128 and a partial one with a partial sub-block."""
+    x = correlated_inputs(tokens=400, size=200)
+    gram = (x.T @ x).double()
+    dense = torch.randn(12, 200, generator=torch.Generator().manual_seed(3))
+    weight_importance = importance("ria", dense, gram.diagonal().sqrt().float())
+    refitted = dense.clone()
+    refit_weight(refitted, inverse_hessian_factor(gram, 0.01), sparsity, weight_importance)
+    expected = _unblocked_obs(dense, gram, sparsity, weight_importance)
+    assert torch.equal(refitted == 0, expected == 0)
+    torch.testing.assert_close(refitted.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse() -> None:
+    x = correlated_inputs(size=48)
+    gram = (x.T @ x).double()
+    gram[:, 5] = gram[5, :] = 0.0  # an input that is always zero
+    u = inverse_hessian_factor(gram, 0.01).double()
+    damped = gram.clone()
+    damped[5, 5] = 1.0
+    damped += 0.01 * damped.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(
+        u.T @ u @ damped, torch.eye(48, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("sparsity", [Sparsity(ratio=0.5), Sparsity(n=2, m=4)])
+def test_one_sweep_for_a_shared_input_equals_one_per_matrix(sparsity: Sparsity) -> None:
+    """q/k/v (gate/up) read one input: stacked into one sweep, each comes out as alone."""
+    x = correlated_inputs(size=64)
+    gram = (x.T @ x).double()
+    factor = inverse_hessian_factor(gram, 0.01)
+    generator = torch.Generator().manual_seed(4)
+    dense = [torch.randn(rows, 64, generator=generator) for rows in (24, 8, 8)]
+    importances = [importance("ria", w, gram.diagonal().sqrt().float()) for w in dense]
+    alone = [w.clone() for w in dense]
+    pairs = zip(alone, importances, strict=True)
+    masks_alone = [refit_weight(w, factor, sparsity, i) for w, i in pairs]
+    stacked = [w.clone() for w in dense]
+    masks_stacked = refit_weights(stacked, factor, sparsity, importances)
+    for a, s, mask_a, mask_s in zip(alone, stacked, masks_alone, masks_stacked, strict=True):
+        assert torch.equal(mask_a, mask_s)
+        assert torch.equal(s == 0, mask_s)
+        torch.testing.assert_close(s, a, rtol=1e-5, atol=1e-5)
 
 
 def _input_of(model: nn.Module, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
