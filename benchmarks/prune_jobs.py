@@ -4,7 +4,9 @@ time on the same calibration windows, in one run.
     .venv/bin/python benchmarks/prune_jobs.py --wanda-checkout /tmp/wanda [--threads 2]
 
 Jobs, as a user submits them, defaults only: structured 20% (`kind: structured`, `ratio: 0.2`)
-and Wanda 50% (`method: prune`); ``--calibration-dtype`` pins that one field instead, to time
+and Wanda 50% (`method: prune`), 2:4 with its default (score and refit) and 2:4 with
+`score: wanda` (plain Wanda, no refit), whose job seconds are printed as a ratio;
+``--calibration-dtype`` pins that one field instead, to time
 the dtype ``auto`` did not choose. Each is a fresh `apply --local --new --json` in a child
 process with its own MODELSURGERY_HOME, so its wall seconds include starting Ray, loading and
 importing the model, as a user waits for them. Printed per job: wall seconds, the job's
@@ -33,11 +35,13 @@ from modelsurgery.models import load
 from modelsurgery.models.hardware import describe
 from modelsurgery.pruning.calibration import calibration_ids
 from modelsurgery.pruning.config import PruneConfig
-from pruning import reference_wanda
+from pruning import reference_prune
 
 JOBS = {
     "structured-20": {"method": "prune", "kind": "structured", "ratio": 0.2},
     "wanda-50": {"method": "prune"},
+    "nm-2:4": {"method": "prune", "kind": "nm", "n": 2, "m": 4},
+    "nm-2:4-wanda": {"method": "prune", "kind": "nm", "n": 2, "m": 4, "score": "wanda"},
 }
 
 
@@ -90,6 +94,12 @@ def main() -> None:
             flush=True,
         )
 
+    if {"nm-2:4", "nm-2:4-wanda"} <= results.keys():
+        default, wanda = (results[n]["metrics"] for n in ("nm-2:4", "nm-2:4-wanda"))
+        job = default["job_seconds"] / wanda["job_seconds"]
+        prune = default["op0.prune_seconds"] / wanda["op0.prune_seconds"]
+        print(f"2:4 default / 2:4 wanda: job_seconds {job:.2f}x, prune_seconds {prune:.2f}x")
+
     if args.wanda_checkout and "wanda-50" in results:
         defaults = PruneConfig()
         loaded = load("smollm2-135m")
@@ -102,7 +112,9 @@ def main() -> None:
             data_roots=(),
         )
         dense = wikitext_perplexity(loaded.model, loaded.tokenizer)
-        seconds = reference_wanda(args.wanda_checkout, loaded.model, ids, {"ratio": 0.5})
+        seconds = reference_prune(
+            args.wanda_checkout, "prune_wanda", loaded.model, ids, {"ratio": 0.5}
+        )
         ratio = wikitext_perplexity(loaded.model, loaded.tokenizer) / dense
         ours = float(results["wanda-50"]["metrics"]["op0.prune_seconds"])
         print(
