@@ -54,7 +54,13 @@ from modelsurgery.models.hardware import describe
 from modelsurgery.server.executor import WorkerSettings, execute_job
 from modelsurgery.server.model_cache import ModelCache
 
-DEV_CASES = (range(1000, 1200), range(2000, 2100), range(8000, 8300), range(9000, 9100))
+DEV_CASES = (
+    range(1000, 1200),
+    range(2000, 2100),
+    range(6000, 6200),
+    range(8000, 8300),
+    range(9000, 9100),
+)
 QUIET = {"evaluate": False, "evaluate_perplexity": False}
 
 

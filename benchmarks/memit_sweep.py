@@ -10,6 +10,13 @@ T, ``--ridge`` value and ``--nullspace-mom2`` weight, on the first grid entry's 
 update restricted to the eigenvectors of C with eigenvalue below T times C's median eigenvalue,
 with that ridge (``nullspace_l2``, same unit) and that weight on C's share left there.
 ``--targets FILE`` keeps the v* targets of a run (computed once, reused by the next).
+``--chunked JSON ...`` adds settings written as ``memit`` writes them (``knowledge.chunks``:
+chunks of ``chunk`` facts, each solve keeping the earlier chunks' keys; ``projection``
+``none`` or ``null_space``; ``lambda``; ``first`` layer), every chunk reusing the v* targets
+read on the base model (a job re-reads later chunks' targets on the edited model):
+
+    python benchmarks/memit_sweep.py --n 400 --offset 6000 --grid 2:5000 \
+        --chunked '{"chunk": 100}' '{"chunk": 100, "projection": "null_space"}'
 Prints one JSON line per setting: efficacy, paraphrase, locality, probability gain, WikiText-2
 perplexity over the unedited model's (``--ppl-tokens``, 0 = skip), the mean distance left
 between the last layer's output and z, and the update time.
@@ -26,10 +33,13 @@ import torch
 
 from modelsurgery.editing import memit
 from modelsurgery.editing.data import shared_data_path
+from modelsurgery.editing.knowledge.chunks import ChunkPlan, write_in_chunks
+from modelsurgery.editing.knowledge.config import family_defaults
 from modelsurgery.editing.knowledge.facts import Fact
 from modelsurgery.editing.knowledge.keys import keys_and_outputs
 from modelsurgery.editing.knowledge.nullspace import null_space, projected_update
 from modelsurgery.editing.knowledge.stats import layer_statistics
+from modelsurgery.editing.knowledge.targets import Targets
 from modelsurgery.editing.memit import MemitConfig
 from modelsurgery.editing.memit.method import memit_update
 from modelsurgery.editing.registry import MethodContext
@@ -55,6 +65,56 @@ def vstar_targets(model, tok, config, context) -> torch.Tensor:
     return outputs + memit.vstar_targets(model, tok, config, context).deltas
 
 
+def write_chunked(model, tok, config, context, z, setting: dict) -> list[int]:
+    """``setting``'s facts written chunk by chunk through ``write_in_chunks`` toward the base
+    model's targets ``z``; returns the edited layers."""
+    adapter = get_adapter(model)
+    last = config.edit_layers(model.config)[-1]
+    layers = list(range(setting.get("first", 2), last + 1))
+    stats = layer_statistics(model, tok, adapter, layers, context, config.stats_settings())
+    weight = setting.get("lambda", config.lambda_weight(model.config))
+    threshold, ridge = config.projection_settings(family_defaults(adapter.model_type))
+    bases = (
+        {layer: null_space(stats[layer], threshold) for layer in layers}
+        if setting.get("projection", "none") == "null_space"
+        else {}
+    )
+    _, base_out = keys_and_outputs(
+        model,
+        tok,
+        adapter,
+        config.facts,
+        key_layer=last,
+        out_layer=last,
+        templates=config.templates(),
+    )
+    deltas = z - base_out  # [F, d]
+    index = {id(fact): i for i, fact in enumerate(config.facts)}
+
+    def optimise(facts) -> Targets:
+        rows = [index[id(fact)] for fact in facts]
+        return Targets(deltas[rows], [0.0] * len(rows), [0] * len(rows), torch.float32)
+
+    def solve(layer, keys, residuals, kept):
+        if layer not in bases:
+            return memit_update(keys, residuals, stats[layer].mom2, weight, kept)
+        earlier = None if kept is None else kept.double()
+        return projected_update(keys, residuals, bases[layer], earlier, ridge, weight)
+
+    plan = ChunkPlan(
+        layers=layers,
+        chunk=setting.get("chunk", len(config.facts)),
+        targets="optimised",
+        anchor=1.0,
+        second_pass=False,
+        templates=config.templates(),
+    )
+    write_in_chunks(
+        model, tok, adapter, config.facts, plan, solve, optimise, lambda *a: None, context
+    )
+    return layers
+
+
 def perplexity_ratio(model, tok, tokens: int, base: float) -> dict[str, float]:
     if not tokens:
         return {}
@@ -72,6 +132,7 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, nargs="+", default=[10.0], help="nullspace_l2")
     parser.add_argument("--nullspace-mom2", type=float, nargs="+", default=[0.0])
     parser.add_argument("--targets", type=Path, help="v* targets file (read if it exists)")
+    parser.add_argument("--chunked", nargs="*", default=[], help="chunked settings (JSON)")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="0 = no perplexity")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "modelsurgery"))
@@ -87,7 +148,7 @@ def main() -> None:
     facts = [Fact.model_validate(r) for r in records[args.offset : args.offset + args.n]]
     context = MethodContext(model_digest=loaded.digest, cache_dir=Path(args.cache_dir))
     config = MemitConfig(facts=facts, layers=[args.last], clamp_factor=args.clamp)
-    before = score_facts(model, tok, adapter, facts)
+    before = score_facts(model, tok, adapter, facts, neighbourhood=True)
     ppl_base = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens) if args.ppl_tokens else 0
 
     start = time.perf_counter()
@@ -140,7 +201,8 @@ def main() -> None:
             out_layer=args.last,
             templates=config.templates(),
         )
-        metrics = fact_figures(score_facts(model, tok, adapter, facts), before=before)
+        after = score_facts(model, tok, adapter, facts, neighbourhood=True)
+        metrics = fact_figures(after, before=before)
         line = {
             "layers": f"{first}-{args.last}",
             "lambda": weight,
@@ -155,6 +217,24 @@ def main() -> None:
         with torch.no_grad():
             for layer in layers:
                 adapter.mlp_out(layer).weight.copy_(original[layer])
+    for text in args.chunked:
+        setting = json.loads(text)
+        saved = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp" in n}
+        start = time.perf_counter()
+        write_chunked(model, tok, config, context, z, setting)
+        seconds = time.perf_counter() - start
+        after = score_facts(model, tok, adapter, facts, neighbourhood=True)
+        line = {
+            **setting,
+            **{k: round(v, 3) for k, v in fact_figures(after, before=before).items()},
+            **perplexity_ratio(model, tok, args.ppl_tokens, ppl_base),
+            "update_s": round(seconds, 1),
+        }
+        print(json.dumps(line), flush=True)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in saved:
+                    param.copy_(saved[name])
 
 
 if __name__ == "__main__":
