@@ -52,6 +52,13 @@ from modelsurgery.models.hardware import describe
 
 def vstar_targets(model, tok, config, context) -> torch.Tensor:
     """z [F, d]: the last edited layer's outputs plus v*, as ``memit.run`` computes them."""
+    return (
+        last_outputs(model, tok, config) + memit.vstar_targets(model, tok, config, context).deltas
+    )
+
+
+def last_outputs(model, tok, config) -> torch.Tensor:
+    """[F, d]: the last edited layer's outputs for the facts, on the model as it is now."""
     last = config.edit_layers(model.config)[-1]
     _, outputs = keys_and_outputs(
         model,
@@ -62,15 +69,27 @@ def vstar_targets(model, tok, config, context) -> torch.Tensor:
         out_layer=last,
         templates=config.templates(),
     )
-    return outputs + memit.vstar_targets(model, tok, config, context).deltas
+    return outputs
 
 
-def write_chunked(model, tok, config, context, z, setting: dict) -> list[int]:
-    """``setting``'s facts written chunk by chunk through ``write_in_chunks`` toward the base
-    model's targets ``z``; returns the edited layers."""
+def restorer(adapter, layers: list[int]):
+    """A function that puts the down projections of ``layers`` back as they are now."""
+    original = {layer: adapter.mlp_out(layer).weight.detach().clone() for layer in layers}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for layer, weight in original.items():
+                adapter.mlp_out(layer).weight.copy_(weight)
+
+    return restore
+
+
+def write_chunked(
+    model, tok, config, context, deltas: torch.Tensor, setting: dict, layers: list[int]
+) -> None:
+    """``setting``'s facts written to ``layers`` chunk by chunk through ``write_in_chunks``,
+    each chunk toward its facts' base-model v* ``deltas`` [F, d]."""
     adapter = get_adapter(model)
-    last = config.edit_layers(model.config)[-1]
-    layers = list(range(setting.get("first", 2), last + 1))
     stats = layer_statistics(model, tok, adapter, layers, context, config.stats_settings())
     weight = setting.get("lambda", config.lambda_weight(model.config))
     threshold, ridge = config.projection_settings(family_defaults(adapter.model_type))
@@ -79,16 +98,6 @@ def write_chunked(model, tok, config, context, z, setting: dict) -> list[int]:
         if setting.get("projection", "none") == "null_space"
         else {}
     )
-    _, base_out = keys_and_outputs(
-        model,
-        tok,
-        adapter,
-        config.facts,
-        key_layer=last,
-        out_layer=last,
-        templates=config.templates(),
-    )
-    deltas = z - base_out  # [F, d]
     index = {id(fact): i for i, fact in enumerate(config.facts)}
 
     def optimise(facts) -> Targets:
@@ -112,7 +121,6 @@ def write_chunked(model, tok, config, context, z, setting: dict) -> list[int]:
     write_in_chunks(
         model, tok, adapter, config.facts, plan, solve, optimise, lambda *a: None, context
     )
-    return layers
 
 
 def perplexity_ratio(model, tok, tokens: int, base: float) -> dict[str, float]:
@@ -171,7 +179,7 @@ def main() -> None:
     for first, weight, threshold, inside in settings:
         layers = list(range(first, args.last + 1))
         stats = layer_statistics(model, tok, adapter, layers, context, config.stats_settings())
-        original = {layer: adapter.mlp_out(layer).weight.detach().clone() for layer in layers}
+        restore = restorer(adapter, layers)
         start = time.perf_counter()
         for i, layer in enumerate(layers):
             keys, current = keys_and_outputs(
@@ -214,14 +222,14 @@ def main() -> None:
             "update_s": round(seconds, 1),
         }
         print(json.dumps(line), flush=True)
-        with torch.no_grad():
-            for layer in layers:
-                adapter.mlp_out(layer).weight.copy_(original[layer])
+        restore()
+    deltas = z - last_outputs(model, tok, config) if args.chunked else None  # [F, d]
     for text in args.chunked:
         setting = json.loads(text)
-        saved = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp" in n}
+        layers = list(range(setting.get("first", 2), args.last + 1))
+        restore = restorer(adapter, layers)
         start = time.perf_counter()
-        write_chunked(model, tok, config, context, z, setting)
+        write_chunked(model, tok, config, context, deltas, setting, layers)
         seconds = time.perf_counter() - start
         after = score_facts(model, tok, adapter, facts, neighbourhood=True)
         line = {
@@ -231,10 +239,7 @@ def main() -> None:
             "update_s": round(seconds, 1),
         }
         print(json.dumps(line), flush=True)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in saved:
-                    param.copy_(saved[name])
+        restore()
 
 
 if __name__ == "__main__":
