@@ -175,7 +175,7 @@ class _Pruner:
             kept = kept_groups.tolist()
             self.changed.update(remove_kv_groups(adapter, index, kept, self.context.set_aside))
             self.kv_heads[index] = int(kept_groups.numel())
-            self.kept[index]["kv_heads"] = kept_groups.tolist()
+            self.kept[index]["kv_heads"] = kept
 
     def config_overrides(self) -> dict[str, Any]:
         adapter, cfg = self.adapter, self.config
