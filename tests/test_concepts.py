@@ -36,6 +36,23 @@ def write_examples(root: Path, repeat: int = 4) -> Path:
     return path
 
 
+def job_operation(layer: int) -> dict[str, object]:
+    """A one-concept ``concept_bottleneck`` job on ``write_examples``' file with its masks on
+    ``layer``: what the serving tests submit."""
+    return {
+        "method": "concept_bottleneck",
+        "examples_file": "reviews.jsonl",
+        "concepts": ["food"],
+        "layers": [layer],
+        "epochs": 6,
+        "lr": 0.05,
+        "backbone_lr": 0.0,
+        "batch_size": 6,
+        "max_tokens": 16,
+        "sparsity": 0.5,
+    }
+
+
 def small_config(**overrides: object) -> ConceptBottleneckConfig:
     fields = {
         "examples_file": "reviews.jsonl",

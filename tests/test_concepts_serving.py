@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import build_tiny_tokenizer, run_job
 from security.service_under_test import Loop
-from test_concepts import NEGATIVE, POSITIVE, write_examples
+from test_concepts import NEGATIVE, POSITIVE, job_operation, write_examples
 from typer.testing import CliRunner
 
 from modelsurgery.client import Client
@@ -39,25 +39,12 @@ from modelsurgery.server.generation import PromptError
 from modelsurgery.server.worker import SurgeryWorker
 from modelsurgery.v1 import jobs_pb2, jobs_pb2_grpc
 
-OPERATION = {
-    "method": "concept_bottleneck",
-    "examples_file": "reviews.jsonl",
-    "concepts": ["food"],
-    "layers": [3],
-    "epochs": 6,
-    "lr": 0.05,
-    "backbone_lr": 0.0,
-    "batch_size": 6,
-    "max_tokens": 16,
-    "sparsity": 0.5,
-}
-
 
 @pytest.fixture
 def stored(job_env: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], str]:
     write_examples(tmp_path)
     env = {**job_env, "settings": dataclasses.replace(job_env["settings"], data_roots=(tmp_path,))}
-    outcome = run_job(env, [OPERATION])
+    outcome = run_job(env, [job_operation(3)])
     assert outcome.state is JobState.SUCCEEDED, outcome.error
     assert outcome.metrics["op0.concept_accuracy_food"] >= 0.0
     return env, outcome.version_id

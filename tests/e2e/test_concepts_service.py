@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_concepts import NEGATIVE, POSITIVE, write_examples
+from test_concepts import NEGATIVE, POSITIVE, job_operation, write_examples
 from typer.testing import CliRunner
 
 from modelsurgery.client import Client
@@ -37,21 +37,9 @@ def concepts_server(
 def test_a_concept_job_predicts_and_intervenes_over_grpc(
     concepts_server: ServerProcess, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    operation = {
-        "method": "concept_bottleneck",
-        "examples_file": "reviews.jsonl",
-        "concepts": ["food"],
-        "layers": [1],
-        "epochs": 6,
-        "lr": 0.05,
-        "backbone_lr": 0.0,
-        "batch_size": 6,
-        "max_tokens": 16,
-        "sparsity": 0.5,
-    }
     with Client(concepts_server.address, timeout=120) as client:
         job = client.wait(
-            client.submit({"base": str(tiny_model_dir), "operations": [operation]}).id,
+            client.submit({"base": str(tiny_model_dir), "operations": [job_operation(1)]}).id,
             timeout=300,
         )
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
