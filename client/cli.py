@@ -139,6 +139,27 @@ def serve(
         ),
     ] = None,
     workers: Annotated[int, typer.Option(help="Worker actors (jobs run in parallel).")] = 1,
+    gpus_per_worker: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="GPUs each worker asks Ray for (where the cluster has them); with more than "
+            "one, a model that does not fit one GPU is placed layer by layer over them.",
+        ),
+    ] = 1.0,
+    gpu_memory_gib: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1, help="GiB of each GPU a model's weights may fill (default: 85% of its free)."
+        ),
+    ] = None,
+    cpu_offload: Annotated[
+        bool,
+        typer.Option(
+            help="Let layers that fit no GPU stay in CPU memory and run there (slower; "
+            "without it such a model is refused)."
+        ),
+    ] = False,
     fan_out: Annotated[
         int,
         typer.Option(
@@ -203,6 +224,9 @@ def serve(
         num_cpus=num_cpus,
         worker_cpus=worker_cpus,
         workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        gpu_memory_bytes=None if gpu_memory_gib is None else int(gpu_memory_gib * (1 << 30)),
+        cpu_offload=cpu_offload,
         fan_out=fan_out,
         fan_out_cpus=fan_out_cpus,
         max_attempts=max_attempts,

@@ -31,6 +31,7 @@ from modelsurgery.models.build import build_model, has_layer_widths, read_folder
 from modelsurgery.models.digest import model_digest
 from modelsurgery.models.errors import ModelReferenceError
 from modelsurgery.models.gguf import load_gguf, load_gguf_config
+from modelsurgery.models.placement import Placement, place
 from modelsurgery.models.references import ResolvedReference, SourceKind, resolve_reference
 from modelsurgery.models.stored import (
     GENERATION_CONFIG_FILE,
@@ -73,6 +74,7 @@ def load(
     store: StoreReader | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    placement: Placement | None = None,
     allowed_roots: PathRoots | None = None,
     progress: Progress | None = None,
     with_hooks: bool = True,
@@ -81,6 +83,7 @@ def load(
     Hugging Face cache), a built-in alias or a stored version (see ``resolve_reference``).
 
     ``dtype`` None keeps the checkpoint's own dtype (float32 for dequantised GGUF);
+    ``placement`` puts it over a worker's devices (``models.placement``) instead of on ``device``;
     ``allowed_roots`` restricts path references (the server passes its model folders).
     A checkpoint (exported folder or stored version) that carries a hook method's artifacts
     comes with those hooks attached unless ``with_hooks`` is False (the server attaches them per
@@ -98,7 +101,9 @@ def load(
     else:
         say("hashing weights")
         digest = model_digest(model)
-    if device is not None:
+    if placement is not None:
+        place(model, placement)
+    elif device is not None:
         model.to(device)
     hooks = _attach_hooks(model, resolved, store) if with_hooks else None
     say("loaded")

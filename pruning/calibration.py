@@ -175,7 +175,7 @@ class LayerwiseCalibration:
         next and its pruned outputs, not these, feed the following layer (as in Wanda /
         SparseGPT)."""
         stats: dict[str, InputStats] = {}
-        with _input_hooks(modules, stats, self.device, first_moments):
+        with _input_hooks(modules, stats, first_moments):
             self.feed(index, inputs)
         return stats
 
@@ -194,7 +194,6 @@ class LayerwiseCalibration:
 def _input_hooks(
     modules: dict[str, nn.Module],
     stats: dict[str, InputStats],
-    device: torch.device,
     first_moments: bool,
 ) -> Iterator[None]:
     handles = []
@@ -210,7 +209,7 @@ def _input_hooks(
                 shared.clear()
                 shared[key] = (x, BatchMoments.of(x, first_moments))
             if name not in stats:
-                stats[name] = InputStats.zeros(x.shape[-1], device)
+                stats[name] = InputStats.zeros(x.shape[-1], x.device)  # the layer's device
             stats[name].add(shared[key][1])
             seen.add(name)
             if len(seen) == len(modules):  # nothing later in the layer is needed

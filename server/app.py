@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelsurgery.checkpoints import CheckpointStore, default_root
+from modelsurgery.models.placement import Placement
 from modelsurgery.proto.limits import DEFAULT_MAX_EXPORT_BYTES, DEFAULT_MAX_JOB_SECONDS
 from modelsurgery.server.auth import TOKENS_ENV, BearerTokenInterceptor, load_tokens
 from modelsurgery.server.checkpoint_service import CheckpointService, ExportCache
@@ -58,6 +59,12 @@ class ServerSettings:
     num_cpus: int | None = None
     worker_cpus: int | None = None
     workers: int = 1
+    # GPUs each worker asks Ray for (more than one: a model that does not fit one GPU is
+    # placed over them), each one's budget for weights (None: 85% of what it has free), and
+    # whether blocks that fit no GPU stay in CPU memory and run there.
+    gpus_per_worker: float = 1.0
+    gpu_memory_bytes: int | None = None
+    cpu_offload: bool = False
     # Ray helper actors a job's independent batches spread over (see ``server.fan_out``).
     fan_out: int = 1
     fan_out_cpus: float = 1.0
@@ -152,6 +159,7 @@ class ModelSurgeryServer:
             data_roots=s.data_folders,
             model_roots=s.model_folders,
             max_cache_bytes=s.max_cache_bytes,
+            placement=Placement(cpu_offload=s.cpu_offload, gpu_memory=s.gpu_memory_bytes),
             fan_out=s.fan_out,
             fan_out_cpus=s.fan_out_cpus,
             shared_aliases=s.shared_aliases,
@@ -164,6 +172,7 @@ class ModelSurgeryServer:
                 num_cpus=s.num_cpus,
                 worker_cpus=s.worker_cpus,
                 workers=s.workers,
+                gpus_per_worker=s.gpus_per_worker,
                 max_attempts=s.max_attempts,
                 max_job_seconds=s.max_job_seconds,
                 retention_seconds=s.job_retention_seconds,

@@ -35,6 +35,7 @@ from modelsurgery.evaluation.suite import SUITE_ARTIFACT, carried_suite, job_pro
 from modelsurgery.models import LoadedModel, load
 from modelsurgery.models.digest import combined_digest, files_digest, model_digest
 from modelsurgery.models.memory import give_back_freed_memory
+from modelsurgery.models.placement import Placement
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.proto.spec import JobSpec, parse_spec
 from modelsurgery.server.auth import ANONYMOUS, Caller
@@ -60,7 +61,8 @@ class WorkerSettings:
     data_roots: tuple[Path, ...] = ()
     model_roots: tuple[Path, ...] | None = None
     max_cache_bytes: int = 8 << 30
-    device: str = "cpu"
+    # The devices warm models go on (one, or several with layers spread over them).
+    placement: Placement = field(default_factory=Placement)
     # Helper actors one operation's independent batches spread over (MEMIT's v*), and the
     # CPUs each asks Ray for; 1 = the batches run in the job's worker.
     fan_out: int = 1
@@ -78,11 +80,11 @@ def load_base(
     identity covers the tokenizer and config as well as the weights (``_cached``)."""
 
     def from_store(version_id: str) -> CachedModel:
-        loaded = load(version_id, store=store, device=settings.device, with_hooks=False)
+        loaded = load(version_id, store=store, placement=settings.placement, with_hooks=False)
         return _cached(loaded, version_id)
 
     def from_reference() -> CachedModel:
-        loaded = load(reference, device=settings.device, allowed_roots=settings.model_roots)
+        loaded = load(reference, allowed_roots=settings.model_roots)
         manifest = store.import_model(
             loaded.model, loaded.tokenizer, reference=reference, revision=loaded.revision
         )
@@ -212,7 +214,7 @@ def _operate_and_judge(
             model_digest=digest,
             cache_dir=settings.cache_dir,
             data_roots=settings.data_roots,
-            device=torch.device(settings.device),
+            device=torch.device(settings.placement.main),
             report=lambda event, i=index: emit({"kind": "progress", "operation": i, **event}),
             is_cancelled=is_cancelled,
             read_artifact=artifact_reader(store, base.version_id, run.artifacts),

@@ -45,6 +45,10 @@ class ModelHolder:
         return task(self.model, self.tokenizer, payload, context)
 
 
+def _spread_over_devices(model: Any) -> bool:
+    return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+
+
 @dataclass(frozen=True)
 class RayFanOut:
     helpers: int
@@ -61,7 +65,8 @@ class RayFanOut:
         context: MethodContext,
     ) -> Iterator[tuple[int, Any]]:
         wanted = min(self.helpers, len(payloads))
-        if wanted < 2:
+        if wanted < 2 or _spread_over_devices(model):
+            # A model placed over several devices fits no one helper's device.
             yield from run_here(task, model, tokenizer, payloads, context)
             return
         on_gpu = next(model.parameters()).device.type == "cuda"

@@ -28,6 +28,7 @@ from modelsurgery.evaluation.measure import JobMeasurements
 from modelsurgery.evaluation.metrics import EvaluationSettings
 from modelsurgery.evaluation.perplexity import PerplexityCache
 from modelsurgery.evaluation.suite import Suite, job_protocol
+from modelsurgery.models.placement import on_gpus
 from modelsurgery.proto.job_state import JobState
 from modelsurgery.server.auth import ANONYMOUS, Caller
 from modelsurgery.server.concepts import concept_predictions
@@ -76,8 +77,11 @@ class SurgeryWorker:
             quiet_progress_bars()
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         if gpu_ids and torch.cuda.is_available():
-            settings.device = "cuda"
-        log.info("worker started", extra={"device": settings.device, "threads": num_threads})
+            settings.placement = on_gpus(settings.placement, torch.cuda.device_count())
+        log.info(
+            "worker started",
+            extra={"devices": list(settings.placement.devices), "threads": num_threads},
+        )
         self.settings = settings
         self.store = CheckpointStore(settings.store_root)
         self.cache = ModelCache(settings.max_cache_bytes)
@@ -87,7 +91,8 @@ class SurgeryWorker:
     def info(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
-            "device": self.settings.device,
+            "device": self.settings.placement.main,
+            "devices": list(self.settings.placement.devices),
             "cached_models": self.cache.digests(),
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,

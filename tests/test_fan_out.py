@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -120,3 +121,25 @@ def test_helpers_that_cannot_be_placed_leave_the_batches_here(local_ray, tmp_pat
         targets_with(unplaceable, tmp_path, copy.deepcopy(model)),
         targets_with(run_here, tmp_path, model),
     )
+
+
+def test_a_model_placed_over_several_devices_runs_its_batches_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Helpers hold one device each, and a placed model fits none: no helper is started."""
+
+    def no_helper(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a helper actor was started")
+
+    monkeypatch.setattr(ray, "remote", no_helper)
+    model = tiny_model("llama", seed=3)
+    model.hf_device_map = {"model.layers.0": "cuda:0", "model.layers.1": "cuda:1"}
+    ran = list(RayFanOut(helpers=4)(_double, model, None, [1, 2, 3], context(tmp_path, [])))
+    assert ran == [(0, 2), (1, 4), (2, 6)]
+    model.hf_device_map = {"model.layers.0": "cuda:0", "model.layers.1": "cuda:0"}
+    with pytest.raises(AssertionError, match="helper actor was started"):
+        list(RayFanOut(helpers=4)(_double, model, None, [1, 2, 3], context(tmp_path, [])))
+
+
+def _double(model: Any, tokenizer: Any, payload: int, ctx: Any) -> int:
+    return 2 * payload

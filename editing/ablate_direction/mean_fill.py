@@ -52,7 +52,8 @@ def layer_mean_projections(
     def hook_for(layer: int) -> Any:
         def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output  # (B, T, H)
-            sums[layer] += (hidden.double() @ unit).sum()
+            # Each layer on its own device in a placed model.
+            sums[layer] += (hidden.double() @ unit.to(hidden.device)).sum().to(sums.device)
 
         return hook
 

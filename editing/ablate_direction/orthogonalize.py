@@ -60,14 +60,14 @@ class Orthogonalised:
 @torch.no_grad()
 def _remove_from_outputs(weight: torch.Tensor, unit: torch.Tensor) -> None:
     """W <- (I - d d^T) W for a weight [out = hidden, in] (a view writes through)."""
-    w = weight.double()
+    w, unit = weight.double(), unit.to(weight.device)
     weight.copy_(w - torch.outer(unit, unit @ w))
 
 
 @torch.no_grad()
 def _remove_from_rows(table: torch.Tensor, unit: torch.Tensor) -> None:
     """e <- e - (e.d) d for every row of an embedding table [rows, hidden] (or a bias)."""
-    t = table.double()
+    t, unit = table.double(), unit.to(table.device)
     table.copy_(t - (t @ unit).unsqueeze(-1) * unit)
 
 

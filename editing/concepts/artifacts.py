@@ -57,13 +57,12 @@ def from_artifacts(model: nn.Module, artifacts: Mapping[str, bytes]) -> ConceptB
     spec = BottleneckSpec.model_validate_json(artifacts[CONFIG_ARTIFACT])
     tensors = safetensors_load(artifacts[STATE_ARTIFACT])
     bottleneck = ConceptBottleneck(spec, model)
-    device = next(model.parameters()).device
     with torch.no_grad():
-        for i, weight in enumerate(bottleneck.weights):
-            weight.data = tensors[f"weight.{i}"].to(device)
+        for i, weight in enumerate(bottleneck.weights):  # each beside its layer
+            weight.data = tensors[f"weight.{i}"].to(weight.device)
         if bottleneck.masks is not None:
             bottleneck.masks = [
-                _unpack(tensors[f"mask.{i}"], (len(spec.concepts), *w.shape)).to(device)
+                _unpack(tensors[f"mask.{i}"], (len(spec.concepts), *w.shape))
                 for i, w in enumerate(bottleneck.weights)
             ]
         for prefix in ("concept_heads", "label_head"):
@@ -74,7 +73,7 @@ def from_artifacts(model: nn.Module, artifacts: Mapping[str, bytes]) -> ConceptB
                 if k.startswith(f"{prefix}.")
             }
             module.load_state_dict(own)
-    bottleneck.to(device)
+    bottleneck.to_model_devices(model)
     bottleneck.requires_grad_(False)
     return bottleneck.eval()
 

@@ -167,6 +167,17 @@ class ConceptBottleneck(nn.Module):
             adapter.final_norm(),
         )
 
+    def to_model_devices(self, model: nn.Module) -> ConceptBottleneck:
+        """Each masked weight and its masks beside the layer that runs them, the heads where
+        the final norm's output comes out: one device, or a placed model's several."""
+        norm = next(self._frozen[1].parameters(), None)
+        out = (norm if norm is not None else next(model.parameters())).device
+        self.concept_heads.to(out)
+        self.label_head.to(out)
+        if self.masks is not None:
+            self.masks = [m.to(w.device) for w, m in zip(self.weights, self.masks, strict=True)]
+        return self
+
     def concept_weights(
         self, concept: int, masks: Sequence[torch.Tensor] | None = None
     ) -> list[torch.Tensor]:
@@ -195,7 +206,7 @@ class ConceptBottleneck(nn.Module):
                 out = functional_call(layer, own, (hidden,), inputs.kwargs, strict=False)
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = norm(hidden).float()
-        mask = inputs.token_mask.unsqueeze(-1).to(hidden.dtype)
+        mask = inputs.token_mask.unsqueeze(-1).to(hidden.device, hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def concept_logits(

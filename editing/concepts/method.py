@@ -71,7 +71,7 @@ def fit(
         config.max_tokens,
         sparse,
     )
-    bottleneck = new_bottleneck(spec, model, config.seed).to(context.device)
+    bottleneck = new_bottleneck(spec, model, config.seed).to_model_devices(model)
     name = "sparse" if sparse else "dense"
 
     def progress(message: str, **fields: Any) -> None:

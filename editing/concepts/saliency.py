@@ -35,7 +35,7 @@ def fisher_saliency(
             weight.requires_grad_(flag)
     count = max(1, len(batches))
     return [
-        w.detach().float().square().unsqueeze(0) * (s / count) / 2
+        w.detach().float().cpu().square().unsqueeze(0) * (s / count) / 2  # s is on the CPU
         for w, s in zip(bottleneck.weights, squares, strict=True)
     ]
 
@@ -50,7 +50,7 @@ def _accumulate(
         logits = bottleneck.concept_logits(inputs, effective)
         losses = []
         for k, concept_logit in enumerate(logits):
-            target = concept_targets[:, k]
+            target = concept_targets[:, k].to(concept_logit.device)
             if (target != MISSING).any():
                 losses.append(F.cross_entropy(concept_logit, target, ignore_index=MISSING))
         if not losses:
@@ -82,4 +82,7 @@ def update_masks(
     bottleneck: ConceptBottleneck, saliency: list[torch.Tensor], sparsity: float
 ) -> None:
     assert bottleneck.masks is not None
-    bottleneck.masks = [top_mask(s, sparsity) for s in saliency]
+    bottleneck.masks = [
+        top_mask(s, sparsity).to(w.device)  # beside the weight it masks
+        for s, w in zip(saliency, bottleneck.weights, strict=True)
+    ]

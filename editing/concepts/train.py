@@ -72,9 +72,10 @@ def make_batches(
 
 def batch_loss(bottleneck: ConceptBottleneck, batch: Batch, concept_weight: float) -> torch.Tensor:
     concept_logits = bottleneck.concept_logits(batch.inputs)
-    loss = F.cross_entropy(bottleneck.label_logits(concept_logits), batch.labels)
+    label_logits = bottleneck.label_logits(concept_logits)
+    loss = F.cross_entropy(label_logits, batch.labels.to(label_logits.device))
     for k, logits in enumerate(concept_logits):
-        target = batch.concepts[:, k]
+        target = batch.concepts[:, k].to(logits.device)
         if (target != MISSING).any():
             loss = loss + concept_weight * F.cross_entropy(logits, target, ignore_index=MISSING)
     return loss
@@ -141,8 +142,8 @@ def predict(bottleneck: ConceptBottleneck, batches: Sequence[Batch], count: int)
     for batch in batches:
         logits = bottleneck.concept_logits(batch.inputs)
         rows = torch.tensor(batch.rows)
-        concepts[rows] = torch.stack([c.argmax(-1) for c in logits], dim=1)
-        labels[rows] = bottleneck.label_logits(logits).argmax(-1)
+        concepts[rows] = torch.stack([c.argmax(-1).cpu() for c in logits], dim=1)
+        labels[rows] = bottleneck.label_logits(logits).argmax(-1).cpu()
     return Predictions(concepts, labels)
 
 

@@ -32,6 +32,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[
 
 def _pool(states: torch.Tensor, mask: torch.Tensor, token: TokenChoice) -> torch.Tensor:
     """(B, T, ...) -> (B, ...): the last real token, or the mean over real tokens."""
+    mask = mask.to(states.device)  # a placed model's layers may sit on another device
     if token == "last":
         last = mask.sum(dim=1) - 1  # (B,)
         return states[torch.arange(states.shape[0], device=states.device), last]
@@ -69,7 +70,7 @@ def _collect(
             inputs = _encode(tokenizer, texts[start : start + batch_size], device)
             mask = inputs["attention_mask"]
             model(**inputs)
-            out.append(torch.stack(seen, dim=1).cpu())
+            out.append(torch.stack([s.cpu() for s in seen], dim=1))  # layers' own devices
     finally:
         for handle in handles:
             handle.remove()

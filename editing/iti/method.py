@@ -164,7 +164,9 @@ def bake_head_shifts(
         bias = projection.bias
         assert bias is not None, "enable_output_bias gave every layer a bias"
         weight = projection.weight.double()  # (hidden, heads * D)
-        delta = sum(weight[:, adapter.head_columns(h)] @ s.double() for h, s in items)
+        delta = sum(
+            weight[:, adapter.head_columns(h)] @ s.double().to(weight.device) for h, s in items
+        )
         bias += torch.as_tensor(delta).to(bias.dtype)
         names.add(f"{adapter.attn_out_path(layer)}.bias")
     changed = {name: model.get_parameter(name).detach().clone() for name in sorted(names)}

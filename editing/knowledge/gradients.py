@@ -128,9 +128,10 @@ def site_gradients(
                 handle.remove()
         # 5. Each site's output and gradient at the lookups [B, d].
         for slot, (inputs, out) in enumerate(seen):
-            found[slot][0].append(inputs[at, lookups].float())
-            found[slot][1].append(out.detach()[at, lookups].float())
-            found[slot][2].append(out.grad[at, lookups].float())
+            rows, cols = at.to(out.device), lookups.to(out.device)  # the site's own device
+            found[slot][0].append(inputs[rows, cols].float())
+            found[slot][1].append(out.detach()[rows, cols].float())
+            found[slot][2].append(out.grad[rows, cols].float())
         losses.append(per_fact.detach().float())
     return [SiteGradients(*(torch.cat(part) for part in site)) for site in found], torch.cat(losses)
 

@@ -126,7 +126,11 @@ class KeyWalk:
         """Layers ``self.layer``..``last`` on the kept states of ``rows``: ``last``'s output
         [n, T, d] and, given ``module``, its input at the lookups [n, in]."""
         outs, ins = [], []
-        ids, mask, entering = self.ids[rows], self.mask[rows], self.entering[rows]
+        ids, mask = self.ids[rows], self.mask[rows]
+        # The kept states sit on the device of the layer they enter.
+        entering = self.entering[
+            rows.to(self.entering.device) if isinstance(rows, torch.Tensor) else rows
+        ]
         lookups = self.lookups[rows]
         for b in self._batches(ids.shape[0]):
             got: dict[str, torch.Tensor] = {}
@@ -145,7 +149,7 @@ class KeyWalk:
             outs.append(got["h"])
             if module is not None:
                 at = torch.arange(got["k"].shape[0], device=got["k"].device)
-                ins.append(got["k"][at, lookups[b]].float())
+                ins.append(got["k"][at, lookups[b].to(at.device)].float())
         return torch.cat(outs), (torch.cat(ins) if ins else None)
 
     def keys(self) -> torch.Tensor:
@@ -159,7 +163,7 @@ class KeyWalk:
         bare = torch.arange(0, self.ids.shape[0], self.per_fact, device=self.ids.device)
         hidden, _ = self._run(bare, out_layer)
         at = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[at, self.lookups[bare]].float()
+        return hidden[at, self.lookups[bare].to(hidden.device)].float()
 
     def advance(self, to_layer: int) -> None:
         """Move the kept states to those entering ``to_layer`` (after the updates so far)."""

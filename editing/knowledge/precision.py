@@ -62,7 +62,7 @@ def optimisation_precision(
     device = next(model.parameters()).device
     with ExitStack() as stack:
         stack.callback(give_back_freed_memory)  # runs last: the cast copies are gone by then
-        if device.type == "cpu":
+        if device.type != "cuda":
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if next(model.parameters()).dtype != dtype:
             cast = [p for p in _run_by_vstar(model, layer) if p.is_floating_point() and p.dim() > 1]

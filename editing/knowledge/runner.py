@@ -161,8 +161,8 @@ class CachedPrefix:
     def _restore(self, rows: torch.Tensor | None = None) -> None:
         if self.cache is not None:
             for lay, (keys, values) in zip(self.cache.layers, self._saved, strict=True):
-                if rows is not None:
-                    keys, values = keys[rows], values[rows]
+                if rows is not None:  # each layer's cache lives on that layer's device
+                    keys, values = keys[rows.to(keys.device)], values[rows.to(values.device)]
                 lay.keys, lay.values = keys, values
 
     def tail_hidden(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,12 +222,13 @@ def logits_at(
     rows: torch.Tensor,
     cols: torch.Tensor,
 ) -> torch.Tensor:
-    """Logits [n, vocab] at (row, col) positions of final hidden states (lm head on those only)."""
-    logits = adapter.lm_head()(hidden[rows, cols])
+    """Logits [n, vocab] at (row, col) positions of final hidden states (lm head on those only),
+    on the positions' device (the head may live on another device of a placed model)."""
+    logits = adapter.lm_head()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits.float()
+    return logits.float().to(rows.device)
 
 
 @contextmanager

@@ -238,8 +238,10 @@ def optimize_deltas(
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
         if "target_init" not in state:
-            state["target_init"] = out[b.bare_rows, 0].detach().float()
-        return torch.cat([out[:, :1] + delta[live.site_fact, None].to(out.dtype), out[:, 1:]], 1)
+            bare = b.bare_rows.to(out.device)  # the site's layer may sit on another device
+            state["target_init"] = out[bare, 0].detach().float().to(delta.device)
+        shift = delta[live.site_fact, None].to(device=out.device, dtype=out.dtype)
+        return torch.cat([out[:, :1] + shift, out[:, 1:]], 1)
 
     steps = [params.steps] * n_facts
     losses = torch.zeros(n_facts, device=device)

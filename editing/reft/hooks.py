@@ -125,6 +125,8 @@ class InterventionHandle:
             for slot, (index, valid) in self._active.items():
                 if index.shape[1] == 0:
                     continue
+                # On a model placed over several devices each layer has its own.
+                index, valid = index.to(hidden.device), valid.to(hidden.device)
                 gather_index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
                 selected = hidden.gather(1, gather_index)
                 delta = slots[slot].delta(selected) * valid.unsqueeze(-1)
