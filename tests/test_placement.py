@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_editable, run_job
+from conftest import build_editable, build_tiny_tokenizer, run_job
 from test_concepts import job_operation, write_examples
 from test_in_place import (
     FACTS,
@@ -193,3 +193,45 @@ def test_generate_and_concept_predictions_on_a_split_model_match_one_device(
         served.append(serve(env, outcome.version_id))
     assert served[1] == served[0]
     assert served[0][1][0]["explain"]["food"]  # attributions were computed
+
+
+def test_a_tied_head_stays_with_its_embedding_and_v_star_reads_it(
+    job_env: dict[str, Any], tmp_path: Path, devices: None
+) -> None:
+    """SmolLM2's head is its embedding table: placed whole on the first device, while the
+    edited layer and the final norm sit on the second; ROME's v* reads logits across them."""
+    with VirtualDevices().paused():
+        tied = build_editable("llama")
+        tied.config.tie_word_embeddings = True
+        tied.tie_weights()
+        folder = tmp_path / "tied"
+        tied.save_pretrained(folder)
+        build_tiny_tokenizer().save_pretrained(folder)
+    env = {**job_env, "folder": folder}
+    operation = {**OPERATIONS["rome"], "layer": 2}
+    one = worker_env(env, tmp_path / "one", Placement(devices=("ve:0",)))
+    alone = run_job(one, [operation])
+    two = worker_env(env, tmp_path / "two", split_over_two(tied))
+    model = warm_model(two)
+    assert model.hf_device_map["lm_head"] == model.hf_device_map["model.embed_tokens"] == "ve:0"
+    assert model.hf_device_map["model.layers.2"] == "ve:1"
+    split = run_job(two, [operation])
+    assert alone.state == split.state == "SUCCEEDED", (alone.error, split.error)
+    assert tensors_of(two, split.version_id) == tensors_of(one, alone.version_id)
+
+
+@pytest.mark.parametrize("case", ["memit", "prune-2:4", "lora-merged"])
+def test_blocks_offloaded_to_the_cpu_run_there_and_give_the_same_version(
+    case: str, job_env: dict[str, Any], tmp_path: Path, devices: None
+) -> None:
+    """One device with room for half the model, the rest resident in CPU memory: blocks on
+    both sides are edited where they are."""
+    operation = {**OPERATIONS, **ACROSS}[case]
+    half = int(weight_bytes(build_editable("llama")) * 0.5)
+    offloaded = Placement(devices=("ve:0",), max_memory=(half,), cpu_offload=True)
+    one = worker_env(job_env, tmp_path / "one", Placement(devices=("ve:0",)))
+    two = worker_env(job_env, tmp_path / "two", offloaded)
+    assert {"ve:0", "cpu"} <= set(warm_model(two).hf_device_map.values())
+    alone, split = run_job(one, [operation]), run_job(two, [operation])
+    assert alone.state == split.state == "SUCCEEDED", (alone.error, split.error)
+    assert tensors_of(two, split.version_id) == tensors_of(one, alone.version_id)

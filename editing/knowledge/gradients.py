@@ -27,7 +27,7 @@ from modelsurgery.models.adapters import ArchitectureAdapter
 
 from . import tokens as tk
 from .facts import Fact
-from .runner import hidden_entering, logits_at, run_base, suffix_only
+from .runner import at_positions, hidden_entering, logits_at, run_base, suffix_only
 from .vstar import frozen_parameters
 
 
@@ -128,10 +128,9 @@ def site_gradients(
                 handle.remove()
         # 5. Each site's output and gradient at the lookups [B, d].
         for slot, (inputs, out) in enumerate(seen):
-            rows, cols = at.to(out.device), lookups.to(out.device)  # the site's own device
-            found[slot][0].append(inputs[rows, cols].float())
-            found[slot][1].append(out.detach()[rows, cols].float())
-            found[slot][2].append(out.grad[rows, cols].float())
+            found[slot][0].append(at_positions(inputs, at, lookups).float())
+            found[slot][1].append(at_positions(out.detach(), at, lookups).float())
+            found[slot][2].append(at_positions(out.grad, at, lookups).float())
         losses.append(per_fact.detach().float())
     return [SiteGradients(*(torch.cat(part) for part in site)) for site in found], torch.cat(losses)
 

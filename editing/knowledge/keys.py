@@ -14,7 +14,14 @@ from modelsurgery.models.adapters import ArchitectureAdapter
 
 from . import tokens as tk
 from .facts import Fact
-from .runner import capture_input, capture_output, hidden_entering, run_until_stopped, suffix_only
+from .runner import (
+    at_positions,
+    capture_input,
+    capture_output,
+    hidden_entering,
+    run_until_stopped,
+    suffix_only,
+)
 from .templates import prefix_length, with_bare_first
 
 
@@ -65,8 +72,9 @@ def keys_and_outputs(
             ),
         ):
             run_until_stopped(model, ids.to(device), mask.to(device))
-        keys = got["k"][rows, cols].float().view(len(chunk), len(ordered), -1).mean(1)
-        outs = got["h"][rows, cols].float().view(len(chunk), len(ordered), -1)[:, 0]
+        keys = at_positions(got["k"], rows, cols).float().view(len(chunk), len(ordered), -1)
+        outs = at_positions(got["h"], rows, cols).float().view(len(chunk), len(ordered), -1)
+        keys, outs = keys.mean(1), outs[:, 0]
         keys_out.append(keys)
         outs_out.append(outs)
     return torch.cat(keys_out), torch.cat(outs_out)
@@ -149,7 +157,7 @@ class KeyWalk:
             outs.append(got["h"])
             if module is not None:
                 at = torch.arange(got["k"].shape[0], device=got["k"].device)
-                ins.append(got["k"][at, lookups[b].to(at.device)].float())
+                ins.append(at_positions(got["k"], at, lookups[b]).float())
         return torch.cat(outs), (torch.cat(ins) if ins else None)
 
     def keys(self) -> torch.Tensor:
@@ -163,7 +171,7 @@ class KeyWalk:
         bare = torch.arange(0, self.ids.shape[0], self.per_fact, device=self.ids.device)
         hidden, _ = self._run(bare, out_layer)
         at = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[at, self.lookups[bare].to(hidden.device)].float()
+        return at_positions(hidden, at, self.lookups[bare]).float()
 
     def advance(self, to_layer: int) -> None:
         """Move the kept states to those entering ``to_layer`` (after the updates so far)."""

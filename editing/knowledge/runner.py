@@ -172,7 +172,8 @@ class CachedPrefix:
         ids, mask, positions = self._tail_inputs()
         entering = self.entering
         if rows is not None:
-            ids, mask, positions, entering = ids[rows], mask[rows], positions[rows], entering[rows]
+            ids, mask, positions = ids[rows], mask[rows], positions[rows]
+            entering = entering[rows.to(entering.device)]  # on the device of its layer
         try:
             with suffix_only(self.adapter, self.layer, entering):
                 return run_base(self.model, ids, mask, positions, self.cache)
@@ -215,6 +216,12 @@ def suffix_only(adapter: ArchitectureAdapter, layer: int, entering: torch.Tensor
             layers[i] = original
 
 
+def at_positions(states: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``states[rows, cols]`` with the indices moved to the states' device: each layer of a
+    model placed over several devices gives its states on its own."""
+    return states[rows.to(states.device), cols.to(states.device)]
+
+
 def logits_at(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -224,7 +231,7 @@ def logits_at(
 ) -> torch.Tensor:
     """Logits [n, vocab] at (row, col) positions of final hidden states (lm head on those only),
     on the positions' device (the head may live on another device of a placed model)."""
-    logits = adapter.lm_head()(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+    logits = adapter.lm_head()(at_positions(hidden, rows, cols))
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
