@@ -32,7 +32,7 @@ from virtual_devices import VirtualDevices
 from modelsurgery.checkpoints import CheckpointStore
 from modelsurgery.editing.attachments import attach_hooks, stored_hook_artifacts
 from modelsurgery.models import loading
-from modelsurgery.models.placement import Placement, PlacementError, device_map, place
+from modelsurgery.models.placement import Placement, PlacementError, device_map, on_gpus, place
 from modelsurgery.server.concepts import concept_predictions
 from modelsurgery.server.executor import WorkerSettings, load_base
 from modelsurgery.server.generation import generate_text
@@ -235,3 +235,25 @@ def test_blocks_offloaded_to_the_cpu_run_there_and_give_the_same_version(
     alone, split = run_job(one, [operation]), run_job(two, [operation])
     assert alone.state == split.state == "SUCCEEDED", (alone.error, split.error)
     assert tensors_of(two, split.version_id) == tensors_of(one, alone.version_id)
+
+
+def test_serve_options_reach_the_worker_placement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve --gpus-per-worker 2 --gpu-memory-gib 20 --cpu-offload``: each worker asks Ray
+    for two GPUs, and on them gives each 20 GiB of weights, the rest kept in CPU memory."""
+    from typer.testing import CliRunner
+
+    from modelsurgery.client.cli import app
+    from modelsurgery.server import app as server_app
+
+    seen: list[Any] = []
+    monkeypatch.setattr(server_app, "run", lambda settings, **_: seen.append(settings))
+    flags = ["--gpus-per-worker", "2", "--gpu-memory-gib", "20", "--cpu-offload"]
+    result = CliRunner().invoke(app, ["serve", "--store", str(tmp_path), *flags])
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    assert (settings.gpus_per_worker, settings.cpu_offload) == (2.0, True)
+    worker = on_gpus(Placement(cpu_offload=True, gpu_memory=settings.gpu_memory_bytes), 2)
+    assert worker.devices == ("cuda:0", "cuda:1")
+    assert worker.max_memory == (20 << 30, 20 << 30) and worker.budgets()["cpu"] > 0
