@@ -5,7 +5,9 @@ time on the same calibration windows, in one run.
 
 Jobs, as a user submits them, defaults only: structured 20% (`kind: structured`, `ratio: 0.2`)
 and Wanda 50% (`method: prune`), 2:4 with its default (score and refit) and 2:4 with
-`score: wanda` (plain Wanda, no refit), whose job seconds are printed as a ratio;
+`score: wanda` (plain Wanda, no refit), whose job seconds are printed as a ratio; on request
+(``--only``) the default 2:4 job with ``refit_inputs`` pinned to ``pruned`` or ``dense``, each
+also printed over the Wanda job;
 ``--calibration-dtype`` pins that one field instead, to time
 the dtype ``auto`` did not choose. Each is a fresh `apply --local --new --json` in a child
 process with its own MODELSURGERY_HOME, so its wall seconds include starting Ray, loading and
@@ -42,7 +44,11 @@ JOBS = {
     "wanda-50": {"method": "prune"},
     "nm-2:4": {"method": "prune", "kind": "nm", "n": 2, "m": 4},
     "nm-2:4-wanda": {"method": "prune", "kind": "nm", "n": 2, "m": 4, "score": "wanda"},
+    "nm-2:4-pruned": {"method": "prune", "kind": "nm", "n": 2, "m": 4, "refit_inputs": "pruned"},
+    "nm-2:4-dense": {"method": "prune", "kind": "nm", "n": 2, "m": 4, "refit_inputs": "dense"},
 }
+REFIT_JOBS = ("nm-2:4", "nm-2:4-pruned", "nm-2:4-dense")
+ON_REQUEST = ("nm-2:4-pruned", "nm-2:4-dense")
 
 
 def run_job(name: str, operation: dict[str, object], home: Path) -> dict[str, object]:
@@ -61,7 +67,11 @@ def run_job(name: str, operation: dict[str, object], home: Path) -> dict[str, ob
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{name}: apply exited {done.returncode}\n{done.stderr[-3000:]}")
-    summary = json.loads(done.stdout)
+    try:
+        summary = json.loads(done.stdout)
+    except json.JSONDecodeError as err:
+        output = f"stdout {done.stdout[-1000:]!r}\n{done.stderr[-3000:]}"
+        raise RuntimeError(f"{name}: apply printed no JSON summary\n{output}") from err
     recorded = CheckpointStore(home / "store").get(summary["version_id"]).operations[-1]
     return {"wall": wall, "metrics": summary["metrics"], "operation": recorded}
 
@@ -70,7 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wanda-checkout", type=Path, help="locuslab/wanda clone (side by side)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--only", nargs="*", choices=list(JOBS), default=list(JOBS))
+    default_jobs = [name for name in JOBS if name not in ON_REQUEST]
+    parser.add_argument("--only", nargs="*", choices=list(JOBS), default=default_jobs)
     parser.add_argument(
         "--calibration-dtype",
         choices=["float32", "bfloat16"],
@@ -94,11 +105,11 @@ def main() -> None:
             flush=True,
         )
 
-    if {"nm-2:4", "nm-2:4-wanda"} <= results.keys():
-        default, wanda = (results[n]["metrics"] for n in ("nm-2:4", "nm-2:4-wanda"))
-        job = default["job_seconds"] / wanda["job_seconds"]
-        prune = default["op0.prune_seconds"] / wanda["op0.prune_seconds"]
-        print(f"2:4 default / 2:4 wanda: job_seconds {job:.2f}x, prune_seconds {prune:.2f}x")
+    for name in [n for n in REFIT_JOBS if n in results and "nm-2:4-wanda" in results]:
+        refit, wanda = (results[n]["metrics"] for n in (name, "nm-2:4-wanda"))
+        job = refit["job_seconds"] / wanda["job_seconds"]
+        prune = refit["op0.prune_seconds"] / wanda["op0.prune_seconds"]
+        print(f"{name} / nm-2:4-wanda: job_seconds {job:.2f}x, prune_seconds {prune:.2f}x")
 
     if args.wanda_checkout and "wanda-50" in results:
         defaults = PruneConfig()

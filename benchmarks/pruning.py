@@ -4,7 +4,7 @@ without the SparseGPT refit, at 50%, 2:4 and 70%, as ratios to Wanda in the same
 
     .venv/bin/python benchmarks/pruning.py [--models smollm2-135m gemma3-270m]
         [--samples 16] [--seqlen 256] [--settings 50% 2:4 70%] [--rows ...]
-        [--wanda-checkout PATH] [--structured] [--profile N]
+        [--wanda-checkout PATH] [--structured] [--profile N] [--float32-gram]
 
 Calibration windows come from WikiText-2 validation (``valid.tokens``) less its last 4,096
 tokens; those are the dev text, whose perplexity (column ``dev``) chose the defaults (the
@@ -16,6 +16,8 @@ runs that repository's own ``prune_wanda`` and ``prune_sparsegpt`` (its copy of 
 reference) on a copy of the same model with the same calibration windows, in the same process.
 ``--structured`` adds the structured rows (20% of MLP neurons) on the first model.
 ``--profile N`` prints each row's N most expensive functions in CPU seconds (cProfile).
+``--float32-gram`` takes the refit's Gram products in float32 even under bfloat16 calibration
+(the code before ``pruning.gram``'s bfloat16 products), to measure what those cost in quality.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import Projection, get_adapter
 from modelsurgery.models.hardware import describe, resolve_dtype
+from modelsurgery.pruning import sequential
 from modelsurgery.pruning.config import PruneConfig
 from modelsurgery.pruning.metrics import block_projections
 from modelsurgery.pruning.prune import prune_model
@@ -68,6 +71,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "ria+sparsegpt": {"score": "ria", "refit": "sparsegpt"},
     "wanda+owl": {"score": "wanda", "refit": "none", "per_layer_ratios": "owl"},
     "ria+sparsegpt+owl": {"score": "ria", "refit": "sparsegpt", "per_layer_ratios": "owl"},
+    "ria+sparsegpt+pruned": {"score": "ria", "refit": "sparsegpt", "refit_inputs": "pruned"},
+    "ria+sparsegpt+dense": {"score": "ria", "refit": "sparsegpt", "refit_inputs": "dense"},
 }
 OWL_ROWS = {"wanda+owl", "ria+sparsegpt+owl"}
 STRUCTURED: dict[str, dict[str, Any]] = {
@@ -108,9 +113,11 @@ def nm_pattern_holds(model: torch.nn.Module, n: int, m: int) -> bool:
 
 
 def is_default(spec: dict[str, Any], row: dict[str, Any]) -> bool:
-    resolved = PruneConfig(**spec).with_defaults()
-    chosen = (resolved.score, resolved.refit, resolved.per_layer_ratios)
-    return chosen == (row["score"], row["refit"], row.get("per_layer_ratios"))
+    def chosen(config: PruneConfig) -> tuple[Any, ...]:
+        resolved = config.with_defaults()
+        return (resolved.score, resolved.refit, resolved.per_layer_ratios, resolved.refit_inputs)
+
+    return chosen(PruneConfig(**spec)) == chosen(PruneConfig(**spec, **row))
 
 
 # --- evaluation text -------------------------------------------------------------------------
@@ -377,9 +384,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="print each row's top N functions"
     )
+    parser.add_argument(
+        "--float32-gram", action="store_true", help="refit Gram products in float32 (to compare)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.float32_gram:
+        sequential.uses_bfloat16_products = lambda *_: False
     print(describe(), flush=True)
     context = MethodContext(model_digest="benchmark", cache_dir=Path(tempfile.gettempdir()))
     tables = {}

@@ -121,6 +121,7 @@ class _Pruner:
             sparsity=sparsity,
             score=cfg.score or "wanda",
             damping=cfg.refit_damping,
+            refit_inputs=cfg.refit_inputs or "pruned",
             check_cancelled=self.context.check_cancelled,
         )
         for name, module in modules.items():
@@ -222,6 +223,8 @@ def prune_model(
         dtype=calibration_dtype,
     )
     resolved: dict[str, Any] = {"score": config.score, "refit": config.refit}
+    if config.refit_inputs is not None:
+        resolved["refit_inputs"] = config.refit_inputs
     artifacts: dict[str, bytes] = {}
     if config.per_layer_ratios == "owl":
         context.progress("measuring outlier ratios (OWL)")

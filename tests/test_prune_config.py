@@ -57,6 +57,9 @@ def check(fields: dict[str, object], model_config: object = LLAMA) -> str:
         ({"kind": "structured", "score": "ria"}, "score: 'ria' is for kinds"),
         ({"refit": "admm"}, "refit: Input should be 'none' or 'sparsegpt'"),
         ({"refit_damping": 0.0}, "refit_damping: Input should be greater than 0"),
+        ({"refit_inputs": "both"}, "refit_inputs: Input should be 'pruned' or 'dense'"),
+        ({"kind": "structured", "refit_inputs": "dense"}, "refit_inputs: only with refit"),
+        ({"score": "wanda", "refit_inputs": "dense"}, "refit_inputs: only with refit"),
         ({"kind": "structured", "per_layer_ratios": "owl"}, "per_layer_ratios: 'owl' is for"),
         ({"per_layer_ratios": "owls"}, "per_layer_ratios"),
         ({"per_layer_ratios": "owl", "ratio": 0.95}, "owl_lambda: ratio 0.95 +- 0.08"),
@@ -86,7 +89,17 @@ def test_defaults_resolve_score_and_refit() -> None:
     refit_only = PruneConfig(refit="sparsegpt").with_defaults()
     assert (refit_only.score, refit_only.refit) == ("ria", "sparsegpt")
     structured = PruneConfig(kind="structured").with_defaults()
-    assert (structured.score, structured.refit) == ("wanda", "none")
+    assert (structured.score, structured.refit, structured.refit_inputs) == ("wanda", "none", None)
+
+
+def test_refit_inputs_resolve_with_the_refit() -> None:
+    """The refit's inputs inside a layer: a pass per group on the pruned modules unless
+    given (the better on dev); no refit, none recorded (``score: wanda`` stays Wanda)."""
+    assert PruneConfig(kind="nm").with_defaults().refit_inputs == "pruned"
+    assert PruneConfig(kind="unstructured").with_defaults().refit_inputs == "pruned"
+    pinned = PruneConfig(kind="nm", refit_inputs="dense").with_defaults()
+    assert pinned.refit_inputs == "dense"
+    assert PruneConfig(kind="nm", score="wanda").with_defaults().refit_inputs is None
 
 
 def test_owl_and_explicit_ratios_select_layers() -> None:

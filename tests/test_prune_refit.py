@@ -13,7 +13,9 @@ from torch import nn
 
 from modelsurgery.editing.registry import JobCancelled, MethodContext
 from modelsurgery.models.adapters import Projection, get_adapter
+from modelsurgery.pruning.calibration import LayerwiseCalibration
 from modelsurgery.pruning.config import PruneConfig
+from modelsurgery.pruning.gram import GramSum, uses_bfloat16_products
 from modelsurgery.pruning.masks import nm_prune_mask, row_prune_mask_count
 from modelsurgery.pruning.metrics import block_projections
 from modelsurgery.pruning.owl import outlier_ratio, owl_ratios
@@ -26,6 +28,7 @@ from modelsurgery.pruning.refit import (
     refit_weights,
 )
 from modelsurgery.pruning.scores import ria_scores
+from modelsurgery.pruning.sequential import input_groups
 
 VOCAB = 128
 
@@ -258,9 +261,12 @@ def test_owl_prunes_the_layer_with_outliers_less(context) -> None:
 def test_the_version_records_what_ran(context) -> None:
     default = prune_model(tiny(), config(), calib_ids(), context)
     assert (default.resolved["score"], default.resolved["refit"]) == ("ria", "sparsegpt")
+    assert default.resolved["refit_inputs"] == "pruned"
+    dense = prune_model(tiny(), config(kind="nm", refit_inputs="dense"), calib_ids(), context)
+    assert dense.resolved["refit_inputs"] == "dense"
     wanda = prune_model(tiny(), config(score="wanda"), calib_ids(), context)
     assert (wanda.resolved["score"], wanda.resolved["refit"]) == ("wanda", "none")
-    assert "per_layer_ratios" not in wanda.resolved
+    assert "per_layer_ratios" not in wanda.resolved and "refit_inputs" not in wanda.resolved
 
 
 def test_cancel_between_layers_leaves_later_layers_untouched(context) -> None:
@@ -275,3 +281,121 @@ def test_cancel_between_layers_leaves_later_layers_untouched(context) -> None:
     assert not torch.equal(adapter.mlp_out(0).weight, dense_adapter.mlp_out(0).weight)
     for name, module in block_projections(adapter, [1]).items():
         assert torch.equal(module.weight, dense.get_submodule(name).weight), name
+
+
+def _batches(tokens: int = 256, size: int = 48, count: int = 3) -> list[torch.Tensor]:
+    """Correlated inputs with a mean, the shape calibration gives: [batch, seq, features]."""
+    generator = torch.Generator().manual_seed(5)
+    mixing = torch.randn(size, size, generator=generator) * 0.3
+    offset = torch.randn(size, generator=generator)
+    return [
+        (torch.randn(2, tokens // 2, size, generator=generator) @ mixing + offset)
+        for _ in range(count)
+    ]
+
+
+def _float64_gram(batches: list[torch.Tensor]) -> torch.Tensor:
+    flat = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches]).double()
+    return flat.T @ flat
+
+
+def test_gram_sum_matches_float64() -> None:
+    batches = _batches()
+    total = GramSum(48, torch.device("cpu"), bfloat16_products=False)
+    for batch in batches:
+        total.add(batch)
+    reference = _float64_gram(batches)
+    assert total.total.dtype == torch.float64
+    torch.testing.assert_close(total.total, reference, rtol=0, atol=1e-5 * reference.abs().max())
+
+
+def test_gram_sum_of_bfloat16_inputs_adds_no_rounding_of_its_own() -> None:
+    """bfloat16 products (bfloat16 inputs as autocast gives them, float32 sums): the float64
+    Gram matrix to float32's precision, where a bfloat16 result would be off by ~4e-3 of an
+    entry; float32 inputs are not rounded; the process-wide oneDNN setting is restored."""
+    batches = _batches()
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    for inputs in ([b.bfloat16() for b in batches], batches):
+        total = GramSum(48, torch.device("cpu"), bfloat16_products=True)
+        for batch in inputs:
+            total.add(batch)
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+        reference = _float64_gram(inputs)
+        scale = reference.abs().max()
+        torch.testing.assert_close(total.total, reference, rtol=0, atol=1e-5 * scale)
+
+
+def test_bfloat16_products_only_under_bfloat16_calibration_on_a_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert uses_bfloat16_products(cpu, torch.bfloat16) == torch.backends.mkldnn.is_available()
+    assert not uses_bfloat16_products(cpu, torch.float32)
+    assert not uses_bfloat16_products(torch.device("cuda"), torch.bfloat16)
+
+
+def _layer_inputs(model: nn.Module, index: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every linear layer's input in layer ``index`` of an unchanged forward, flattened."""
+    modules = block_projections(get_adapter(model), [index])
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _m, args, name=name: seen.setdefault(name, args[0].detach())
+        )
+        for name, module in modules.items()
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return {name: x.reshape(-1, x.shape[-1]).double() for name, x in seen.items()}
+
+
+@pytest.mark.parametrize("limit", [None, 1])
+def test_input_groups_in_forward_order_with_their_gram_matrices(limit: int | None) -> None:
+    """One pass groups the modules by the tensor they read (q/k/v, o, gate/up, down), in
+    forward order, each with the Gram matrix of that input over all batches; ``limit`` 1
+    stops at the first group (the pass per group of ``refit_inputs: pruned``)."""
+    model = tiny()
+    ids = calib_ids()
+    adapter = get_adapter(model)
+    calibration = LayerwiseCalibration(model, adapter, ids, batch_size=4)
+    inputs = calibration.run_layer(0, calibration.capture())
+    modules = block_projections(adapter, [1])
+    groups = input_groups(calibration, 1, inputs, modules, limit)
+    prefix = "model.layers.1."
+    expected = [
+        [f"{prefix}self_attn.{r}_proj" for r in "kqv"],
+        [f"{prefix}self_attn.o_proj"],
+        [f"{prefix}mlp.gate_proj", f"{prefix}mlp.up_proj"],
+        [f"{prefix}mlp.down_proj"],
+    ]
+    assert [sorted(names) for names, _ in groups] == (expected if limit is None else expected[:1])
+    dense_inputs = _layer_inputs(model, 1, ids)
+    for names, gram in groups:
+        x = dense_inputs[names[0]]
+        reference = x.T @ x
+        torch.testing.assert_close(gram, reference, rtol=0, atol=1e-5 * reference.abs().max())
+
+
+def test_dense_refit_inputs_give_a_valid_refit(context) -> None:
+    """``refit_inputs: dense`` (one pass per layer) keeps the 2:4 pattern, records the
+    setting and beats zeroing on layer 0's q/k/v outputs, like the pass per group."""
+    ids = calib_ids()
+    dense = tiny()
+    errors = {}
+    for refit, inputs in (("none", None), ("sparsegpt", "dense"), ("sparsegpt", "pruned")):
+        model = copy.deepcopy(dense)
+        cfg = config(kind="nm", score="wanda", refit=refit, refit_inputs=inputs)
+        prune_model(model, cfg, ids, context)
+        adapter = get_adapter(model)
+        for name, module in block_projections(adapter, [0, 1]).items():
+            zeros = (module.weight == 0).reshape(module.weight.shape[0], -1, 4).sum(-1)
+            assert torch.all(zeros == 2), name
+        total = 0.0
+        for role, module in adapter.attn_qkv(0).items():
+            reference = get_adapter(dense).attn_qkv(0)[role]
+            x = _input_of(dense, reference, ids)
+            total += float((x @ (module.weight - reference.weight).T.detach()).norm() ** 2)
+        errors[(refit, inputs)] = total
+    # layer 0's first group reads the same inputs either way: the same refit
+    assert errors[("sparsegpt", "dense")] == pytest.approx(errors[("sparsegpt", "pruned")])
+    assert errors[("sparsegpt", "dense")] < 0.95 * errors[("none", None)]
