@@ -113,6 +113,11 @@ def device_map(model: nn.Module, placement: Placement) -> dict[str, str]:
     return placed
 
 
+def spread_over_devices(model: nn.Module) -> bool:
+    """Whether ``place`` put ``model`` over more than one device."""
+    return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+
+
 def place(model: nn.Module, placement: Placement) -> dict[str, str]:
     """Put ``model`` on ``placement``'s devices (see the module docstring); returns the map,
     which is also ``model.hf_device_map`` as transformers records it."""

@@ -23,7 +23,7 @@ from modelsurgery.pruning.calibration import (
     LayerwiseCalibration,
     calibration_ids,
 )
-from modelsurgery.pruning.config import PruneConfig
+from modelsurgery.pruning.config import DEFAULT_REFIT_INPUTS, PruneConfig
 from modelsurgery.pruning.masks import nm_prune_mask, row_prune_mask
 from modelsurgery.pruning.metrics import (
     block_projections,
@@ -121,7 +121,7 @@ class _Pruner:
             sparsity=sparsity,
             score=cfg.score or "wanda",
             damping=cfg.refit_damping,
-            refit_inputs=cfg.refit_inputs or "pruned",
+            refit_inputs=cfg.refit_inputs or DEFAULT_REFIT_INPUTS,
             check_cancelled=self.context.check_cancelled,
         )
         for name, module in modules.items():

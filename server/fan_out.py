@@ -22,6 +22,7 @@ import torch
 
 from modelsurgery.editing.fan_out import FanOutTask, run_here
 from modelsurgery.editing.registry import MethodContext
+from modelsurgery.models.placement import spread_over_devices
 
 log = logging.getLogger("modelsurgery.fan_out")
 
@@ -45,10 +46,6 @@ class ModelHolder:
         return task(self.model, self.tokenizer, payload, context)
 
 
-def _spread_over_devices(model: Any) -> bool:
-    return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
-
-
 @dataclass(frozen=True)
 class RayFanOut:
     helpers: int
@@ -65,7 +62,7 @@ class RayFanOut:
         context: MethodContext,
     ) -> Iterator[tuple[int, Any]]:
         wanted = min(self.helpers, len(payloads))
-        if wanted < 2 or _spread_over_devices(model):
+        if wanted < 2 or spread_over_devices(model):
             # A model placed over several devices fits no one helper's device.
             yield from run_here(task, model, tokenizer, payloads, context)
             return

@@ -175,8 +175,12 @@ class ConceptBottleneck(nn.Module):
         self.concept_heads.to(out)
         self.label_head.to(out)
         if self.masks is not None:
-            self.masks = [m.to(w.device) for w, m in zip(self.weights, self.masks, strict=True)]
+            self.set_masks(self.masks)
         return self
+
+    def set_masks(self, masks: Sequence[torch.Tensor]) -> None:
+        """The concept masks [K, *shape] of each masked weight, each beside its weight."""
+        self.masks = [m.to(w.device) for w, m in zip(self.weights, masks, strict=True)]
 
     def concept_weights(
         self, concept: int, masks: Sequence[torch.Tensor] | None = None

@@ -82,7 +82,4 @@ def update_masks(
     bottleneck: ConceptBottleneck, saliency: list[torch.Tensor], sparsity: float
 ) -> None:
     assert bottleneck.masks is not None
-    bottleneck.masks = [
-        top_mask(s, sparsity).to(w.device)  # beside the weight it masks
-        for s, w in zip(saliency, bottleneck.weights, strict=True)
-    ]
+    bottleneck.set_masks([top_mask(s, sparsity) for s in saliency])
