@@ -7,6 +7,7 @@ are on CEBaB dev.json rows, never trained or tuned on. ``--tune`` instead holds 
 train_exclusive.json and reports on that (for choosing defaults; dev is not read).
 
     .venv/bin/python benchmarks/concepts.py [--train-limit N] [--eval-limit N] [--epochs 3]
+        [--label-input logits|probabilities]
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--saliency", choices=["fisher", "magnitude"], default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--backbone-lr", type=float, default=None)
+    parser.add_argument("--label-input", choices=["logits", "probabilities"], default=None)
     parser.add_argument("--tune", action="store_true", help="report on 20%% of train, not dev")
     parser.add_argument("--no-intervention", action="store_true")
     parser.add_argument(
@@ -144,6 +146,7 @@ def main() -> None:
         "saliency": args.saliency,
         "lr": args.lr,
         "backbone_lr": args.backbone_lr,
+        "label_input": args.label_input,
     }
     with tempfile.TemporaryDirectory() as tmp:
         source = {"examples_file": tuning_file(Path(tmp))} if args.tune else {"dataset": "cebab"}

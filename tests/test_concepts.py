@@ -17,7 +17,10 @@ from modelsurgery.editing.concepts import (
     attached_bottleneck,
     predict_concepts,
 )
+from modelsurgery.editing.concepts.bottleneck import BottleneckSpec, new_spec
+from modelsurgery.editing.concepts.config import CONCEPT_VALUES
 from modelsurgery.editing.concepts.saliency import scheduled_sparsity, top_mask
+from modelsurgery.editing.concepts.train import new_bottleneck
 from modelsurgery.editing.registry import MethodContext, config_class, get_method
 
 POSITIVE = ["the food was good", "good city good food", "the tower is good and big"]
@@ -140,6 +143,7 @@ def test_training_learns_the_concept_and_label_and_leaves_weights_alone(trained:
 def test_the_stored_bottleneck_attaches_and_predicts(trained: tuple) -> None:
     model, tokenizer, result, _ = trained
     assert sorted(result.artifacts) == ["concepts/config.json", "concepts/state.safetensors"]
+    assert json.loads(result.artifacts["concepts/config.json"])["label_input"] == "logits"
     with attach_hooks(model, result.artifacts) as hooks:
         assert hooks.methods == ["concept_bottleneck"]
         bottleneck = attached_bottleneck(model)
@@ -150,3 +154,38 @@ def test_the_stored_bottleneck_attaches_and_predicts(trained: tuple) -> None:
         assert out[0].label_before is None
     with pytest.raises(ValueError, match="carries no concept bottleneck"):
         attached_bottleneck(model)
+
+
+@pytest.mark.parametrize("label_input", ["logits", "probabilities"])
+def test_the_label_head_reads_what_the_spec_records(label_input: str) -> None:
+    model = tiny_model("llama")
+    spec = new_spec(
+        model, ["food", "service"], CONCEPT_VALUES, ["1", "5"], [1], 16, True, label_input
+    )
+    bottleneck = new_bottleneck(spec, model, seed=0)
+    concept_logits = [torch.tensor([[4.0, 0.0, -2.0]]), torch.tensor([[0.0, 1.0, 0.5]])]
+    read = (
+        [c.softmax(-1) for c in concept_logits]
+        if label_input == "probabilities"
+        else concept_logits
+    )
+    expected = bottleneck.label_head(torch.cat(read, dim=-1))
+    assert torch.equal(bottleneck.label_logits(concept_logits), expected)
+    other = [c.softmax(-1) for c in concept_logits] if label_input == "logits" else concept_logits
+    assert not torch.allclose(
+        bottleneck.label_logits(concept_logits), bottleneck.label_head(torch.cat(other, -1))
+    )
+
+
+def test_a_version_written_before_label_input_keeps_reading_probabilities() -> None:
+    spec = new_spec(
+        tiny_model("llama"), ["food"], CONCEPT_VALUES, ["1", "5"], [1], 16, True, "logits"
+    )
+    old = {k: v for k, v in json.loads(spec.model_dump_json()).items() if k != "label_input"}
+    assert BottleneckSpec.model_validate(old).label_input == "probabilities"
+
+
+def test_label_input_is_checked_and_named() -> None:
+    assert small_config().label_input == "logits"
+    with pytest.raises(ValidationError, match="label_input"):
+        small_config(label_input="scores")

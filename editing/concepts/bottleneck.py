@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -39,6 +39,8 @@ class BottleneckSpec(BaseModel):
     model_type: str
     max_tokens: int
     sparse: bool = True
+    # Versions written before the field existed read probabilities.
+    label_input: Literal["logits", "probabilities"] = "probabilities"
 
 
 @dataclass
@@ -229,8 +231,11 @@ class ConceptBottleneck(nn.Module):
         return logits
 
     def label_logits(self, concept_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The joint bottleneck: the label from the concept probabilities alone."""
-        return self.label_head(torch.cat([c.softmax(-1) for c in concept_logits], dim=-1))
+        """The joint bottleneck: the label from the concept heads' outputs alone (their
+        logits, or their probabilities as ``spec.label_input`` says)."""
+        if self.spec.label_input == "probabilities":
+            concept_logits = [c.softmax(-1) for c in concept_logits]
+        return self.label_head(torch.cat(list(concept_logits), dim=-1))
 
     def mask_density(self) -> float:
         if self.masks is None:
@@ -265,6 +270,7 @@ def new_spec(
     layers: Sequence[int],
     max_tokens: int,
     sparse: bool,
+    label_input: Literal["logits", "probabilities"],
 ) -> BottleneckSpec:
     adapter = get_adapter(model)
     return BottleneckSpec(
@@ -278,4 +284,5 @@ def new_spec(
         model_type=model.config.model_type,
         max_tokens=max_tokens,
         sparse=sparse,
+        label_input=label_input,
     )

@@ -22,12 +22,13 @@ class ConceptBottleneckConfig(MethodConfig):
     """Concept subnetworks (SparseCBM, Tan et al. AAAI 2024): K binary masks (one per concept)
     over the linear weights of the chosen decoder layers. Concept k's pass uses W * M_k, is
     mean-pooled over tokens and read by concept k's head (Negative / Positive / unknown); a
-    label head maps the concept probabilities [c_1 .. c_K] to the task label (a joint concept
-    bottleneck). Loss = CE(label) + lambda * sum_k CE(concept k); from the second epoch on
-    each concept's mask is recomputed from the dense weights by saliency, sparsity rising
-    linearly to ``sparsity`` in the last epoch. The layers below the lowest chosen one are
-    frozen and run once. The base weights are left as they are: the trained layers, masks and
-    heads are stored with the version and attach through the registry (a leaf, like ReFT).
+    label head maps the concept logits [c_1 .. c_K] (``label_input``) to the task label (a
+    joint concept bottleneck). Loss = CE(label) + lambda * sum_k CE(concept k); from the
+    second epoch on each concept's mask is recomputed from the dense weights by saliency,
+    sparsity rising linearly to ``sparsity`` in the last epoch. The layers below the lowest
+    chosen one are frozen and run once. The base weights are left as they are: the trained
+    layers, masks and heads are stored with the version and attach through the registry (a
+    leaf, like ReFT).
 
     Metrics (on the evaluation split: CEBaB ``dev.json``, or the held-out part of an
     examples file): ``task_accuracy``, ``task_macro_f1``, ``concept_accuracy_<name>`` and
@@ -86,6 +87,12 @@ class ConceptBottleneckConfig(MethodConfig):
         ge=0.0,
         alias="lambda",
         description="Weight of the summed concept losses against the label loss.",
+    )
+    label_input: Literal["logits", "probabilities"] = Field(
+        default="logits",
+        description="What the label head reads of each concept head: its 'logits' (the "
+        "paper's code; the confidence carries how strongly an aspect is meant) or its "
+        "softmax 'probabilities' (a stricter bottleneck).",
     )
     lr: float = Field(default=1e-2, gt=0.0, description="AdamW learning rate of the heads.")
     backbone_lr: float = Field(

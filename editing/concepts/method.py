@@ -70,6 +70,7 @@ def fit(
         config.layers,
         config.max_tokens,
         sparse,
+        config.label_input,
     )
     bottleneck = new_bottleneck(spec, model, config.seed).to_model_devices(model)
     name = "sparse" if sparse else "dense"
