@@ -143,7 +143,7 @@ def test_training_learns_the_concept_and_label_and_leaves_weights_alone(trained:
 def test_the_stored_bottleneck_attaches_and_predicts(trained: tuple) -> None:
     model, tokenizer, result, _ = trained
     assert sorted(result.artifacts) == ["concepts/config.json", "concepts/state.safetensors"]
-    assert json.loads(result.artifacts["concepts/config.json"])["label_input"] == "logits"
+    assert json.loads(result.artifacts["concepts/config.json"])["label_input"] == "probabilities"
     with attach_hooks(model, result.artifacts) as hooks:
         assert hooks.methods == ["concept_bottleneck"]
         bottleneck = attached_bottleneck(model)
@@ -186,6 +186,6 @@ def test_a_version_written_before_label_input_keeps_reading_probabilities() -> N
 
 
 def test_label_input_is_checked_and_named() -> None:
-    assert small_config().label_input == "logits"
+    assert small_config().label_input == "probabilities"
     with pytest.raises(ValidationError, match="label_input"):
         small_config(label_input="scores")

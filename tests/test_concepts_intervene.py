@@ -40,7 +40,9 @@ def sparse_bottleneck() -> tuple:
     on layer 1 with magnitude masks at half density (one mask for both concepts)."""
     model, tokenizer = tiny_model("llama"), build_tiny_tokenizer()
     model.requires_grad_(False)
-    spec = new_spec(model, ["food", "service"], CONCEPT_VALUES, ["1", "5"], [1], 16, True, "logits")
+    spec = new_spec(
+        model, ["food", "service"], CONCEPT_VALUES, ["1", "5"], [1], 16, True, "probabilities"
+    )
     bottleneck = new_bottleneck(spec, model, seed=0)
     update_masks(bottleneck, magnitude_saliency(bottleneck), 0.5)
     return model, tokenizer, bottleneck
@@ -108,7 +110,7 @@ def test_predict_with_corrections_reports_before_and_names_bad_corrections(spars
 
 def test_a_dense_bottleneck_refuses_intervention() -> None:
     model, tokenizer = tiny_model("llama"), build_tiny_tokenizer()
-    spec = new_spec(model, ["food"], CONCEPT_VALUES, ["1", "5"], [1], 16, False, "logits")
+    spec = new_spec(model, ["food"], CONCEPT_VALUES, ["1", "5"], [1], 16, False, "probabilities")
     dense = new_bottleneck(spec, model, seed=0)
     inputs = layer_inputs(model, tokenizer, [TEXT], 1, 16)
     with pytest.raises(ValueError, match="needs a sparse concept bottleneck"):

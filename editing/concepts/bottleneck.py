@@ -39,8 +39,8 @@ class BottleneckSpec(BaseModel):
     model_type: str
     max_tokens: int
     sparse: bool = True
-    # Versions written before the field existed read probabilities.
-    label_input: Literal["logits", "probabilities"] = "probabilities"
+    # What the label head reads; versions written before the field existed read probabilities.
+    label_input: Literal["probabilities", "logits"] = "probabilities"
 
 
 @dataclass
@@ -270,7 +270,7 @@ def new_spec(
     layers: Sequence[int],
     max_tokens: int,
     sparse: bool,
-    label_input: Literal["logits", "probabilities"],
+    label_input: Literal["probabilities", "logits"],
 ) -> BottleneckSpec:
     adapter = get_adapter(model)
     return BottleneckSpec(

@@ -22,7 +22,7 @@ class ConceptBottleneckConfig(MethodConfig):
     """Concept subnetworks (SparseCBM, Tan et al. AAAI 2024): K binary masks (one per concept)
     over the linear weights of the chosen decoder layers. Concept k's pass uses W * M_k, is
     mean-pooled over tokens and read by concept k's head (Negative / Positive / unknown); a
-    label head maps the concept logits [c_1 .. c_K] (``label_input``) to the task label (a
+    label head maps the concept probabilities [c_1 .. c_K] (``label_input``) to the task label (a
     joint concept bottleneck). Loss = CE(label) + lambda * sum_k CE(concept k); from the
     second epoch on each concept's mask is recomputed from the dense weights by saliency,
     sparsity rising linearly to ``sparsity`` in the last epoch. The layers below the lowest
@@ -88,11 +88,12 @@ class ConceptBottleneckConfig(MethodConfig):
         alias="lambda",
         description="Weight of the summed concept losses against the label loss.",
     )
-    label_input: Literal["logits", "probabilities"] = Field(
-        default="logits",
-        description="What the label head reads of each concept head: its 'logits' (the "
-        "paper's code; the confidence carries how strongly an aspect is meant) or its "
-        "softmax 'probabilities' (a stricter bottleneck).",
+    label_input: Literal["probabilities", "logits"] = Field(
+        default="probabilities",
+        description="What the label head reads of each concept head: its softmax "
+        "'probabilities' (a strict bottleneck; intervention moves the label) or its 'logits' "
+        "(the paper's code: the heads' scale leaks more of the text to the label, and an "
+        "intervention's mask swap moves that scale too; see docs/concepts.md).",
     )
     lr: float = Field(default=1e-2, gt=0.0, description="AdamW learning rate of the heads.")
     backbone_lr: float = Field(
