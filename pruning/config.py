@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 Score = Literal["wanda", "magnitude", "activation", "ria"]
 Refit = Literal["none", "sparsegpt"]
 RefitInputs = Literal["pruned", "dense"]
-# The unstructured / N:M default, chosen on WikiText-2 validation text (docs/pruning.md): the
-# score's mask chosen block by block while the kept weights are refitted (SparseGPT's OBS update).
-DEFAULT_SPARSE_SCORE: Score = "ria"
+# The unstructured / N:M defaults, chosen per kind on WikiText-2 validation text over both
+# models (docs/pruning.md, "Every row, and the peers"): the score's mask chosen block by block
+# while the kept weights are refitted (SparseGPT's OBS update).
+DEFAULT_SPARSE_SCORE: dict[str, Score] = {"unstructured": "wanda", "nm": "ria"}
 DEFAULT_SPARSE_REFIT: Refit = "sparsegpt"
 # The refit's inputs inside a layer, chosen on dev text (docs/pruning.md): a pass per group on
 # the pruned modules before it; one dense pass per layer is faster but worse on dev at 50% and
@@ -47,8 +48,9 @@ class PruneConfig(MethodConfig):
       of 128 columns, the mask chosen by ``score`` block by block on the updated weights), layer
       after layer and within a layer in forward order, so each sees the pruned ones before it;
       ``none`` only zeroes. Leaving both ``score`` and ``refit`` unset gives the measured best
-      combination (``ria`` + ``sparsegpt``); naming a ``score`` without ``refit`` means no refit,
-      so ``score: wanda`` is Wanda exactly. The version records both resolved values.
+      combination per kind (``wanda`` + ``sparsegpt`` unstructured, ``ria`` + ``sparsegpt``
+      N:M); naming a ``score`` without ``refit`` means no refit, so ``score: wanda`` is Wanda
+      exactly. The version records both resolved values.
     per_layer_ratios: a ratio per layer (only those layers are pruned unless ``layers`` is
       given), or ``owl`` (unstructured): OWL's outlier-weighted ratios (Yin et al., 2024), each
       layer's sparsity lowered in proportion to its share of Wanda scores above
@@ -207,7 +209,7 @@ class PruneConfig(MethodConfig):
     def with_defaults(self) -> PruneConfig:
         """``score``, ``refit`` and ``refit_inputs`` filled: the measured best pair when neither
         score nor refit is given, no refit when only a score is; the refit's inputs."""
-        score = self.score or ("wanda" if self.kind == "structured" else DEFAULT_SPARSE_SCORE)
+        score = self.score or DEFAULT_SPARSE_SCORE.get(self.kind, "wanda")
         refit = self._resolved_refit()
         refit_inputs = self.refit_inputs
         if refit == "sparsegpt" and refit_inputs is None:

@@ -82,11 +82,12 @@ def test_valid_configs_pass() -> None:
 def test_defaults_resolve_score_and_refit() -> None:
     """Nothing named: the measured best pair; a score alone: that score, no refit."""
     default = PruneConfig().resolved(LLAMA)
-    assert (default.score, default.refit) == ("ria", "sparsegpt")
-    assert (PruneConfig(kind="nm").with_defaults().refit) == "sparsegpt"
+    assert (default.score, default.refit) == ("wanda", "sparsegpt")
+    nm = PruneConfig(kind="nm").with_defaults()
+    assert (nm.score, nm.refit) == ("ria", "sparsegpt")
     wanda = PruneConfig(score="wanda").resolved(LLAMA)
     assert (wanda.score, wanda.refit) == ("wanda", "none")
-    refit_only = PruneConfig(refit="sparsegpt").with_defaults()
+    refit_only = PruneConfig(kind="nm", refit="sparsegpt").with_defaults()
     assert (refit_only.score, refit_only.refit) == ("ria", "sparsegpt")
     structured = PruneConfig(kind="structured").with_defaults()
     assert (structured.score, structured.refit, structured.refit_inputs) == ("wanda", "none", None)

@@ -260,7 +260,9 @@ def test_owl_prunes_the_layer_with_outliers_less(context) -> None:
 
 def test_the_version_records_what_ran(context) -> None:
     default = prune_model(tiny(), config(), calib_ids(), context)
-    assert (default.resolved["score"], default.resolved["refit"]) == ("ria", "sparsegpt")
+    assert (default.resolved["score"], default.resolved["refit"]) == ("wanda", "sparsegpt")
+    nm = prune_model(tiny(), config(kind="nm"), calib_ids(), context)
+    assert (nm.resolved["score"], nm.resolved["refit"]) == ("ria", "sparsegpt")
     assert default.resolved["refit_inputs"] == "pruned"
     dense = prune_model(tiny(), config(kind="nm", refit_inputs="dense"), calib_ids(), context)
     assert dense.resolved["refit_inputs"] == "dense"
