@@ -17,6 +17,7 @@ import json
 import random
 import tempfile
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -55,6 +56,45 @@ def tuning_file(root: Path) -> str:
         )
     (root / "tune.jsonl").write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
     return "tune.jsonl"
+
+
+def true_concept_ceiling(data: ConceptData, concepts: int, seed: int) -> dict[str, float]:
+    """Task accuracy on the evaluation rows when the label is read from the *true* concept
+    values: a linear head on their one-hot codes (the label head fed perfectly confident
+    concept probabilities) trained on the training rows, and the training rows' majority
+    label per combination of values. What a strict bottleneck over these concepts can reach
+    with perfect concepts."""
+    width = len(CONCEPT_VALUES)
+
+    def one_hot(examples: list) -> torch.Tensor:
+        x = torch.zeros(len(examples), concepts * width)
+        for i, example in enumerate(examples):
+            for k, value in enumerate(example.concepts):
+                if value != MISSING:
+                    x[i, k * width + value] = 1.0
+        return x
+
+    x, y = one_hot(data.train), torch.tensor([e.label for e in data.train])
+    x_eval, y_eval = one_hot(data.evaluation), torch.tensor([e.label for e in data.evaluation])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(x.shape[1], len(data.labels))
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(2000):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        linear = float((head(x_eval).argmax(-1) == y_eval).float().mean())
+    votes: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+    for example in data.train:
+        votes[example.concepts][example.label] += 1
+    overall = Counter(e.label for e in data.train).most_common(1)[0][0]
+    table = [
+        (votes[e.concepts].most_common(1)[0][0] if votes[e.concepts] else overall) == e.label
+        for e in data.evaluation
+    ]
+    return {"linear": linear, "table": sum(table) / len(table)}
 
 
 def intervention_figures(
@@ -171,6 +211,7 @@ def main() -> None:
         job_seconds = time.perf_counter() - job_started
         data = load_concept_data(config.resolved(model.config), context.data_roots)
     m = result.metrics
+    ceiling = true_concept_ceiling(data, len(config.concepts), config.seed)
     split = "20% of train_exclusive (tuning)" if args.tune else "CEBaB dev.json"
     print(f"\njob seconds (sparse + dense CBM, caching included): {job_seconds:.0f}")
     counts = f"train examples {int(m['train_examples'])}, eval {int(m['eval_examples'])}"
@@ -181,6 +222,10 @@ def main() -> None:
     ]:
         print(f"| {name} | {m[name]:.3f} | {m['dense_' + name]:.3f} |")
     print(f"| mask_density | {m['mask_density']:.3f} | 1.000 |")
+    print(
+        f"| task_accuracy from the true concepts (ceiling: linear head, lookup table) | "
+        f"{ceiling['linear']:.3f}, {ceiling['table']:.3f} | |"
+    )
     for name in sorted(k for k in m if k.startswith("mask_overlap_layer")):
         print(f"| {name} (pairwise Jaccard) | {m[name]:.3f} | - |")
     if not args.no_intervention:
