@@ -74,3 +74,27 @@ def test_a_concept_job_predicts_and_intervenes_over_grpc(
     assert len(scores) == len(POSITIVE[1].split())  # the tiny tokenizer: one token a word
     assert all(isinstance(token, str) and -1.0 <= score <= 1.0 for token, score in scores)
     assert max(abs(score) for _, score in scores) == 1.0
+
+
+def test_a_concept_job_on_smollm2_predicts_and_intervenes(
+    concepts_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The same job on the real model (masks on its top layer), then a prediction and an
+    intervention from the CLI."""
+    with Client(concepts_server.address, timeout=120) as client:
+        job = client.wait(
+            client.submit({"base": "smollm2-135m", "operations": [job_operation(29)]}).id,
+            timeout=600,
+        )
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        assert job.metrics["op0.mask_density"] == pytest.approx(0.5, abs=1e-3)
+        plain = client.predict_concepts(job.version_id, [NEGATIVE[1]])
+    flipped = "Negative" if plain[0]["concepts"]["food"] == "Positive" else "Positive"
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": NEGATIVE[1], "concepts": {"food": flipped}}) + "\n")
+    args = ["concepts", "predict", job.version_id, "--texts-file", str(texts), "--intervene"]
+    result = CliRunner().invoke(app, [*args, "--json", "--server", concepts_server.address])
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.strip()]
+    assert line["concepts_before"] == plain[0]["concepts"]
+    assert line["concepts"]["food"] == flipped
