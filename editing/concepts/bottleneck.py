@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.func import functional_call
 
+from modelsurgery.editing.concepts.config import LabelInput
 from modelsurgery.models.adapters import get_adapter
 
 
@@ -39,8 +40,8 @@ class BottleneckSpec(BaseModel):
     model_type: str
     max_tokens: int
     sparse: bool = True
-    # What the label head reads; versions written before the field existed read probabilities.
-    label_input: Literal["probabilities", "logits"] = "probabilities"
+    # Versions written before the field existed read probabilities.
+    label_input: LabelInput = "probabilities"
 
 
 @dataclass
@@ -270,7 +271,7 @@ def new_spec(
     layers: Sequence[int],
     max_tokens: int,
     sparse: bool,
-    label_input: Literal["probabilities", "logits"],
+    label_input: LabelInput,
 ) -> BottleneckSpec:
     adapter = get_adapter(model)
     return BottleneckSpec(

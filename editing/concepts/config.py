@@ -16,6 +16,8 @@ CEBAB_CONCEPTS = ("food", "ambiance", "service", "noise")
 CONCEPT_VALUES = ("Negative", "Positive", "unknown")
 MAX_CONCEPTS = 32
 MAX_LABELS = 64
+# What the label head reads of each concept head.
+LabelInput = Literal["probabilities", "logits"]
 
 
 class ConceptBottleneckConfig(MethodConfig):
@@ -88,7 +90,7 @@ class ConceptBottleneckConfig(MethodConfig):
         alias="lambda",
         description="Weight of the summed concept losses against the label loss.",
     )
-    label_input: Literal["probabilities", "logits"] = Field(
+    label_input: LabelInput = Field(
         default="probabilities",
         description="What the label head reads of each concept head: its softmax "
         "'probabilities' (a strict bottleneck; intervention moves the label) or its 'logits' "
