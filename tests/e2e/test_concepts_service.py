@@ -34,6 +34,20 @@ def concepts_server(
     process.stop()
 
 
+def cli_intervene(
+    server: ServerProcess, version_id: str, corrected: dict, tmp_path: Path, *flags: str
+) -> dict:
+    """``modelsurgery concepts predict VERSION --intervene --json [flags]`` on one text with
+    its corrections: the one JSON line it prints."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps(corrected) + "\n")
+    args = ["concepts", "predict", version_id, "--texts-file", str(texts), "--intervene", *flags]
+    result = CliRunner().invoke(app, [*args, "--json", "--server", server.address])
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.strip()]
+    return line
+
+
 def test_a_concept_job_predicts_and_intervenes_over_grpc(
     concepts_server: ServerProcess, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -56,19 +70,11 @@ def test_a_concept_job_predicts_and_intervenes_over_grpc(
         with pytest.raises(InvalidArgument, match=r"corrections\[0\] unknown concept 'taste'"):
             client.predict_concepts(job.version_id, [POSITIVE[0]], [{"taste": "Positive"}])
 
-    texts = tmp_path / "texts.jsonl"
-    texts.write_text(json.dumps({"text": POSITIVE[1], "concepts": {"food": flipped}}) + "\n")
-    args = ["concepts", "predict", job.version_id, "--texts-file", str(texts), "--intervene"]
-    result = CliRunner().invoke(app, [*args, "--json", "--server", concepts_server.address])
-    assert result.exit_code == 0, result.output
-    (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.strip()]
+    corrected = {"text": POSITIVE[1], "concepts": {"food": flipped}}
+    line = cli_intervene(concepts_server, job.version_id, corrected, tmp_path)
     assert set(line) >= {"label", "concepts", "label_before", "concepts_before"}
 
-    explained = CliRunner().invoke(
-        app, [*args, "--explain", "--json", "--server", concepts_server.address]
-    )
-    assert explained.exit_code == 0, explained.output
-    (line,) = [json.loads(x) for x in explained.stdout.splitlines() if x.strip()]
+    line = cli_intervene(concepts_server, job.version_id, corrected, tmp_path, "--explain")
     assert set(line["explain"]) == {"food"}
     scores = line["explain"]["food"]
     assert len(scores) == len(POSITIVE[1].split())  # the tiny tokenizer: one token a word
@@ -90,11 +96,7 @@ def test_a_concept_job_on_smollm2_predicts_and_intervenes(
         assert job.metrics["op0.mask_density"] == pytest.approx(0.5, abs=1e-3)
         plain = client.predict_concepts(job.version_id, [NEGATIVE[1]])
     flipped = "Negative" if plain[0]["concepts"]["food"] == "Positive" else "Positive"
-    texts = tmp_path / "texts.jsonl"
-    texts.write_text(json.dumps({"text": NEGATIVE[1], "concepts": {"food": flipped}}) + "\n")
-    args = ["concepts", "predict", job.version_id, "--texts-file", str(texts), "--intervene"]
-    result = CliRunner().invoke(app, [*args, "--json", "--server", concepts_server.address])
-    assert result.exit_code == 0, result.output
-    (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.strip()]
+    corrected = {"text": NEGATIVE[1], "concepts": {"food": flipped}}
+    line = cli_intervene(concepts_server, job.version_id, corrected, tmp_path)
     assert line["concepts_before"] == plain[0]["concepts"]
     assert line["concepts"]["food"] == flipped
