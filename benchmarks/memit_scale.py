@@ -3,7 +3,8 @@
 in one run), and sequential editing (a chain of jobs, each on the previous version).
 
     python benchmarks/memit_scale.py --memit-n 1000 --offset 2000
-    python benchmarks/memit_scale.py --memit-n 10000 --offset 0 --settings memit ultraedit
+    python benchmarks/memit_scale.py --memit-n 10000 --offset 0 --settings memit ultraedit \\
+        --score-n 500
     python benchmarks/memit_scale.py --memit-n 200 --offset 1000 --set target_anchor=2
     python benchmarks/memit_scale.py --memit-n 100 --offset 2000 --settings memit \\
         --variant '{"stop_when_most_probable": true}'
@@ -11,17 +12,18 @@ in one run), and sequential editing (a chain of jobs, each on the previous versi
     python benchmarks/memit_scale.py --sequential 100 --per-job 1 --method rome
 
 Reported facts are CounterFact dev cases from ``--offset`` (default 0); the defaults were chosen on
-cases 1000-1199, 2000-2099, 8000-8299 and 9000-9099 (``benchmarks/memit_sweep.py``, this script with
-``--set``), and the run says when the reported cases overlap them. One job: efficacy /
-paraphrase / locality / neighbourhood score against the unedited model, WikiText-2 perplexity
-ratio, job seconds (``job_seconds``: the operation's ``run``, statistics cached before timing),
-seconds per fact, and that time over the median ``job_seconds`` of ``--one-fact-n`` single-fact
-``memit`` jobs with the defaults on the fresh base (``over_one_fact_job``); peak RSS (and peak
-CUDA memory). ``--set FIELD=VALUE`` overrides a ``memit`` field for every memit setting (dev
-sweeps). Sequential: the chain runs through ``execute_job`` on a real store (the product's path:
-each job reads its base's preserved keys), then the final version is scored on all facts and
-perplexity against the root. Prints the device, one JSON line per setting, then each setting's
-figures over the first setting's.
+cases 1000-1199, 2000-2099, 6000-6199, 8000-8299 and 9000-9099 (``DEV_CASES``;
+``benchmarks/memit_sweep.py``, this script with ``--set``), and the run says when the reported
+cases overlap them. One job: efficacy / paraphrase / locality / neighbourhood score against the
+unedited model (``--score-n N``: read on N of the job's facts, spread over its held-out cases),
+WikiText-2 perplexity ratio, job seconds (``job_seconds``: the operation's ``run``, statistics
+cached before timing), seconds per fact, and that time over the median ``job_seconds`` of
+``--one-fact-n`` single-fact ``memit`` jobs with the defaults on the fresh base
+(``over_one_fact_job``); peak RSS (and peak CUDA memory). ``--set FIELD=VALUE`` overrides a
+``memit`` field for every memit setting (dev sweeps). Sequential: the chain runs through
+``execute_job`` on a real store (the product's path: each job reads its base's preserved keys),
+then the final version is scored on all facts and perplexity against the root. Prints the
+device, one JSON line per setting, then each setting's figures over the first setting's.
 """
 
 from __future__ import annotations
@@ -118,8 +120,20 @@ def held_out(cases: range) -> list[int]:
     return [i for i, case in enumerate(cases) if not any(case in dev for dev in DEV_CASES)]
 
 
+def scored_positions(cases: range, n: int) -> list[int]:
+    """Positions of the job's facts the figures are read on: all of them, or ``n`` spread evenly
+    over its held-out cases (scoring is ~26 teacher-forced sequences per fact, so 10,000 facts
+    take hours on a CPU, longer than the job itself)."""
+    if not n or n >= len(cases):
+        return list(range(len(cases)))
+    kept = held_out(cases)
+    return [kept[i * len(kept) // n] for i in range(n)]
+
+
 def one_job(args, model, tok, cases: range, ctx, one_fact_s: float, ppl_base: float) -> None:
     facts = args.facts[: len(cases)]
+    scored = scored_positions(cases, args.score_n)
+    sample = [facts[i] for i in scored]
     adapter = get_adapter(model)
     configs = [setting_config(n, facts, model.config, args.overrides) for n in args.settings]
     layers = sorted({layer for config in configs for layer in config.layers})
@@ -127,19 +141,20 @@ def one_job(args, model, tok, cases: range, ctx, one_fact_s: float, ppl_base: fl
         if isinstance(config, MemitConfig):
             layer_statistics(model, tok, adapter, config.layers, ctx, config.stats_settings())
     restore = restoring(model, layers)
-    before = score_facts(model, tok, adapter, facts, neighbourhood=True)
+    before = score_facts(model, tok, adapter, sample, neighbourhood=True)
     rows = []
     for name, config in zip(args.settings, configs, strict=True):
         run = ultraedit_run if name == "ultraedit" else memit_run
         start = time.perf_counter()
         result = run(model, tok, config, ctx)
         seconds = time.perf_counter() - start
-        after = score_facts(model, tok, adapter, facts, neighbourhood=True)
+        after = score_facts(model, tok, adapter, sample, neighbourhood=True)
         metrics = fact_figures(after, before=before)
         ppl = wikitext_perplexity(model, tok, max_tokens=args.ppl_tokens)
         row = {
             "setting": f"{name}-{len(facts)}",
             "layers": f"{config.layers[0]}-{config.layers[-1]}",
+            "scored_facts": len(sample),
             **{k: round(v, 4) for k, v in metrics.items()},
             "perplexity_ratio": round(ppl / ppl_base, 4),
             "job_seconds": round(seconds, 1),
@@ -148,8 +163,9 @@ def one_job(args, model, tok, cases: range, ctx, one_fact_s: float, ppl_base: fl
             "second_pass_facts": result.metrics.get("second_pass_facts"),
             **{k: round(v, 2) for k, v in peak_memory(ctx.device).items()},
         }
-        kept = held_out(cases)
-        if len(kept) < len(facts):
+        held = set(held_out(cases))
+        kept = [j for j, i in enumerate(scored) if i in held]
+        if len(kept) < len(sample):
             figures = fact_figures([after[i] for i in kept], before=[before[i] for i in kept])
             row["held_out"] = {"cases": len(kept), **{k: round(v, 4) for k, v in figures.items()}}
         rows.append(row)
@@ -245,6 +261,12 @@ def main() -> None:
     )
     parser.add_argument("--offset", type=int, default=0, help="first reported case")
     parser.add_argument("--one-fact-n", type=int, default=3, help="1-fact memit jobs timed")
+    parser.add_argument(
+        "--score-n",
+        type=int,
+        default=0,
+        help="one job: facts scored, spread over the held-out cases (0 = every fact of the job)",
+    )
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
