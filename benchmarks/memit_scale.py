@@ -53,6 +53,7 @@ from modelsurgery.evaluation.perplexity import wikitext_perplexity
 from modelsurgery.models import load
 from modelsurgery.models.adapters import get_adapter
 from modelsurgery.models.hardware import describe
+from modelsurgery.models.placement import Placement
 from modelsurgery.server.executor import WorkerSettings, execute_job
 from modelsurgery.server.model_cache import ModelCache
 
@@ -179,7 +180,9 @@ def chain(args, facts: list[Fact], before: list, projection: str, root: Path) ->
     executor and a real store; returns the final version's figures."""
     store = CheckpointStore(root / "store")
     settings = WorkerSettings(
-        store_root=root / "store", cache_dir=Path(args.cache_dir), device=args.device
+        store_root=root / "store",
+        cache_dir=Path(args.cache_dir),
+        placement=Placement(devices=(args.device,)),
     )
     cache = ModelCache(2 << 30)
     base, seconds = "smollm2-135m", 0.0
