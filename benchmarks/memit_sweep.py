@@ -5,6 +5,8 @@ are optimised once (they depend only on the last edited layer and the v* setting
     python benchmarks/memit_sweep.py --n 200 --offset 1000 --last 8 --grid 2:5000 2:7500 3:15000
     python benchmarks/memit_sweep.py --n 100 --offset 9000 --grid 2:5000 --null-space 1 --ridge 1 10
 
+``--stats-samples N ...`` repeats each grid entry with C from N calibration windows
+(``stats_samples``; default the config's).
 ``--null-space T ...`` adds ``projection: null_space`` settings (``knowledge.nullspace``) for each
 T, ``--ridge`` value and ``--nullspace-mom2`` weight, on the first grid entry's layers: the
 update restricted to the eigenvectors of C with eigenvalue below T times C's median eigenvalue,
@@ -136,6 +138,9 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=8, help="last edited layer (z lives here)")
     parser.add_argument("--clamp", type=float, default=4.0)
     parser.add_argument("--grid", nargs="+", default=["2:5000"], help="FIRST_LAYER:LAMBDA ...")
+    parser.add_argument(
+        "--stats-samples", type=int, nargs="+", default=[None], help="windows for C, per grid entry"
+    )
     parser.add_argument("--null-space", type=float, nargs="*", default=[], help="cuts (x median)")
     parser.add_argument("--ridge", type=float, nargs="+", default=[10.0], help="nullspace_l2")
     parser.add_argument("--nullspace-mom2", type=float, nargs="+", default=[0.0])
@@ -168,17 +173,23 @@ def main() -> None:
             torch.save(z, args.targets)
     print(f"v* targets for {len(facts)} facts: {time.perf_counter() - start:.1f} s", flush=True)
 
-    settings = [(int(i.split(":")[0]), float(i.split(":")[1]), None, 0.0) for i in args.grid]
+    default_samples = config.stats_samples
+    settings = [
+        (int(i.split(":")[0]), float(i.split(":")[1]), None, 0.0, n or default_samples)
+        for i in args.grid
+        for n in args.stats_samples
+    ]
     first_layer = settings[0][0]
     settings += [
-        (first_layer, r, t, m)
+        (first_layer, r, t, m, default_samples)
         for t in args.null_space
         for r in args.ridge
         for m in args.nullspace_mom2
     ]
-    for first, weight, threshold, inside in settings:
+    for first, weight, threshold, inside, samples in settings:
         layers = list(range(first, args.last + 1))
-        stats = layer_statistics(model, tok, adapter, layers, context, config.stats_settings())
+        calibration = config.model_copy(update={"stats_samples": samples}).stats_settings()
+        stats = layer_statistics(model, tok, adapter, layers, context, calibration)
         restore = restorer(adapter, layers)
         start = time.perf_counter()
         for i, layer in enumerate(layers):
@@ -216,6 +227,7 @@ def main() -> None:
             "lambda": weight,
             "null_space": threshold,
             "nullspace_mom2": inside,
+            "stats_samples": samples,
             **{k: round(v, 3) for k, v in metrics.items()},
             **perplexity_ratio(model, tok, args.ppl_tokens, ppl_base),
             "z_distance_left": round(float((z - final).norm(dim=1).mean()), 3),

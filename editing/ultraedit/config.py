@@ -35,7 +35,9 @@ class UltraEditConfig(MethodConfig):
     lr: eta of the one-step target, in normalised units (UltraEdit's ``lr``; its 1e-6 is for
         7B models' 18,432-wide modules). 1e-3 chosen on dev cases 1000-1099 as one 100-fact job
         (efficacy / paraphrase / locality, perplexity ratio): 1e-4 0.54 / 0.49 / 0.957, 0.998;
-        1e-3 0.65 / 0.60 / 0.82, 1.106 (docs/knowledge_at_scale.md).
+        1e-3 0.65 / 0.60 / 0.82, 1.106 (docs/knowledge_at_scale.md). It does not hold at scale:
+        1,000 held-out facts in one chunk gave 0.52 / 0.48 / 0.31 and perplexity ratio 51.8, and
+        10,000 facts 0.56 / 0.53 / 0.03 (UltraEdit as published, for comparison).
     chunk_size: facts per solve (UltraEdit's batch).
     evaluate, evaluate_perplexity: as ``memit``.
 
