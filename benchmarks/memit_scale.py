@@ -166,7 +166,7 @@ def one_job(args, model, tok, cases: range, ctx, one_fact_s: float, ppl_base: fl
         }
         held = set(held_out(cases))
         kept = [j for j, i in enumerate(scored) if i in held]
-        if len(kept) < len(sample):
+        if 0 < len(kept) < len(sample):
             figures = fact_figures([after[i] for i in kept], before=[before[i] for i in kept])
             row["held_out"] = {"cases": len(kept), **{k: round(v, 4) for k, v in figures.items()}}
         rows.append(row)
