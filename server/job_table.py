@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from modelsurgery.proto.job_state import RERUN_STATES, TERMINAL_STATES, JobState
 
 # The old names, while the engine and the job service still import them from here.
@@ -147,11 +149,14 @@ class JobTable:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._add_missing_columns()
+        # Processes opening one home at once (parallel `apply --local`) set it up in turn: a
+        # journal-mode change racing another process's set-up failed with "database is locked".
+        with FileLock(str(path.with_name(path.name + ".setup.lock"))):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
         with self._transaction():
